@@ -1,0 +1,22 @@
+"""One module per method; make_method turns a recipe into the object that builds new layers."""
+
+from __future__ import annotations
+
+from ..recipe import Recipe
+from .average import AverageMethod
+from .base import Method
+from .copy import CopyMethod, StackMethod
+
+
+def make_method(recipe: Recipe) -> Method:
+    if recipe.method == "copy":
+        return CopyMethod()
+    if recipe.method == "stack":
+        return StackMethod()
+    if recipe.method == "average":
+        return AverageMethod(recipe.alpha)
+    if recipe.method == "opt-deus":
+        from .opt_deus import OptDeusMethod
+
+        return OptDeusMethod(recipe.alignment, recipe.alpha)
+    raise ValueError(f"unknown method {recipe.method}")

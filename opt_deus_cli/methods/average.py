@@ -1,0 +1,33 @@
+"""AVG-DeUS: the new layer is the element-wise mean of its two neighbours (no alignment)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import OptDeusError
+from .base import Block, BuildContext
+
+
+def average_blocks(lower: Block, upper: Block, alpha: float, device: torch.device) -> Block:
+    """alpha * lower + (1 - alpha) * upper, tensor by tensor, computed in float32."""
+    if lower.keys() != upper.keys():
+        raise OptDeusError(f"layers to average have different tensors: {sorted(lower.keys() ^ upper.keys())}")
+    out = {}
+    for name, a in lower.items():
+        b = upper[name]
+        mixed = alpha * a.to(device, torch.float32) + (1 - alpha) * b.to(device, torch.float32)
+        out[name] = mixed.to(b.dtype).cpu()
+    return out
+
+
+class AverageMethod:
+    name = "average"
+    needs_upper = True
+    default_zero_init: tuple[str, ...] = ()
+
+    def __init__(self, alpha: float = 0.5):
+        self.alpha = alpha
+
+    def build(self, lower: Block, upper: Block | None, ctx: BuildContext) -> tuple[Block, dict]:
+        assert upper is not None
+        return average_blocks(lower, upper, self.alpha, ctx.device), {}

@@ -1,0 +1,21 @@
+"""LLaMA-Pro block expansion: the new layer is a copy of its lower neighbour."""
+
+from __future__ import annotations
+
+from .base import Block, BuildContext
+
+
+class CopyMethod:
+    name = "copy"
+    needs_upper = False
+    default_zero_init = ("o_proj", "down_proj")
+
+    def build(self, lower: Block, upper: Block | None, ctx: BuildContext) -> tuple[Block, dict]:
+        return {n: t.clone() for n, t in lower.items()}, {}
+
+
+class StackMethod(CopyMethod):
+    """SOLAR depth up-scaling: the repeated layers of the second slice are plain copies."""
+
+    name = "stack"
+    default_zero_init: tuple[str, ...] = ()

@@ -1,0 +1,104 @@
+"""Recipe + base depth -> the output layer plan: for every output layer, where it comes from.
+
+A new layer at position k sits between base layers k and k+1 (methods that build from the lower
+neighbour alone may also use k = N-1: after the top layer, as LLaMA-Pro does)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import UsageError
+from .recipe import Recipe, resolve_amount
+
+
+@dataclass(frozen=True)
+class OutputLayer:
+    index: int  # output layer index
+    origin: str  # "base" (first use of a base layer) or "new"
+    sources: tuple[int, ...]  # base layer indices it is built from
+    method: str  # "base" for kept layers; the recipe's method for new ones
+
+    @property
+    def is_new(self) -> bool:
+        return self.origin == "new"
+
+
+def resolve_positions(recipe: Recipe, base_layers: int, needs_upper: bool) -> list[int]:
+    """Base indices k after which a new layer goes, sorted; errors for impossible requests."""
+    n = base_layers
+    # Between-pair positions are k = 0..N-2. A method that builds from layer k alone may also
+    # put a layer after the top one (k = N-1), as LLaMA-Pro's uniform expansion does.
+    slots = n - 1 if needs_upper else n
+    where = f"recipe {recipe.source}"
+    if isinstance(recipe.positions, tuple):
+        bad = [k for k in recipe.positions if k >= slots]
+        if bad:
+            raise UsageError(
+                f"{where}: position(s) {bad} out of range for a {n}-layer model (allowed 0..{slots - 1}"
+                + ("; the method needs layers k and k+1)" if needs_upper else ")")
+            )
+        return list(recipe.positions)
+    kind = recipe.positions
+    if kind != "uniform":
+        slots = n - 1  # top, bottom, middle, top-bottom name adjacent pairs
+    count = resolve_amount(recipe.count, n)
+    if count < 1:
+        raise UsageError(f"{where}: count {recipe.count!r} is less than one layer for a {n}-layer model")
+    if count > slots:
+        raise UsageError(
+            f"{where}: count {count} is too large for a {n}-layer model: at most {slots} new layers "
+            f"with positions {kind!r}; lower count or list positions"
+        )
+    if kind == "top":  # pairs (N-1-c, N-c) ... (N-2, N-1)
+        return list(range(slots - count, slots))
+    if kind == "bottom":
+        return list(range(count))
+    if kind == "middle":
+        start = (slots - count) // 2
+        return list(range(start, start + count))
+    if kind == "top-bottom":
+        low = count // 2
+        return list(range(low)) + list(range(slots - (count - low), slots))
+    if kind == "uniform":  # LLaMA-Pro: after every group of slots/count layers
+        return [math.ceil((g + 1) * slots / count) - 1 for g in range(count)]
+    raise UsageError(f"{where}: unknown positions {kind!r}")
+
+
+def stack_slices(recipe: Recipe, base_layers: int) -> list[tuple[int, int]]:
+    n = base_layers
+    where = f"recipe {recipe.source}"
+    if recipe.slices is not None:
+        for start, end in recipe.slices:
+            if end > n:
+                raise UsageError(f"{where}: slice [{start}, {end}) goes past the {n} layers of this model")
+        return list(recipe.slices)
+    m = resolve_amount(recipe.overlap, n)
+    if not 1 <= m < n:
+        raise UsageError(f"{where}: overlap {recipe.overlap!r} = {m} layers must be between 1 and {n - 1} for a {n}-layer model")
+    return [(0, n - m), (m, n)]  # SOLAR: drop the top m of copy 1 and the bottom m of copy 2
+
+
+def build_plan(recipe: Recipe, base_layers: int, needs_upper: bool) -> list[OutputLayer]:
+    layers: list[OutputLayer] = []
+    if recipe.method == "stack":
+        seen: set[int] = set()
+        for start, end in stack_slices(recipe, base_layers):
+            for j in range(start, end):
+                origin = "new" if j in seen else "base"
+                seen.add(j)
+                layers.append(OutputLayer(len(layers), origin, (j,), "base" if origin == "base" else "stack"))
+        return layers
+    positions = set(resolve_positions(recipe, base_layers, needs_upper))
+    for k in range(base_layers):
+        layers.append(OutputLayer(len(layers), "base", (k,), "base"))
+        if k in positions:
+            sources = (k, k + 1) if needs_upper else (k,)
+            layers.append(OutputLayer(len(layers), "new", sources, recipe.method))
+    return layers
+
+
+def base_position(layer: OutputLayer) -> int:
+    """The base layer whose per-layer config (layer type, window) an output layer inherits:
+    its lower source, so a new layer between k and k+1 behaves like layer k."""
+    return layer.sources[0]
