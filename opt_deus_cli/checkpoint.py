@@ -1,22 +1,28 @@
-"""Reading tensors lazily from a Hugging Face safetensors checkpoint, and writing one in Hugging
-Face's layout shard by shard.
+"""Reading tensors from a Hugging Face safetensors checkpoint, and writing one in Hugging Face's
+layout, shard by shard, in order.
 
-Reading: the index maps each tensor to its shard; shards are opened with safetensors' memory
-map and a tensor is materialised only when asked for, so memory holds what is in use now.
+Reading: safetensors validates every shard's header when it is opened; each tensor's byte range
+is then known, so a tensor is read into memory of its own only when needed (pread, freed when
+dropped), and a tensor that goes to the output unchanged is never read at all: its bytes are
+copied file to file by the kernel (os.copy_file_range, as `cp` does).
 
 Writing: safetensors' own writer needs every tensor of a shard in memory at once (5 GB for a
 default shard). Because every output shape and dtype is known from the plan before a byte is
 written, the header of each shard is written first and tensors are then streamed into it in
 order; the file format (8-byte little-endian header length, JSON header, raw data) is fixed by
 the safetensors spec, and every written shard is re-opened with safetensors to check it.
+Checksums are computed from the bytes as they are written (copied ranges through a read-only
+memory map of the source, unmapped chunk by chunk, so memory does not grow with the model).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +88,13 @@ def _inside(model_dir: Path, name: str) -> Path:
     return path
 
 
+def read_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the byte offset where its data starts."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(size)), 8 + size
+
+
 class Checkpoint:
     """A model directory: config.json plus model.safetensors or a sharded index."""
 
@@ -89,21 +102,31 @@ class Checkpoint:
         self.dir = Path(model_dir)
         self.config = read_config(self.dir)
         self.weight_map = self._weight_map()
-        self._handles: dict[str, object] = {}
         self._meta: dict[str, TensorMeta] = {}
+        self._where: dict[str, tuple[str, int]] = {}  # name -> (shard, absolute byte offset)
+        self._fds: dict[str, int] = {}
         for shard in sorted(set(self.weight_map.values())):
-            handle = self._open(shard)
-            names = set(handle.keys())
+            path = _inside(self.dir, shard)
+            try:  # safetensors checks the header against the file (offsets, sizes, dtypes)
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    checked = {n: (f.get_slice(n).get_dtype(), tuple(f.get_slice(n).get_shape())) for n in f.keys()}
+                header, data_start = read_header(path)
+            except (SafetensorError, OSError, ValueError, UnicodeDecodeError) as e:
+                raise OptDeusError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupted")
             for name, where in self.weight_map.items():
-                if where == shard and name not in names:
+                if where == shard and name not in checked:
                     raise OptDeusError(f"index says tensor {name} is in {shard}, but that shard does not hold it")
-            for name in names:
-                if self.weight_map.get(name) == shard:
-                    sl = handle.get_slice(name)
-                    code = sl.get_dtype()
-                    if code not in DTYPE_CODES:
-                        raise OptDeusError(f"tensor {name} has dtype {code}, which opt-deus cannot handle")
-                    self._meta[name] = TensorMeta(DTYPE_CODES[code], tuple(sl.get_shape()))
+            for name, (code, shape) in checked.items():
+                if self.weight_map.get(name) != shard:
+                    continue
+                if code not in DTYPE_CODES:
+                    raise OptDeusError(f"tensor {name} has dtype {code}, which opt-deus cannot handle")
+                meta = TensorMeta(DTYPE_CODES[code], shape)
+                begin, end = header[name]["data_offsets"]
+                if end - begin != meta.nbytes:
+                    raise OptDeusError(f"header of {shard} gives tensor {name} {end - begin} bytes, its shape needs {meta.nbytes}")
+                self._meta[name] = meta
+                self._where[name] = (shard, data_start + begin)
 
     def _weight_map(self) -> dict[str, str]:
         index = self.dir / INDEX_FILE
@@ -121,8 +144,11 @@ class Checkpoint:
             return dict(weight_map)
         single = self.dir / SINGLE_FILE
         if single.is_file():
-            with self._open_file(single) as f:
-                return {name: SINGLE_FILE for name in f.keys()}
+            try:
+                with safe_open(str(single), framework="pt") as f:
+                    return {name: SINGLE_FILE for name in f.keys()}
+            except (SafetensorError, OSError, ValueError) as e:
+                raise OptDeusError(f"{single} is not a readable safetensors file ({e}); it may be truncated or corrupted")
         shards = sorted(p.name for p in self.dir.glob("*.safetensors"))
         if shards:
             raise OptDeusError(f"{self.dir} has {', '.join(shards)} but no {INDEX_FILE}; re-save with save_pretrained")
@@ -134,17 +160,10 @@ class Checkpoint:
             )
         raise OptDeusError(f"{self.dir} has no {SINGLE_FILE} or {INDEX_FILE}")
 
-    @staticmethod
-    def _open_file(path: Path):
-        try:
-            return safe_open(str(path), framework="pt", device="cpu")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise OptDeusError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupted")
-
-    def _open(self, shard: str):
-        if shard not in self._handles:
-            self._handles[shard] = self._open_file(_inside(self.dir, shard)).__enter__()
-        return self._handles[shard]
+    def _fd(self, shard: str) -> int:
+        if shard not in self._fds:
+            self._fds[shard] = os.open(_inside(self.dir, shard), os.O_RDONLY)
+        return self._fds[shard]
 
     # ---- queries -------------------------------------------------------------------------
     @property
@@ -154,17 +173,33 @@ class Checkpoint:
     def meta(self, name: str) -> TensorMeta:
         return self._meta[name]
 
+    def raw(self, name: str) -> tuple[int, int, int]:
+        """(open file descriptor, byte offset, byte length) of a tensor's data, for byte copies."""
+        shard, offset = self._where[name]
+        return self._fd(shard), offset, self._meta[name].nbytes
+
     def read(self, name: str) -> torch.Tensor:
-        """Materialise one tensor (a private copy: safe to modify)."""
-        handle = self._open(self.weight_map[name])
-        try:
-            return handle.get_tensor(name).clone()
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise OptDeusError(f"cannot read tensor {name} from {self.weight_map[name]} ({e}); the shard may be corrupted")
+        """One tensor in memory of its own (a private copy: safe to modify, freed when dropped)."""
+        fd, offset, nbytes = self.raw(name)
+        meta = self._meta[name]
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        done = 0
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise OptDeusError(f"cannot read tensor {name}: {self.weight_map[name]} ends early (truncated?)")
+            done += got
+        return buffer.view(meta.dtype).reshape(meta.shape)
 
     def files(self) -> list[Path]:
         """Top-level regular files of the model directory, sorted (recorded in the manifest)."""
         return sorted(p for p in self.dir.iterdir() if p.is_file())
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 # ---- writing -----------------------------------------------------------------------------
@@ -205,8 +240,9 @@ def shard_file_names(count: int) -> list[str]:
 class ShardWriter:
     """Streams tensors, in the planned order, into Hugging Face-named shards in `directory`.
 
-    Call write(name, tensor) for every planned tensor in order, then finish(); each file's
-    sha256 is computed from the bytes as they are written (no second read)."""
+    Call write(name, tensor) or copy_raw(...) for every planned tensor in order, then finish().
+    Each file's sha256 is computed from the bytes as they are written, on a thread of its own
+    (hashlib releases the GIL) so hashing overlaps the copying; one worker keeps the order."""
 
     def __init__(self, directory: Path, entries: list[tuple[str, TensorMeta]], max_shard_bytes: int):
         self.dir = Path(directory)
@@ -217,6 +253,8 @@ class ShardWriter:
         self._file = None
         self._hash = None
         self._shard = -1
+        self._hasher = ThreadPoolExecutor(max_workers=1)
+        self._pending = []  # futures of hashing work, checked for errors at finish()
         self.digests: dict[str, tuple[int, str]] = {}  # file -> (bytes, sha256)
 
     def _open_shard(self, i: int) -> None:
@@ -234,28 +272,45 @@ class ShardWriter:
 
     def _put(self, data) -> None:
         self._file.write(data)
-        self._hash.update(data)
+        self._pending.append(self._hasher.submit(self._hash.update, data))  # holds `data` until hashed
 
     def _close_shard(self) -> None:
         self._file.flush()
         os.fsync(self._file.fileno())
-        size = self._file.tell()
+        size, name, hasher = self._file.tell(), self.file_names[self._shard], self._hash
         self._file.close()
         self._file = None
-        self.digests[self.file_names[self._shard]] = (size, self._hash.hexdigest())
+        self._pending.append(self._hasher.submit(lambda: self.digests.__setitem__(name, (size, hasher.hexdigest()))))
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def _next(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        """Check that `name` is the next planned tensor and open its shard if needed."""
         shard, expected, meta = self._order[self._pos]
-        if name != expected or tensor.dtype != meta.dtype or tuple(tensor.shape) != meta.shape:
-            raise RuntimeError(f"writer expected {expected} {meta}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
+        if name != expected or dtype != meta.dtype or shape != meta.shape:
+            raise RuntimeError(f"writer expected {expected} {meta}, got {name} {dtype} {shape}")
         if shard != self._shard:
             if self._file is not None:
                 self._close_shard()
             self._open_shard(shard)
+        self._pos += 1
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._next(name, tensor.dtype, tuple(tensor.shape))
         # raw little-endian bytes of the tensor, without a copy when it is contiguous
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         self._put(memoryview(data))
-        self._pos += 1
+
+    def copy_raw(self, name: str, meta: TensorMeta, fd: int, offset: int, nbytes: int) -> None:
+        """Append bytes of an input file unchanged: copied by the kernel, hashed through a map."""
+        self._next(name, meta.dtype, meta.shape)
+        self._file.flush()
+        out_fd, done = self._file.fileno(), 0
+        while done < nbytes:
+            n = os.copy_file_range(fd, out_fd, nbytes - done, offset + done)
+            if n <= 0:
+                raise OSError(f"copy of {name} stopped at {done} of {nbytes} bytes")
+            done += n
+        self._file.seek(0, os.SEEK_END)
+        self._pending.append(self._hasher.submit(hash_range, self._hash, fd, offset, nbytes))
 
     def finish(self) -> dict[str, str]:
         """Close the last shard, check every shard reads back, write the index; returns weight_map."""
@@ -263,6 +318,9 @@ class ShardWriter:
             raise RuntimeError(f"writer got {self._pos} of {len(self._order)} tensors")
         if self._file is not None:
             self._close_shard()
+        for future in self._pending:
+            future.result()  # re-raises a hashing error
+        self._pending.clear()
         weight_map = {}
         for file_name, shard in zip(self.file_names, self.shards):
             with safe_open(str(self.dir / file_name), framework="pt") as f:
@@ -276,9 +334,11 @@ class ShardWriter:
         return weight_map
 
     def abort(self) -> None:
+        """Stop: close the open file and the hashing thread (finish() or not)."""
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._hasher.shutdown(wait=True, cancel_futures=True)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -289,6 +349,30 @@ def write_json(path: Path, data: dict) -> None:
         os.fsync(f.fileno())
 
 
+HASH_CHUNK = 1 << 26  # 64 MiB of a file mapped at a time
+
+
+def hash_range(hasher, fd: int, offset: int, nbytes: int) -> None:
+    """Feed bytes [offset, offset + nbytes) of a file to `hasher` through read-only maps of
+    HASH_CHUNK bytes, each unmapped at once: no copy to user space, and no growth of memory."""
+    end = offset + nbytes
+    while offset < end:
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY  # maps start page-aligned
+        length = min(end, start + HASH_CHUNK) - start
+        with mmap.mmap(fd, length, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                       prot=mmap.PROT_READ, offset=start) as mapped:
+            with memoryview(mapped) as view:
+                hasher.update(view[offset - start:length])
+        offset = start + length
+
+
 def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    hasher = hashlib.sha256()
+    size = path.stat().st_size
+    if size:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            hash_range(hasher, fd, 0, size)
+        finally:
+            os.close(fd)
+    return hasher.hexdigest()

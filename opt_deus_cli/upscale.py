@@ -236,7 +236,8 @@ class BlockCache:
 
 def _check_finite(block: Block, prefix: str, what: str) -> None:
     for rel, t in block.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        # min and max are finite iff every entry is (NaN propagates through both); one cheap pass
+        if t.is_floating_point() and t.numel() and not torch.isfinite(torch.stack(torch.aminmax(t))).all():
             raise OptDeusError(f"{what} tensor {prefix}{rel} contains NaN or Inf; fix the checkpoint or pass --allow-nonfinite")
 
 
@@ -301,34 +302,45 @@ def upscale(model_dir: Path | str, recipe: Recipe, out_dir: Path | str, options:
 def _write_tensors(job: Job, writer: ShardWriter, layer_entries: list[dict], options: Options, progress: Progress | None) -> None:
     cache = BlockCache(job)
 
-    def copy_tensor(name: str) -> None:  # a non-block tensor, as it is
-        writer.write(name, job.ckpt.read(name).to(job.out_dtype(job.ckpt.meta(name))))
+    def copy_tensor(out_name: str, src_name: str) -> None:
+        """A base tensor into the output unchanged: a byte copy, or a cast with --dtype."""
+        meta = job.ckpt.meta(src_name)
+        if job.out_dtype(meta) == meta.dtype:
+            writer.copy_raw(out_name, meta, *job.ckpt.raw(src_name))
+        else:
+            writer.write(out_name, job.ckpt.read(src_name).to(job.out_dtype(meta)))
 
     total = len(job.layers)
     for name in job.pre:
-        copy_tensor(name)
+        copy_tensor(name, name)
     for layer in job.layers:
         if progress:
             progress(f"layer {layer.index} ({layer.origin}: {layer.method} of {list(layer.sources)})", layer.index, total)
         t0 = time.perf_counter()
-        if layer.is_new:
+        prefix, src_prefix = job.arch.layer_prefix(layer.index), job.arch.layer_prefix(layer.sources[0])
+        zeroed = job.zeroed_names(layer)
+        entry = {"index": layer.index, "origin": layer.origin, "sources": list(layer.sources),
+                 "method": layer.method, "zeroed": [prefix + rel for rel in zeroed]}
+        if layer.is_new and not getattr(job.method, "copies_lower", False):
             block, report = build_new_layer(job, layer, cache, options.allow_nonfinite)
-        else:
-            block, report = cache.get(layer.sources[0]), {}
-        prefix = job.arch.layer_prefix(layer.index)
-        for rel in job.blocks[layer.sources[0]]:
-            writer.write(prefix + rel, block[rel].to(job.out_dtype(job.ckpt.meta(job.arch.layer_prefix(layer.sources[0]) + rel))))
-        entry = {
-            "index": layer.index, "origin": layer.origin, "sources": list(layer.sources), "method": layer.method,
-            "zeroed": [prefix + rel for rel in job.zeroed_names(layer)],
-        }
-        if layer.is_new:
-            entry["seconds"] = round(time.perf_counter() - t0, 4)
+            for rel in job.blocks[layer.sources[0]]:
+                writer.write(prefix + rel, block[rel].to(job.out_dtype(job.ckpt.meta(src_prefix + rel))))
             if report:
                 entry["report"] = report
+        else:  # a base layer, or a copy of one (LLaMA-Pro, SOLAR): bytes copied, zeroed tensors written
+            if layer.is_new and not options.allow_nonfinite:
+                _check_finite(cache.get(layer.sources[0]), src_prefix, "source")
+            for rel in job.blocks[layer.sources[0]]:
+                if rel in zeroed:
+                    meta = job.ckpt.meta(src_prefix + rel)
+                    writer.write(prefix + rel, torch.zeros(meta.shape, dtype=job.out_dtype(meta)))
+                else:
+                    copy_tensor(prefix + rel, src_prefix + rel)
+        if layer.is_new:
+            entry["seconds"] = round(time.perf_counter() - t0, 4)
         layer_entries.append(entry)
     for name in job.post:
-        copy_tensor(name)
+        copy_tensor(name, name)
     if progress:
         progress("done", total, total)
 

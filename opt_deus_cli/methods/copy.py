@@ -8,6 +8,9 @@ from .base import Block, BuildContext
 class CopyMethod:
     name = "copy"
     needs_upper = False
+    # the new layer is its lower source byte for byte (but zeroed tensors): the pipeline copies
+    # the bytes file to file instead of calling build()
+    copies_lower = True
     default_zero_init = ("o_proj", "down_proj")
 
     def build(self, lower: Block, upper: Block | None, ctx: BuildContext) -> tuple[Block, dict]:
