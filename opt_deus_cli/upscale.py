@@ -345,13 +345,25 @@ def _write_tensors(job: Job, writer: ShardWriter, layer_entries: list[dict], opt
         progress("done", total, total)
 
 
+def report_warnings(report: dict) -> list[str]:
+    """What a method's report says went wrong: a plan that did not converge or lost mass."""
+    found = []
+    for group, figures in report.items():
+        if isinstance(figures, dict):
+            if figures.get("converged") is False:
+                found.append(f"{group} plan did not converge (iterations {figures.get('iterations')}, "
+                             f"marginal error {figures.get('marginal_error', float('nan')):.2g})")
+            found += [f"{group}: {w}" for w in figures.get("warnings", [])]
+    return found
+
+
 def _file_entry(path: Path, digest: tuple[int, str] | None = None) -> dict:
     size, sha = digest if digest else (path.stat().st_size, sha256_file(path))
     return {"name": path.name, "bytes": size, "sha256": sha}
 
 
 def _manifest(job: Job, base_files, output_files, layer_entries, config_notes, timings, out_dir) -> dict:
-    warnings = [f"layer {e['index']}: {w}" for e in layer_entries for w in e.get("report", {}).get("warnings", [])]
+    warnings = [f"layer {e['index']}: {w}" for e in layer_entries for w in report_warnings(e.get("report", {}))]
     return {
         "format_version": FORMAT_VERSION,
         "tool": {"name": "opt-deus", "version": __version__, "torch": torch.__version__},
