@@ -71,8 +71,12 @@ def read_config(model_dir: Path) -> dict:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise OptDeusError(f"{path} is not valid JSON ({e}); restore it from the model's source")
+    except OSError as e:
+        raise OptDeusError(f"cannot read {path}: {e.strerror or e}")
     if not isinstance(config, dict) or "model_type" not in config:
         raise OptDeusError(f"{path} has no 'model_type'; opt-deus needs it to know the architecture")
+    if not isinstance(config["model_type"], str):
+        raise OptDeusError(f"{path}: 'model_type' must be a string like \"llama\", got {config['model_type']!r}")
     if config.get("quantization_config"):
         raise OptDeusError(f"{path} describes a quantized checkpoint; opt-deus needs unquantized weights (dequantize first)")
     return config
@@ -82,17 +86,54 @@ def _inside(model_dir: Path, name: str) -> Path:
     """The shard file `name` inside model_dir; refuses names that leave it (../, absolute, symlinks)."""
     if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts or "/" in name or "\\" in name:
         raise OptDeusError(f"index names shard {name!r}, which is not a plain file name inside {model_dir}; refusing")
-    path = model_dir / name
-    if path.is_symlink() and not path.resolve().is_relative_to(model_dir.resolve()):
-        raise OptDeusError(f"shard {name} is a symlink leaving {model_dir}; refusing")
+    return _no_escape(model_dir, model_dir / name)
+
+
+def _no_escape(model_dir: Path, path: Path) -> Path:
+    """`path`, unless it is a symlink leaving model_dir."""
+    if path.is_symlink():
+        target, home = path.resolve(), model_dir.resolve()
+        # the Hugging Face hub cache links snapshots/<revision>/<file> to ../../blobs/<hash>
+        blobs = home.parent.parent / "blobs" if home.parent.name == "snapshots" else None
+        if not (target.is_relative_to(home) or (blobs is not None and target.parent == blobs)):
+            raise OptDeusError(f"{path.name} is a symlink leaving {model_dir} (to {target}); refusing")
     return path
 
 
+MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+
+
 def read_header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the byte offset where its data starts."""
+    """The JSON header of a safetensors file and the byte offset where its data starts, checked
+    tensor by tensor so that a problem names the tensor: known dtype, byte range matching the
+    shape, inside the file (a truncated file ends before its last tensors)."""
     with open(path, "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
         size = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(size)), 8 + size
+        if file_size < 8 or size > min(MAX_HEADER, file_size - 8):
+            raise OptDeusError(f"{path} is not a safetensors file or is truncated: header of {size} bytes in a file of {file_size}")
+        header = json.loads(f.read(size))
+    if not isinstance(header, dict):
+        raise OptDeusError(f"{path}: safetensors header is not a JSON object")
+    data_size = file_size - 8 - size
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            code, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            ok = all(isinstance(x, int) and x >= 0 for x in (*shape, begin, end))
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise OptDeusError(f"{path}: header entry of tensor {name} is malformed: {info!r}")
+        if code not in DTYPE_CODES:
+            raise OptDeusError(f"tensor {name} in {path} has dtype {code}, which opt-deus cannot handle")
+        need = TensorMeta(DTYPE_CODES[code], shape).nbytes
+        if end - begin != need:
+            raise OptDeusError(f"header of {path} lies about tensor {name}: {end - begin} bytes for shape {list(shape)} {code}, which needs {need}")
+        if end > data_size:
+            raise OptDeusError(f"tensor {name} in {path} needs bytes up to {end} of the data but the file holds {data_size}; it is truncated")
+    return header, 8 + size
 
 
 class Checkpoint:
@@ -102,15 +143,16 @@ class Checkpoint:
         self.dir = Path(model_dir)
         self.config = read_config(self.dir)
         self.weight_map = self._weight_map()
+        self.files()  # refuse a symlink leaving the directory now, not once the shards are written
         self._meta: dict[str, TensorMeta] = {}
         self._where: dict[str, tuple[str, int]] = {}  # name -> (shard, absolute byte offset)
         self._fds: dict[str, int] = {}
         for shard in sorted(set(self.weight_map.values())):
             path = _inside(self.dir, shard)
-            try:  # safetensors checks the header against the file (offsets, sizes, dtypes)
+            try:  # our check names the tensor at fault; safetensors' own check then covers the rest
+                header, data_start = read_header(path)
                 with safe_open(str(path), framework="pt", device="cpu") as f:
                     checked = {n: (f.get_slice(n).get_dtype(), tuple(f.get_slice(n).get_shape())) for n in f.keys()}
-                header, data_start = read_header(path)
             except (SafetensorError, OSError, ValueError, UnicodeDecodeError) as e:
                 raise OptDeusError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupted")
             for name, where in self.weight_map.items():
@@ -134,9 +176,9 @@ class Checkpoint:
             try:
                 data = json.loads(index.read_text())
                 weight_map = data["weight_map"]
-                if not isinstance(weight_map, dict):
-                    raise TypeError("weight_map is not a mapping")
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise TypeError("weight_map is not a mapping of tensor names to file names")
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, OSError) as e:
                 raise OptDeusError(f"{index} is not a valid safetensors index ({e}); re-save the model with save_pretrained")
             for shard in set(weight_map.values()):
                 if not _inside(self.dir, shard).is_file():
@@ -144,6 +186,7 @@ class Checkpoint:
             return dict(weight_map)
         single = self.dir / SINGLE_FILE
         if single.is_file():
+            _inside(self.dir, SINGLE_FILE)  # before opening it: a symlink leaving the directory is refused
             try:
                 with safe_open(str(single), framework="pt") as f:
                     return {name: SINGLE_FILE for name in f.keys()}
@@ -193,8 +236,9 @@ class Checkpoint:
         return buffer.view(meta.dtype).reshape(meta.shape)
 
     def files(self) -> list[Path]:
-        """Top-level regular files of the model directory, sorted (recorded in the manifest)."""
-        return sorted(p for p in self.dir.iterdir() if p.is_file())
+        """Top-level regular files of the model directory, sorted (recorded in the manifest, side
+        files copied): a symlink leaving the directory is refused here as for a shard."""
+        return sorted(_no_escape(self.dir, p) for p in self.dir.iterdir() if p.is_file())
 
     def close(self) -> None:
         for fd in self._fds.values():

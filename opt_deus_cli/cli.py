@@ -124,7 +124,7 @@ def upscale(
 def _progress(enabled: bool) -> Progress:
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True, disable=not enabled,
+        console=console, transient=True, disable=not enabled or not console.is_terminal,  # else rich adds a blank line after errors
     )
 
 

@@ -1,18 +1,24 @@
 """The output directory as a transaction: everything is written into a hidden temporary
 directory beside OUT_DIR and renamed into place only when complete; on any failure (error,
 Ctrl-C, SIGTERM, disk full) the temporary directory is removed and an existing OUT_DIR is left
-as it was. A lock file beside OUT_DIR keeps two runs from writing the same place at once."""
+as it was. A lock file beside OUT_DIR keeps two runs from writing the same place at once, and
+the next run clears what a killed one (SIGKILL, power loss) left behind."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import re
 import shutil
 import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import OptDeusError, UsageError
+from .manifest import MANIFEST_FILE
 
 
 class Terminated(BaseException):
@@ -23,24 +29,53 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+@contextmanager
+def _signals_held():
+    """Run a block that must not be cut in half (the renames of a commit, cleanup) with SIGINT
+    and SIGTERM noted instead of raised. A signal that arrives meanwhile is dropped: the caller
+    is finishing anyway. Handlers, not a signal mask: Python runs handlers in the main thread
+    whichever thread the kernel delivers to, so masking the main thread alone would not do."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: None)
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class OutputTransaction:
     def __init__(self, out_dir: Path | str, overwrite: bool, model_dir: Path | str):
         self.out = Path(out_dir).absolute()
         self.overwrite = overwrite
         self.model_dir = Path(model_dir).resolve()
         self.tmp: Path | None = None
-        self._lock = None
-        self._old_sigterm = None
+        self._lock_fd: int | None = None
+        self._lock_path = self.out.parent / f".{self.out.name}.opt-deus.lock"
+        self._old_handlers: dict = {}
+
+    def _prefix(self, kind: str) -> str:
+        return f".{self.out.name}.{kind}-"
 
     def check(self) -> None:
-        """Refusals that need no writing: call before any expensive work."""
+        """Refusals that need no writing: call before any expensive work (and again under the lock)."""
         out = self.out.resolve()
         if out == self.model_dir or out.is_relative_to(self.model_dir):
             raise UsageError(f"output {self.out} is inside the model directory {self.model_dir}; choose another place")
+        if self.model_dir.is_relative_to(out):
+            raise UsageError(f"output {self.out} contains the model directory {self.model_dir}; replacing it would delete the model")
         if self.out.exists() and not self.out.is_dir():
             raise UsageError(f"output {self.out} exists and is not a directory")
-        if self.out.exists() and not self.overwrite:
-            raise UsageError(f"output {self.out} already exists; pass --overwrite to replace it (it is replaced only by a complete new result)")
+        if self.out.exists():
+            if not self.overwrite:
+                raise UsageError(f"output {self.out} already exists; pass --overwrite to replace it (it is replaced only by a complete new result)")
+            # --overwrite deletes the old directory: only ever one of ours (or an empty one)
+            if not (self.out / MANIFEST_FILE).is_file() and any(self.out.iterdir()):
+                raise UsageError(f"output {self.out} is not an opt-deus output (no {MANIFEST_FILE}); refusing to replace it: remove it yourself or choose another output")
         parent = self.out.parent
         if not parent.is_dir():
             raise UsageError(f"parent directory {parent} of the output does not exist")
@@ -48,45 +83,99 @@ class OutputTransaction:
             raise UsageError(f"cannot write to {parent} (permission denied); choose an output you can write")
 
     def __enter__(self) -> Path:
-        self.check()
-        lock_path = self.out.parent / f".{self.out.name}.opt-deus.lock"
-        self._lock = open(lock_path, "w")
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            self._lock = None
-            raise OptDeusError(f"another opt-deus run is writing {self.out} (lock {lock_path}); wait for it or choose another output")
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
-        try:
-            self._old_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
-            # past a file-size limit, fail the write (OSError EFBIG) instead of being killed
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        except ValueError:  # not the main thread: no signal handling
-            self._old_sigterm = None
+            self._catch_signals()
+            self._acquire_lock()
+            self._recover()
+            self.check()  # again: another run may have finished while we waited for the lock
+            self.tmp = Path(tempfile.mkdtemp(prefix=self._prefix("partial"), dir=self.out.parent))
+        except BaseException as e:
+            self._cleanup()
+            if isinstance(e, OSError):
+                usage = isinstance(e, PermissionError) or e.errno in (errno.EROFS, errno.ENOENT)
+                raise OptDeusError(f"cannot write beside {self.out}: {e.strerror or e}; choose an output you can write",
+                                   exit_code=2 if usage else 1) from e
+            raise
         return self.tmp
+
+    def _catch_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._old_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, _raise_terminated)
+        # past a file-size limit, fail the write (OSError EFBIG) instead of being killed
+        self._old_handlers[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def _acquire_lock(self) -> None:
+        while True:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise OptDeusError(f"another opt-deus run is writing {self.out} (lock {self._lock_path}); wait for it or choose another output")
+            except BaseException:
+                os.close(fd)
+                raise
+            # A finishing run unlinks the lock file; if it did so between our open and our
+            # flock, we hold a lock on a file nobody else will open: retry on the current one.
+            try:
+                current = os.stat(self._lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                self._lock_fd = fd
+                return
+            os.close(fd)
+
+    def _recover(self) -> None:
+        """Under the lock, what a killed run left is stale: its temporary directory goes, and
+        if it died between the two renames of commit(), the set-aside old result is put back."""
+        for entry in sorted(self.out.parent.iterdir()):
+            if self._ours(entry, "old"):
+                previous = entry / "previous"
+                if previous.is_dir() and not self.out.exists():
+                    os.rename(previous, self.out)
+                shutil.rmtree(entry, ignore_errors=True)
+            elif self._ours(entry, "partial"):
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def _ours(self, entry: Path, kind: str) -> bool:
+        """A directory made by mkdtemp for this OUT_DIR (prefix + 8 random characters); not, say,
+        the temporary directory of another output named `OUT.partial-x`."""
+        prefix = self._prefix(kind)
+        return entry.name.startswith(prefix) and re.fullmatch(r"[a-z0-9_]{8}", entry.name[len(prefix):]) is not None and entry.is_dir()
 
     def commit(self) -> None:
         """Swap the complete result into place; the old OUT_DIR is removed only afterwards."""
-        old = None
-        if self.out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
-            os.rename(self.out, old / "previous")
-        os.rename(self.tmp, self.out)
-        self.tmp = None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with _signals_held():  # an interrupt here would leave neither the old nor the new result
+            old = None
+            if self.out.exists():
+                old = Path(tempfile.mkdtemp(prefix=self._prefix("old"), dir=self.out.parent))
+                os.rename(self.out, old / "previous")
+            try:
+                os.rename(self.tmp, self.out)
+            except BaseException:
+                if old is not None:
+                    os.rename(old / "previous", self.out)
+                raise
+            self.tmp = None
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _cleanup(self) -> None:
+        with _signals_held():  # a second Ctrl-C must not stop the cleanup half-way
+            if self.tmp is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                self.tmp = None
+            if self._lock_fd is not None:
+                self._lock_path.unlink(missing_ok=True)  # while still holding it: see _acquire_lock
+                os.close(self._lock_fd)  # closing releases the lock
+                self._lock_fd = None
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers.clear()
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp = None
-        if self._old_sigterm is not None:
-            signal.signal(signal.SIGTERM, self._old_sigterm)
-        if self._lock is not None:
-            lock_path = Path(self._lock.name)
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
-            lock_path.unlink(missing_ok=True)
-        if exc_type is OSError or (exc is not None and isinstance(exc, OSError)):
-            raise OptDeusError(f"writing {self.out} failed: {exc.strerror or exc}; nothing was left in place") from exc
+        self._cleanup()
+        if isinstance(exc, OSError):
+            raise OptDeusError(f"writing {self.out} failed: {exc.strerror or exc}; the output location was left as it was") from exc

@@ -140,7 +140,7 @@ def parse_recipe(data: Any, source: str = "<inline>") -> Recipe:
                 raise UsageError(f"{where}: positions list has repeated indices: {positions}")
             if min(positions) < 0:
                 raise UsageError(f"{where}: positions must be base layer indices >= 0, got {positions}")
-            if "count" in data and data["count"] != len(positions):
+            if "count" in data and _amount(f"{where}: count", data["count"]) != len(positions):
                 raise UsageError(f"{where}: count {data['count']!r} disagrees with the {len(positions)} listed positions")
             positions = tuple(sorted(positions))
             kw["count"] = len(positions)
@@ -234,7 +234,8 @@ def load_recipe(name_or_path: str) -> Recipe:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
-        raise UsageError(f"recipe {path} is not valid YAML{at}: {getattr(e, 'problem', e)}")
+        problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e)  # ReaderError has `reason`
+        raise UsageError(f"recipe {path} is not valid YAML{at}: {' '.join(str(problem).split())}")  # one line
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read recipe {path}: {e}")
     return parse_recipe(data, source=str(path))

@@ -143,6 +143,7 @@ def prepare(model_dir: Path | str, recipe: Recipe, options: Options) -> Job:
         raise OptDeusError(f"config.json has no valid {arch.depth_key}")
     blocks, pre, post = _group_tensors(ckpt, arch, n)
     _check_blocks(ckpt, arch, layout, blocks)
+    _check_outer(ckpt, layout)
     method = make_method(recipe)
     zero_init = recipe.zero_init if recipe.zero_init is not None else method.default_zero_init
     zero_roles = []
@@ -193,6 +194,24 @@ def _check_blocks(ckpt: Checkpoint, arch: Architecture, layout: HeadLayout, bloc
                 raise OptDeusError(f"tensor {arch.layer_prefix(i) + bias} has the wrong shape for its weight")
         if have != reference:
             raise OptDeusError(f"layer {i} has different tensors from layer 0: {sorted(have ^ reference)}")
+
+
+def _check_outer(ckpt: Checkpoint, layout: HeadLayout) -> None:
+    """The tensors around the blocks, named alike in every supported family: without them the
+    output would load with random embeddings or head (transformers initialises what is missing)."""
+    vocab = ckpt.config.get("vocab_size")
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+        raise OptDeusError(f"config.json has no valid vocab_size (got {vocab!r})")
+    expected = {"model.embed_tokens.weight": (vocab, layout.hidden), "model.norm.weight": (layout.hidden,)}
+    if not ckpt.config.get("tie_word_embeddings", False):
+        expected["lm_head.weight"] = (vocab, layout.hidden)
+    have = set(ckpt.names)
+    for name, shape in expected.items():
+        if name not in have:
+            raise OptDeusError(f"tensor {name} is missing; the {ckpt.config['model_type']} architecture needs it")
+        got = ckpt.meta(name).shape
+        if got != shape:
+            raise OptDeusError(f"tensor {name} has shape {list(got)} but config.json implies {list(shape)}")
 
 
 def describe_plan(job: Job, with_layers: bool = True) -> dict:
