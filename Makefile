@@ -24,7 +24,7 @@ demo: install
 	$(BIN)/opt-deus verify examples/tiny-llama $(DEMO_OUT) --text examples/tiny-llama/heldout.txt
 
 test: install
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -q tests
 
 bench-io: install
 	$(BIN)/python benchmarks/io_bench.py
