@@ -112,14 +112,16 @@ class HeadLayout:
 
     @classmethod
     def from_config(cls, config: dict) -> "HeadLayout":
-        try:
-            hidden = int(config["hidden_size"])
-            heads = int(config["num_attention_heads"])
-            kv = int(config.get("num_key_value_heads") or heads)
-            head_dim = int(config.get("head_dim") or hidden // heads)
-            inter = int(config["intermediate_size"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise OptDeusError(f"config.json lacks a valid head layout entry ({e}); is this a decoder-only model?")
+        def positive(key: str, default=None) -> int:
+            value = config.get(key) or default
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise OptDeusError(f"config.json: {key} must be a positive whole number, got {config.get(key)!r}")
+            return value
+
+        hidden, heads = positive("hidden_size"), positive("num_attention_heads")
+        kv = positive("num_key_value_heads", heads)
+        head_dim = positive("head_dim", hidden // heads)
+        inter = positive("intermediate_size")
         if heads % kv:
             raise OptDeusError(f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
         return cls(hidden, heads, kv, head_dim, inter)

@@ -379,10 +379,12 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Stop: close the open file and the hashing thread (finish() or not)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self._hasher.shutdown(wait=True, cancel_futures=True)
+        try:
+            if self._file is not None:
+                self._file, file = None, self._file
+                file.close()
+        finally:
+            self._hasher.shutdown(wait=True, cancel_futures=True)
 
 
 def write_json(path: Path, data: dict) -> None:

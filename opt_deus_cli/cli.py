@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -38,9 +39,17 @@ def run(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except OptDeusError as e:
         fail(e)
-    except (KeyboardInterrupt, Terminated):
+    except KeyboardInterrupt:
         console.print("[bold red]interrupted:[/] nothing was left in the output location")
         raise typer.Exit(130)
+    except Terminated:
+        console.print("[bold red]terminated:[/] nothing was left in the output location")
+        raise typer.Exit(143)
+    except Exception as e:  # a bug of ours: one line, the traceback on request
+        if os.environ.get("OPT_DEUS_DEBUG"):
+            raise
+        console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e} (set OPT_DEUS_DEBUG=1 for the traceback; please report it)")
+        raise typer.Exit(1)
 
 
 def version_callback(value: bool):

@@ -138,7 +138,9 @@ def prepare(model_dir: Path | str, recipe: Recipe, options: Options) -> Job:
     arch = architecture_for(ckpt.config)
     layout = HeadLayout.from_config(ckpt.config)
     try:
-        n = int(ckpt.config[arch.depth_key])
+        n = ckpt.config[arch.depth_key]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise TypeError
     except (KeyError, TypeError, ValueError):
         raise OptDeusError(f"config.json has no valid {arch.depth_key}")
     blocks, pre, post = _group_tensors(ckpt, arch, n)
