@@ -268,7 +268,7 @@ def build_new_layer(job: Job, layer: OutputLayer, cache: BlockCache, allow_nonfi
     if not allow_nonfinite:
         for src, block in zip(layer.sources, (lower, upper)):
             _check_finite(block, job.arch.layer_prefix(src), "source")
-    ctx = BuildContext(job.arch, job.layout, job.device)
+    ctx = BuildContext(job.arch, job.layout, job.device, layer.sources)
     block, report = job.method.build(lower, upper, ctx)
     for rel in job.zeroed_names(layer):
         block[rel] = torch.zeros_like(block[rel])
@@ -289,6 +289,10 @@ def upscale(model_dir: Path | str, recipe: Recipe, out_dir: Path | str, options:
         return {"dry_run": True, "plan": describe_plan(job), "recipe": recipe.to_dict()}
 
     timings: dict[str, float] = {"plan": time.perf_counter() - started}
+    if hasattr(job.method, "prepare"):  # methods that learn from the whole stack, before writing
+        t0 = time.perf_counter()
+        job.method.prepare(job, progress)
+        timings["prepare"] = time.perf_counter() - t0
     hasher = ThreadPoolExecutor(max_workers=1)  # base checksums overlap the writing
     base_files = hasher.submit(lambda: [_file_entry(p) for p in job.ckpt.files()])
     layer_entries: list[dict] = []

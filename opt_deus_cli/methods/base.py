@@ -18,6 +18,7 @@ class BuildContext:
     arch: Architecture
     layout: HeadLayout
     device: torch.device
+    sources: tuple[int, ...] = ()  # base indices of the layers being fused (lower first)
 
 
 class Method(Protocol):
@@ -27,6 +28,9 @@ class Method(Protocol):
     needs_upper: bool
     # zero_init used when the recipe names none
     default_zero_init: tuple[str, ...]
+
+    # Optional: `prepare(job, progress)` runs once before any layer is written, for methods that
+    # learn from the whole stack (LESA); it may read any base tensor through job.ckpt.
 
     def build(self, lower: Block, upper: Block | None, ctx: BuildContext) -> tuple[Block, dict]:
         """Return the new block (same names, shapes and dtypes as the sources) and a report
