@@ -56,6 +56,7 @@ def _perplexity(model, token_ids: list[int], window: int, device: torch.device) 
 
 def _tokenize(model_dir: Path, text_file: Path) -> list[int]:
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
@@ -65,6 +66,7 @@ def _tokenize(model_dir: Path, text_file: Path) -> list[int]:
         text = Path(text_file).read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise OptDeusError(f"cannot read --text {text_file}: {e}")
+    hf_logging.set_verbosity_error()  # the text is scored in windows: its length is no problem
     ids = tokenizer(text)["input_ids"]
     if len(ids) < 2:
         raise OptDeusError(f"--text {text_file} has fewer than two tokens")
