@@ -9,7 +9,7 @@ Weights are stored (out, in) as in Hugging Face checkpoints: rows are output neu
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import OptDeusError
 
@@ -22,21 +22,32 @@ PROJECTION_ROLES = ATTENTION_ROLES + MLP_ROLES
 RESIDUAL_WRITERS = ("o", "down")
 
 
+# The module path of each role in a LLaMA block: the canonical block every method sees.
+CANONICAL_PROJECTIONS = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+CANONICAL_EXPERT = "mlp.experts.{e}.{role}_proj"  # canonical path of an expert's projection
+CANONICAL_ROUTER = "mlp.router.weight"  # (experts, hidden): one row per expert
+
+
 @dataclass(frozen=True)
 class Architecture:
     model_type: str
     # role -> module path inside a block; weight is `<path>.weight`, optional bias `<path>.bias`
-    projections: dict[str, str] = field(
-        default_factory=lambda: {
-            "q": "self_attn.q_proj",
-            "k": "self_attn.k_proj",
-            "v": "self_attn.v_proj",
-            "o": "self_attn.o_proj",
-            "gate": "mlp.gate_proj",
-            "up": "mlp.up_proj",
-            "down": "mlp.down_proj",
-        }
-    )
+    projections: dict[str, str] = field(default_factory=lambda: dict(CANONICAL_PROJECTIONS))
+    # fused module path -> the roles stacked along its rows (Phi-3: qkv_proj = [q; k; v])
+    fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # mixture of experts: role -> module path with {e} for the expert index, and the router
+    experts: dict[str, str] = field(default_factory=dict)
+    router: str | None = None
+    num_experts_keys: tuple[str, ...] = ()  # config keys that may hold the expert count
+    expert_intermediate_key: str = "intermediate_size"
     # residual-width norms (hidden,), averaged by the fusing methods
     norms: tuple[str, ...] = ("input_layernorm.weight", "post_attention_layernorm.weight")
     # per-head norms (head_dim,) applied to q and k (Qwen3); averaged, never permuted
@@ -54,15 +65,30 @@ class Architecture:
     def bias(self, role: str) -> str:
         return self.projections[role] + ".bias"
 
-    def projection_short_name(self, role: str) -> str:
+    @staticmethod
+    def projection_short_name(role: str) -> str:
         """`o_proj` for role `o`: the name users write in a recipe's `zero_init`."""
-        return self.projections[role].rsplit(".", 1)[-1]
+        return CANONICAL_PROJECTIONS[role].rsplit(".", 1)[-1]
 
     def role_of_short_name(self, short: str) -> str | None:
+        """The role a recipe name means: the canonical `down_proj`, or the family's own (`w2`)."""
         for role in PROJECTION_ROLES:
-            if self.projection_short_name(role) == short:
+            own = self.projections.get(role) or self.experts.get(role) or ""
+            if short in (self.projection_short_name(role), own.rsplit(".", 1)[-1]):
                 return role
         return None
+
+    def zeroable(self, role: str) -> bool:
+        return role in self.projections or role in self.experts
+
+    def role_tensors(self, role: str, layout: "HeadLayout") -> list[str]:
+        """Every tensor name implementing a role (weights and possible biases; all experts)."""
+        if role in self.projections:
+            return [self.weight(role), self.bias(role)]
+        if role in self.experts:
+            paths = [self.experts[role].format(e=e) for e in range(layout.num_experts)]
+            return [p + suffix for p in paths for suffix in (".weight", ".bias")]
+        return []
 
     def layer_prefix(self, index: int) -> str:
         return f"{self.layers_prefix}{index}."
@@ -72,6 +98,59 @@ class Architecture:
         m = re.match(re.escape(self.layers_prefix) + r"(\d+)\.(.+)$", name)
         return (int(m.group(1)), m.group(2)) if m else None
 
+    # ---- canonical blocks: what methods see ----------------------------------------------
+    def canonical(self) -> "Architecture":
+        """The same family with LLaMA's names: fused tensors split, experts renamed."""
+        experts = {r: CANONICAL_EXPERT.format(e="{e}", role=r) for r in self.experts}
+        projections = {r: p for r, p in CANONICAL_PROJECTIONS.items() if r not in self.experts}
+        return replace(self, projections=projections, fused={}, experts=experts,
+                       router=CANONICAL_ROUTER if self.router else None)
+
+    def _renames(self, layout: "HeadLayout") -> dict[str, str]:
+        """own name -> canonical name, for tensors that are only renamed."""
+        canon = self.canonical()
+        pairs = {}
+        for role, path in self.projections.items():
+            pairs.update({path + s: canon.projections[role] + s for s in (".weight", ".bias")})
+        for role, path in self.experts.items():
+            for e in range(layout.num_experts):
+                pairs.update({path.format(e=e) + s: canon.experts[role].format(e=e) + s for s in (".weight", ".bias")})
+        if self.router:
+            pairs[self.router] = CANONICAL_ROUTER
+        return pairs
+
+    def to_canonical(self, block: dict, layout: "HeadLayout") -> dict:
+        """A block under canonical names; fused weights (and biases) split by the head layout."""
+        renames = self._renames(layout)
+        out = {renames.get(name, name): t for name, t in block.items() if not self._is_fused(name)}
+        for path, roles in self.fused.items():
+            sizes = [layout.weight_shape(r)[0] for r in roles]
+            for suffix in (".weight", ".bias"):
+                if path + suffix in block:
+                    for role, part in zip(roles, block[path + suffix].split(sizes, dim=0)):
+                        out[CANONICAL_PROJECTIONS[role] + suffix] = part
+        return out
+
+    def from_canonical(self, block: dict, layout: "HeadLayout") -> dict:
+        """The inverse of to_canonical: own names, fused tensors joined again."""
+        import torch
+
+        back = {c: own for own, c in self._renames(layout).items()}
+        fused_parts = {CANONICAL_PROJECTIONS[r] + s for roles in self.fused.values() for r in roles for s in (".weight", ".bias")}
+        out = {back.get(name, name): t for name, t in block.items() if name not in fused_parts}
+        for path, roles in self.fused.items():
+            for suffix in (".weight", ".bias"):
+                parts = [block.get(CANONICAL_PROJECTIONS[r] + suffix) for r in roles]
+                if all(p is not None for p in parts):
+                    out[path + suffix] = torch.cat(parts, dim=0)
+        return out
+
+    def _is_fused(self, name: str) -> bool:
+        return any(name in (p + ".weight", p + ".bias") for p in self.fused)
+
+
+_GEMMA_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight",
+                "pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight")
 
 SUPPORTED: dict[str, Architecture] = {
     "llama": Architecture("llama"),
@@ -79,6 +158,35 @@ SUPPORTED: dict[str, Architecture] = {
     "qwen2": Architecture("qwen2", window_layers_key="max_window_layers"),
     "qwen3": Architecture(
         "qwen3",
+        head_norms=("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
+        window_layers_key="max_window_layers",
+    ),
+    # Gemma 2/3: four norms per block; zeroed o/down still give an identity block because the
+    # post-norms of a zero vector are zero
+    "gemma2": Architecture("gemma2", norms=_GEMMA_NORMS),
+    "gemma3_text": Architecture("gemma3_text", norms=_GEMMA_NORMS,
+                                head_norms=("self_attn.q_norm.weight", "self_attn.k_norm.weight")),
+    # Phi-3: q, k, v fused in one weight, gate and up in another
+    "phi3": Architecture(
+        "phi3",
+        projections={"o": "self_attn.o_proj", "down": "mlp.down_proj"},
+        fused={"self_attn.qkv_proj": ("q", "k", "v"), "mlp.gate_up_proj": ("gate", "up")},
+    ),
+    "mixtral": Architecture(
+        "mixtral",
+        projections={r: CANONICAL_PROJECTIONS[r] for r in ATTENTION_ROLES},
+        experts={"gate": "block_sparse_moe.experts.{e}.w1", "up": "block_sparse_moe.experts.{e}.w3",
+                 "down": "block_sparse_moe.experts.{e}.w2"},
+        router="block_sparse_moe.gate.weight",
+        num_experts_keys=("num_local_experts",),
+    ),
+    "qwen3_moe": Architecture(
+        "qwen3_moe",
+        projections={r: CANONICAL_PROJECTIONS[r] for r in ATTENTION_ROLES},
+        experts={r: f"mlp.experts.{{e}}.{r}_proj" for r in MLP_ROLES},
+        router="mlp.gate.weight",
+        num_experts_keys=("num_experts", "num_local_experts"),  # hub configs; transformers 5 saves the second
+        expert_intermediate_key="moe_intermediate_size",
         head_norms=("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
         window_layers_key="max_window_layers",
     ),
@@ -91,9 +199,12 @@ def architecture_for(config: dict) -> Architecture:
         raise OptDeusError(
             f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(SUPPORTED))}. "
             "A new family is one Architecture entry in opt_deus_cli/architectures.py "
-            "(module path of each projection, norm names, per-layer config keys)"
+            "(module path of each projection, fused tensors, experts, norm names, per-layer config keys)"
         )
-    return SUPPORTED[model_type]
+    arch = SUPPORTED[model_type]
+    if model_type == "qwen3_moe" and (config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1):
+        raise OptDeusError("qwen3_moe with dense layers (mlp_only_layers / decoder_sparse_step) is not supported yet")
+    return arch
 
 
 @dataclass(frozen=True)
@@ -104,14 +215,15 @@ class HeadLayout:
     num_heads: int  # query heads H
     num_kv_heads: int  # key/value heads G (GQA groups); H % G == 0
     head_dim: int
-    intermediate: int
+    intermediate: int  # of the MLP, or of each expert in a mixture of experts
+    num_experts: int = 0  # 0: a dense MLP
 
     @property
     def heads_per_group(self) -> int:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def from_config(cls, config: dict) -> "HeadLayout":
+    def from_config(cls, config: dict, arch: Architecture | None = None) -> "HeadLayout":
         def positive(key: str, default=None) -> int:
             value = config.get(key) or default
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -121,10 +233,15 @@ class HeadLayout:
         hidden, heads = positive("hidden_size"), positive("num_attention_heads")
         kv = positive("num_key_value_heads", heads)
         head_dim = positive("head_dim", hidden // heads)
-        inter = positive("intermediate_size")
+        moe = arch is not None and bool(arch.num_experts_keys)
+        inter = positive(arch.expert_intermediate_key if moe else "intermediate_size")
+        experts = 0
+        if moe:
+            key = next((k for k in arch.num_experts_keys if k in config), arch.num_experts_keys[0])
+            experts = positive(key)
         if heads % kv:
             raise OptDeusError(f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
-        return cls(hidden, heads, kv, head_dim, inter)
+        return cls(hidden, heads, kv, head_dim, inter, experts)
 
     def weight_shape(self, role: str) -> tuple[int, int]:
         """(out, in) of a projection's weight."""
@@ -143,7 +260,13 @@ class HeadLayout:
 def expected_block_shapes(arch: Architecture, layout: HeadLayout) -> dict[str, tuple[int, ...]]:
     """Every tensor a block of this family must have, with its shape (biases are optional and
     checked separately: their shape is (out,) of their weight)."""
-    shapes: dict[str, tuple[int, ...]] = {arch.weight(r): layout.weight_shape(r) for r in PROJECTION_ROLES}
+    shapes: dict[str, tuple[int, ...]] = {arch.weight(r): layout.weight_shape(r) for r in arch.projections}
+    for path, roles in arch.fused.items():
+        shapes[path + ".weight"] = (sum(layout.weight_shape(r)[0] for r in roles), layout.hidden)
+    for role, path in arch.experts.items():
+        shapes.update({path.format(e=e) + ".weight": layout.weight_shape(role) for e in range(layout.num_experts)})
+    if arch.router:
+        shapes[arch.router] = (layout.num_experts, layout.hidden)
     shapes.update({n: (layout.hidden,) for n in arch.norms})
     shapes.update({n: (layout.head_dim,) for n in arch.head_norms})
     return shapes

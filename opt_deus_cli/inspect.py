@@ -17,7 +17,6 @@ from scipy.optimize import linear_sum_assignment
 
 from .errors import OptDeusError, UsageError
 from .manifest import read_manifest
-from .methods.base import BuildContext
 from .methods.opt_deus import OptDeusMethod, alignment_matrices
 from .ot import AlignmentSettings
 from .plan import resolve_positions
@@ -100,8 +99,7 @@ def pair_matrices(base: Path, sources: tuple[int, int], group: str, settings: Al
         raise UsageError(f"--group {group!r}: use attention or mlp")
     job = prepare(base, parse_recipe({"method": "opt-deus", "positions": [0]}), Options(device=device))
     cache = BlockCache(job)
-    lower, upper = cache.get(sources[0]), cache.get(sources[1])
-    ctx = BuildContext(job.arch, job.layout, job.device)
+    lower, upper, ctx = job.method_inputs(cache.get(sources[0]), cache.get(sources[1]), sources)
     found = alignment_matrices(lower, upper, ctx, settings, group)
     as_np = {k: v.double().numpy() for k, v in found.items() if isinstance(v, torch.Tensor)}
     cost, plan = as_np.pop("cost"), as_np.pop("plan")
@@ -115,13 +113,12 @@ def pair_distances(model_dir: Path, settings: AlignmentSettings, device: str, pr
     alignment, per group, from the same alignment upscale would run."""
     job = prepare(model_dir, parse_recipe({"method": "opt-deus", "positions": [0]}), Options(device=device))
     cache = BlockCache(job)
-    ctx = BuildContext(job.arch, job.layout, job.device)
     method = OptDeusMethod(settings)
     pairs = []
     for k in range(job.base_layers - 1):
         if progress:
             progress(f"aligning layers {k} and {k + 1}", k, job.base_layers - 1)
-        _, report = method.build(cache.get(k), cache.get(k + 1), ctx)
+        _, report = method.build(*job.method_inputs(cache.get(k), cache.get(k + 1), (k, k + 1)))
         row = {"pair": [k, k + 1]}
         for group in GROUPS:
             figures = report[group]

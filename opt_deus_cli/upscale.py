@@ -19,7 +19,7 @@ import torch
 
 from . import __version__
 from .architectures import (
-    RESIDUAL_WRITERS, Architecture, HeadLayout, architecture_for, expected_block_shapes,
+    PROJECTION_ROLES, RESIDUAL_WRITERS, Architecture, HeadLayout, architecture_for, expected_block_shapes,
 )
 from .checkpoint import INDEX_FILE, PICKLE_SUFFIXES, Checkpoint, ShardWriter, TensorMeta, parse_size, sha256_file, write_json
 from .configs import rewrite_config
@@ -118,11 +118,14 @@ class Job:
         """Relative names of the tensors zero-initialised in a new layer (weights and biases)."""
         if not layer.is_new:
             return []
-        block = self.blocks[layer.sources[0]]
-        names = []
-        for role in self.zero_roles:
-            names += [n for n in (self.arch.weight(role), self.arch.bias(role)) if n in block]
-        return names
+        block = set(self.blocks[layer.sources[0]])
+        return [n for role in self.zero_roles for n in self.arch.role_tensors(role, self.layout) if n in block]
+
+    def method_inputs(self, lower: Block, upper: Block | None, sources: tuple[int, ...]) -> tuple[Block, Block | None, BuildContext]:
+        """Methods see canonical blocks (LLaMA names, fused tensors split) whatever the family;
+        arch.from_canonical gives the family's own names back."""
+        canonical = [self.arch.to_canonical(b, self.layout) if b is not None else None for b in (lower, upper)]
+        return canonical[0], canonical[1], BuildContext(self.arch.canonical(), self.layout, self.device, sources)
 
     def trainable_regex(self) -> str:
         """Matches exactly the parameter names of the new layers."""
@@ -136,7 +139,7 @@ def prepare(model_dir: Path | str, recipe: Recipe, options: Options) -> Job:
     """Read metadata, validate the checkpoint against its architecture, resolve the plan."""
     ckpt = Checkpoint(model_dir)
     arch = architecture_for(ckpt.config)
-    layout = HeadLayout.from_config(ckpt.config)
+    layout = HeadLayout.from_config(ckpt.config, arch)
     try:
         n = ckpt.config[arch.depth_key]
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -147,13 +150,18 @@ def prepare(model_dir: Path | str, recipe: Recipe, options: Options) -> Job:
     _check_blocks(ckpt, arch, layout, blocks)
     _check_outer(ckpt, layout)
     method = make_method(recipe)
+    if arch.experts and not getattr(method, "supports_experts", False):
+        raise UsageError(f"method {recipe.method} cannot build mixture-of-experts layers ({arch.model_type}) yet; "
+                         "use copy, average or stack")
     zero_init = recipe.zero_init if recipe.zero_init is not None else method.default_zero_init
     zero_roles = []
     for short in zero_init:
         role = arch.role_of_short_name(short)
         if role is None:
-            allowed = ", ".join(arch.projection_short_name(r) for r in arch.projections)
+            allowed = ", ".join(arch.projection_short_name(r) for r in PROJECTION_ROLES)
             raise UsageError(f"recipe {recipe.source}: zero_init names {short!r}, which is not a projection of {arch.model_type} ({allowed})")
+        if not arch.zeroable(role):
+            raise UsageError(f"recipe {recipe.source}: {short} is fused with other projections in {arch.model_type}; it cannot be zeroed alone")
         zero_roles.append(role)
     if options.dtype not in DTYPES:
         raise UsageError(f"--dtype {options.dtype!r} not understood; use {', '.join(DTYPES)}")
@@ -268,8 +276,8 @@ def build_new_layer(job: Job, layer: OutputLayer, cache: BlockCache, allow_nonfi
     if not allow_nonfinite:
         for src, block in zip(layer.sources, (lower, upper)):
             _check_finite(block, job.arch.layer_prefix(src), "source")
-    ctx = BuildContext(job.arch, job.layout, job.device, layer.sources)
-    block, report = job.method.build(lower, upper, ctx)
+    block, report = job.method.build(*job.method_inputs(lower, upper, layer.sources))
+    block = job.arch.from_canonical(block, job.layout)
     for rel in job.zeroed_names(layer):
         block[rel] = torch.zeros_like(block[rel])
     if not allow_nonfinite:

@@ -12,6 +12,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+MORE_FAMILIES = ("gemma2", "gemma3_text", "phi3", "mixtral", "qwen3_moe")
+# what a tiny model of a family needs beyond the shared sizes
+FAMILY_KWARGS = {
+    "gemma2": dict(pad_token_id=0, eos_token_id=1, bos_token_id=2, sliding_window=8),
+    "gemma3_text": dict(pad_token_id=0, eos_token_id=1, bos_token_id=2, sliding_window=8, sliding_window_pattern=2),
+    "phi3": dict(pad_token_id=0, eos_token_id=1, bos_token_id=2),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24),
+}
 
 
 def make_model(path: Path, model_type: str, layers: int = 6, tied: bool = False, dtype=torch.bfloat16,
@@ -23,6 +32,7 @@ def make_model(path: Path, model_type: str, layers: int = 6, tied: bool = False,
     kwargs = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=8, vocab_size=97, max_position_embeddings=64,
                   tie_word_embeddings=tied)
+    kwargs.update(FAMILY_KWARGS.get(model_type, {}))
     kwargs.update(overrides)
     config = AutoConfig.for_model(model_type, **kwargs)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

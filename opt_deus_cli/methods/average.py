@@ -24,6 +24,7 @@ class AverageMethod:
     name = "average"
     needs_upper = True
     default_zero_init: tuple[str, ...] = ()
+    supports_experts = True  # experts are averaged position by position, as AVG-DeUS does
 
     def __init__(self, alpha: float = 0.5):
         self.alpha = alpha

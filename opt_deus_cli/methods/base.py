@@ -29,6 +29,7 @@ class Method(Protocol):
     # zero_init used when the recipe names none
     default_zero_init: tuple[str, ...]
 
+    # Optional: `supports_experts = True` when build() handles mixture-of-experts blocks.
     # Optional: `prepare(job, progress)` runs once before any layer is written, for methods that
     # learn from the whole stack (LESA); it may read any base tensor through job.ckpt.
 

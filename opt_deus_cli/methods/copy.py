@@ -11,6 +11,7 @@ class CopyMethod:
     # the new layer is its lower source byte for byte (but zeroed tensors): the pipeline copies
     # the bytes file to file instead of calling build()
     copies_lower = True
+    supports_experts = True  # tensor names do not matter to a copy
     default_zero_init = ("o_proj", "down_proj")
 
     def build(self, lower: Block, upper: Block | None, ctx: BuildContext) -> tuple[Block, dict]:
