@@ -1,0 +1,207 @@
+"""Cost matrices, solvers and the barycentric map (opt_deus_cli.ot)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from opt_deus_cli import ot as odot
+from opt_deus_cli.errors import OptDeusError, UsageError
+from opt_deus_cli.ot import (
+    AlignmentSettings,
+    barycentric_map,
+    cost_matrix,
+    cost_matrix_blocks,
+    exact_assignment,
+    permutation_likeness,
+    sinkhorn_reference,
+    solve_plan,
+    typical_cost,
+)
+
+
+def rand(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# settings
+
+
+def test_settings_defaults_and_validation():
+    s = AlignmentSettings()
+    assert (s.mode, s.solver, s.cost, s.epsilon, s.max_iter, s.tol) == ("corrected", "exact", "sqeuclidean", 0.05, 2000, 1e-6)
+    assert s.validate() is s
+    assert AlignmentSettings.field_names() == ("mode", "solver", "cost", "epsilon", "max_iter", "tol")
+    for bad in (dict(mode="paper"), dict(solver="emd"), dict(cost="l1"), dict(epsilon=0), dict(epsilon=float("nan")),
+                dict(max_iter=0), dict(max_iter=2.5), dict(tol=-1)):
+        with pytest.raises(UsageError, match=next(iter(bad))):
+            dataclasses.replace(s, **bad).validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# cost matrices
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cost_kinds_match_direct_formulas(dtype):
+    X, Y = rand(7, 5, seed=1, dtype=dtype), rand(6, 5, seed=2, dtype=dtype)
+    d = torch.cdist(X.double(), Y.double())
+    cos = 1 - torch.nn.functional.cosine_similarity(X.double()[:, None], Y.double()[None], dim=2)
+    for kind, want in (("euclidean", d), ("sqeuclidean", d**2), ("cosine", cos)):
+        got = cost_matrix(X, Y, kind)
+        assert got.dtype == dtype and got.shape == (7, 6)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_cost_blocks_equal_the_concatenation_and_tile(monkeypatch):
+    monkeypatch.setattr(odot, "_TILE", 4)  # several tiles in both directions
+    Xs = [rand(13, 3, seed=3).bfloat16(), rand(5, 13, seed=4).T, rand(13, 1, seed=5)]  # a transposed view too
+    Ys = [rand(11, 3, seed=6).bfloat16(), rand(5, 11, seed=7).T, rand(11, 1, seed=8)]
+    X, Y = torch.cat([x.float() for x in Xs], 1), torch.cat([y.float() for y in Ys], 1)
+    for kind in odot.COST_KINDS:
+        torch.testing.assert_close(cost_matrix_blocks(Xs, Ys, kind), cost_matrix(X, Y, kind), atol=1e-5, rtol=1e-5)
+    out = torch.full((13, 11), -1.0, dtype=torch.float64)
+    assert cost_matrix_blocks(Xs, Ys, "sqeuclidean", out=out) is out
+    torch.testing.assert_close(out, cost_matrix(X, Y, "sqeuclidean").double(), atol=1e-5, rtol=1e-5)
+
+
+def test_cost_rejects_mismatched_blocks_and_kinds():
+    with pytest.raises(OptDeusError):
+        cost_matrix(rand(3, 4), rand(3, 5), "sqeuclidean")
+    with pytest.raises(OptDeusError, match="unknown cost"):
+        cost_matrix(rand(3, 4), rand(3, 4), "manhattan")
+
+
+def test_typical_cost():
+    assert typical_cost(torch.tensor([[0.0, 2.0], [3.0, 5.0], [7.0, 1.0]])) == 2.0  # lower median
+    assert typical_cost(torch.tensor([[0.0, 4.0], [0.0, 0.0]])) == 1.0  # median 0 -> mean
+    assert typical_cost(torch.zeros(2, 2)) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# solvers
+
+
+def test_exact_solver_finds_the_planted_permutation():
+    X = rand(20, 6, seed=9)
+    perm = torch.randperm(20, generator=torch.Generator().manual_seed(10))
+    Y = X[perm]  # B's unit j is A's unit perm[j]
+    T, report = solve_plan(cost_matrix(X, Y, "sqeuclidean"), "exact")
+    assert T.dtype == torch.float64 and torch.equal(T.sum(1), torch.full((20,), 1 / 20, dtype=torch.float64))
+    assert torch.equal(T.argmax(0), perm)
+    assert report.converged and report.solver == "exact" and report.marginal_error == 0.0
+    assert permutation_likeness(T) == pytest.approx(1.0)
+    torch.testing.assert_close(barycentric_map(T).float() @ X, Y)
+    json.dumps(report.as_dict(), allow_nan=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite(dtype):
+    t = rand(50, 40, seed=19).to(dtype)
+    assert odot.all_finite(t) and odot.all_finite(t[:, :0])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        u = t.clone()
+        u[17, 3] = bad
+        assert not odot.all_finite(u) and not odot.all_finite(u.T)
+
+
+def test_exact_solver_needs_a_square_finite_cost():
+    with pytest.raises(OptDeusError, match="square"):
+        exact_assignment(torch.rand(3, 4))
+    cost = torch.rand(4, 4)
+    cost[1, 2] = float("inf")
+    with pytest.raises(OptDeusError, match="MLP cost"):
+        solve_plan(cost, "exact", what="MLP cost")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sinkhorn_converges_to_a_sharp_plan(dtype):
+    X = rand(30, 32, seed=11, dtype=dtype)  # dimension 32: no near neighbours
+    perm = torch.randperm(30, generator=torch.Generator().manual_seed(12))
+    T, report = solve_plan(cost_matrix(X, X[perm], "sqeuclidean"), "sinkhorn", epsilon=0.01)
+    assert T.dtype == dtype and report.converged and report.solver == "sinkhorn" and report.epsilon == 0.01
+    assert 1 <= report.iterations < 2000 and report.marginal_error < 1e-5
+    assert torch.equal(T.argmax(0), perm) and permutation_likeness(T) > 0.999
+    torch.testing.assert_close(barycentric_map(T) @ X, X[perm], atol=1e-5, rtol=0)
+
+
+def test_sinkhorn_epsilon_is_scale_free():
+    cost = torch.rand(12, 10, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    T1, _ = solve_plan(cost, "sinkhorn", epsilon=0.1)
+    T2, _ = solve_plan(1000 * cost, "sinkhorn", epsilon=0.1)
+    torch.testing.assert_close(T1, T2)
+    assert T1.shape == (12, 10)
+    torch.testing.assert_close(T1.sum(0), torch.full((10,), 0.1, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_sinkhorn_non_convergence_is_reported():
+    cost = torch.rand(40, 40, generator=torch.Generator().manual_seed(14))
+    T, report = solve_plan(cost, "sinkhorn", epsilon=1e-3, max_iter=3, tol=1e-12)
+    assert not report.converged and report.iterations == 3 and report.marginal_error > 1e-6
+    assert any("did not converge" in w for w in report.warnings)
+
+
+def test_sinkhorn_nan_cost_raises_naming_what():
+    cost = torch.rand(5, 5)
+    cost[0, 0] = float("nan")
+    with pytest.raises(OptDeusError, match="attention KV groups"):
+        solve_plan(cost, "sinkhorn", what="attention KV groups")
+
+
+def test_reference_sinkhorn_underflow_is_not_silent():
+    # raw costs of ~100 with reg 0.06: exp(-1600) underflows fp32, the published solver
+    # returns an empty plan with only a warning; here it must show in the report
+    cost = 100 + torch.rand(6, 6, generator=torch.Generator().manual_seed(15))
+    T, report = sinkhorn_reference(cost)
+    assert not report.converged and float(T.sum()) < 1e-3 and report.marginal_error > 0.9
+    assert report.warnings
+    with pytest.raises(OptDeusError, match="no mass"):
+        barycentric_map(T)
+
+
+def test_reference_sinkhorn_is_pots_default_method():
+    import ot
+
+    X, Y = rand(9, 4, seed=16), rand(9, 4, seed=17)
+    C = cost_matrix(X, Y, "euclidean")
+    T, report = sinkhorn_reference(C, max_iter=500)
+    a = torch.full((9,), 1 / 9)
+    want = ot.sinkhorn(a, a, C, 0.06, numItermax=500, warn=False)
+    torch.testing.assert_close(T, want)
+    assert T.dtype == torch.float32 and report.solver == "sinkhorn-reference" and report.epsilon == 0.06
+
+
+def test_unknown_solver():
+    with pytest.raises(OptDeusError, match="unknown solver"):
+        solve_plan(torch.rand(2, 2), "greedy")
+
+
+# ---------------------------------------------------------------------------------------------
+# the barycentric map
+
+
+def test_barycentric_map_of_identity_and_permutations():
+    n = 6
+    torch.testing.assert_close(barycentric_map(torch.eye(n) / n), torch.eye(n))
+    perm = torch.tensor([2, 0, 5, 1, 4, 3])
+    T = torch.zeros(n, n)
+    T[perm, torch.arange(n)] = 1 / n  # A's unit perm[j] goes to B's unit j
+    P = barycentric_map(T)
+    W = rand(n, 3, seed=18)
+    torch.testing.assert_close(P @ W, W[perm])
+    assert permutation_likeness(T) == pytest.approx(1.0)
+    # scale does not matter (mass lost by an unnormalised plan is corrected)
+    torch.testing.assert_close(barycentric_map(T * 1e-3), P)
+
+
+def test_barycentric_map_of_a_soft_plan():
+    T = torch.tensor([[0.25, 0.0, 0.1], [0.05, 0.3, 0.0], [0.0, 0.1, 0.2]])
+    P = barycentric_map(T)
+    assert P.shape == (3, 3)
+    torch.testing.assert_close(P.sum(1), torch.ones(3))
+    torch.testing.assert_close(P[0], torch.tensor([0.25, 0.05, 0.0]) / 0.3)
+    assert permutation_likeness(torch.full((4, 5), 1 / 20)) == pytest.approx(0.2)
