@@ -9,6 +9,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# tiny tensors: thread start-up costs more than it saves, and a shared machine makes it worse
+torch.set_num_threads(1)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")

@@ -9,6 +9,11 @@ Two semantics (METHOD.md):
   norms are alpha-weighted averages: alpha * A + (1 - alpha) * B.
 - "reference" (section 1): the published script, tensor by tensor, with its known defects.
 
+Mixture of experts (mixtral, qwen3_moe; corrected mode only: the published script has no rule
+for experts, so reference mode refuses them): A's experts are matched to B's experts by one
+plan, the router rows follow that plan, and each matched pair of experts is aligned and fused
+like a dense MLP (one neuron plan shared by gate/up/down).
+
 Zero-initialising o_proj / down_proj is the pipeline's job: the tensors returned here are the
 fused ones.
 """
@@ -21,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..architectures import PROJECTION_ROLES, Architecture, HeadLayout, expected_block_shapes
-from ..errors import OptDeusError
+from ..architectures import MLP_ROLES, Architecture, HeadLayout, expected_block_shapes
+from ..errors import OptDeusError, UsageError
 from ..ot import (
     AlignmentSettings,
     all_finite,
@@ -54,14 +59,20 @@ class OptDeusMethod:
     name = "opt-deus"
     needs_upper = True
     default_zero_init: tuple[str, ...] = ("o_proj", "down_proj")
+    supports_experts = True  # corrected mode only; reference mode refuses them (see prepare)
 
     def __init__(self, settings: AlignmentSettings = AlignmentSettings(), alpha: float = 0.5):
         self.settings = settings.validate()
         self.alpha = float(alpha)
 
+    def prepare(self, job, progress=None) -> None:
+        """Runs before any layer is written: refuse what build() would refuse on the first new layer."""
+        _refuse_reference_experts(self.settings, job.arch)
+
     def build(self, lower: Block, upper: Block | None, ctx: BuildContext) -> tuple[Block, dict]:
         if upper is None:
             raise OptDeusError("opt-deus builds a layer from two neighbours; it cannot follow the top layer")
+        _refuse_reference_experts(self.settings, ctx.arch)
         check_blocks(lower, upper, ctx.arch, ctx.layout)
         if self.settings.mode == "reference":
             _warn_reference_once()
@@ -76,16 +87,21 @@ def alignment_matrices(lower: Block, upper: Block, ctx: BuildContext, settings: 
     corrected, "attention": cost/plan (H, H) between query heads (cost of head (a, i) vs (b, j)
     with the (a, b) value-dim map applied; plan = group plan x head plan), group_cost/group_plan
     (G, G) between KV groups, v_cost/v_plan (G*d, G*d) between value dims likewise.
-    corrected, "mlp": cost/plan (I, I) between MLP neurons.
+    corrected, "mlp": cost/plan (I, I) between MLP neurons; on a mixture of experts, cost/plan
+    (E, E) between experts (the sliced proxy cost, see _expert_cost) and "expert_pairs":
+    {(a, b): {cost, plan}} (I, I) between the neurons of every pair of experts the fusion uses.
     reference: cost/plan of q_proj (attention) or gate_proj (mlp), and "tensors": {name: {cost, plan}}
     for every tensor of the group. Every answer also has "report": the group's figures.
     """
     settings.validate()
     if group not in ("attention", "mlp"):
         raise OptDeusError(f"unknown alignment group {group!r}; expected attention or mlp")
+    _refuse_reference_experts(settings, ctx.arch)
     check_blocks(lower, upper, ctx.arch, ctx.layout)
     if settings.mode == "reference":
         return _reference_matrices(lower, upper, ctx, group)
+    if group == "mlp" and ctx.arch.experts:
+        return _expert_matrices(lower, upper, ctx, settings)
     if group == "mlp":
         al = _align_mlp(lower, upper, ctx, settings, keep=True)
         return {"cost": al.solved.cost.cpu(), "plan": al.solved.plan.cpu(), "report": al.figures}
@@ -125,8 +141,10 @@ def check_blocks(lower: Block, upper: Block, arch: Architecture, layout: HeadLay
     if lower.keys() != upper.keys():
         raise OptDeusError(f"the two source layers have different tensors: {sorted(lower.keys() ^ upper.keys())}")
     expected = expected_block_shapes(arch, layout)
-    for role in PROJECTION_ROLES:
+    for role in arch.projections:
         expected[arch.bias(role)] = (layout.weight_shape(role)[0],)
+    for role, path in arch.experts.items():
+        expected.update({path.format(e=e) + ".bias": (layout.weight_shape(role)[0],) for e in range(layout.num_experts)})
     for name, t in upper.items():
         if name in expected and tuple(t.shape) != expected[name]:
             raise OptDeusError(f"tensor {name} has shape {tuple(t.shape)}, config.json implies {expected[name]}")
@@ -139,6 +157,14 @@ def check_blocks(lower: Block, upper: Block, arch: Architecture, layout: HeadLay
         for name, t in block.items():
             if not all_finite(t):
                 raise OptDeusError(f"{which} source layer: tensor {name} contains NaN or Inf")
+
+
+def _refuse_reference_experts(settings: AlignmentSettings, arch: Architecture) -> None:
+    if settings.mode == "reference" and arch.experts:
+        raise UsageError(
+            f"opt-deus reference mode reproduces the published script, which has no rule for "
+            f"mixture-of-experts layers ({arch.model_type}); use alignment mode: corrected"
+        )
 
 
 def _warn_reference_once() -> None:
@@ -236,16 +262,18 @@ def _solved_figures(solved: _Solved, cost_before: float, seconds: float) -> dict
     return _figures(solved.report, cost_before, solved.cost_after, solved.likeness, seconds)
 
 
-def _summary(plans: list[_Solved]) -> dict:
-    """Worst-case figures of many small plans (the inner attention levels)."""
+def _summary(plans: dict, weights: dict) -> dict:
+    """Figures of the many small inner plans of attention (one per pair of KV groups): worst case
+    over all of them, and their permutation likeness weighted by how much the fusion uses each
+    pair (the KV-group plan's mass)."""
+    every = list(plans.values())
     return {
-        "plans": len(plans),
-        "iterations": max(p.report.iterations for p in plans),
-        "marginal_error": max(p.report.marginal_error for p in plans),
-        "converged": all(p.report.converged for p in plans),
-        "permutation_likeness": sum(p.likeness for p in plans) / len(plans),
-        "permutation_likeness_min": min(p.likeness for p in plans),
-        "warnings": sorted({w for p in plans for w in p.report.warnings}),
+        "plans": len(every),
+        "iterations": max(p.report.iterations for p in every),
+        "marginal_error": max(p.report.marginal_error for p in every),
+        "converged": all(p.report.converged for p in every),
+        "permutation_likeness": sum(w * plans[pair].likeness for pair, w in weights.items()),
+        "warnings": sorted({w for p in every for w in p.report.warnings}),
     }
 
 
@@ -379,19 +407,20 @@ def _align_attention(
             group_cost[a, b] = _parts_cost(_align_group(parts_A[a], hd.map, vd.map, o_moved), parts_B[b], kind)
     cost_before = sum(_parts_cost(parts_A[g], parts_B[g], kind) for g in range(G)) / G
     group = _solve(group_cost.to(ctx.device), settings, "attention KV groups", keep)
-    inner_v = [p.v_dims for p in pairs.values()]
-    inner_h = [p.heads for p in pairs.values()]
+    inner_v = {pair: p.v_dims for pair, p in pairs.items()}
+    inner_h = {pair: p.heads for pair, p in pairs.items()}
+    used = {(a, b): w / G for b in range(G) for a, w in group.map.sources(b)}  # mass of the KV-group plan
     figures = _solved_figures(group, cost_before, time.perf_counter() - start)
     # top-level figures cover every plan of the group: the worst case of all levels
-    every = [group] + inner_v + inner_h
+    every = [group, *inner_v.values(), *inner_h.values()]
     figures["iterations"] = max(p.report.iterations for p in every)
     figures["marginal_error"] = max(p.report.marginal_error for p in every)
     figures["converged"] = all(p.report.converged for p in every)
     figures["warnings"] = sorted({w for p in every for w in p.report.warnings})
     figures["levels"] = {
         "kv_groups": _solved_figures(group, cost_before, group.report.seconds),
-        "query_heads": _summary(inner_h),
-        "v_dims": _summary(inner_v),
+        "query_heads": _summary(inner_h, used),
+        "v_dims": _summary(inner_v, used),
     }
     return _AttentionAlignment(A, B, pairs, group, figures)
 
@@ -424,7 +453,14 @@ def _fuse_attention(al: _AttentionAlignment, upper: Block, ctx: BuildContext, al
 
 
 # ---------------------------------------------------------------------------------------------
-# corrected mode: MLP
+# corrected mode: MLP (a dense one, or one expert of a mixture)
+
+
+def _mlp_paths(arch: Architecture, expert: int | None = None) -> dict[str, str]:
+    """role -> module path of the dense MLP's gate/up/down, or of expert `expert`'s."""
+    if expert is None:
+        return {r: arch.projections[r] for r in MLP_ROLES}
+    return {r: arch.experts[r].format(e=expert) for r in MLP_ROLES}
 
 
 @dataclass
@@ -433,59 +469,258 @@ class _MlpAlignment:
     figures: dict
 
 
-def _mlp_features(block: Block, arch: Architecture) -> list[torch.Tensor]:
+def _mlp_features(block: Block, paths: dict[str, str]) -> list[torch.Tensor]:
     """Column blocks of the (I, D) neuron features: gate row, up row, down column, gate/up biases.
     Views in the stored dtype: the cost converts them tile by tile."""
-    feats = [block[arch.weight("gate")], block[arch.weight("up")], block[arch.weight("down")].T]
-    feats += [block[arch.bias(r)][:, None] for r in ("gate", "up") if arch.bias(r) in block]
+    feats = [block[paths["gate"] + ".weight"], block[paths["up"] + ".weight"], block[paths["down"] + ".weight"].T]
+    feats += [block[paths[r] + ".bias"][:, None] for r in ("gate", "up") if paths[r] + ".bias" in block]
     return feats
 
 
 def _align_mlp(
-    lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings, keep: bool = False
+    lower: Block,
+    upper: Block,
+    ctx: BuildContext,
+    settings: AlignmentSettings,
+    keep: bool = False,
+    pair: tuple[int, int] | None = None,
 ) -> _MlpAlignment:
+    """The neuron plan of A's MLP onto B's, or of A's expert pair[0] onto B's expert pair[1]."""
     start = time.perf_counter()
+    a, b = pair if pair is not None else (None, None)
     n = ctx.layout.intermediate
     # exact: scipy wants a CPU float64 matrix, so the cost is written straight into one
     # (at 8B shapes 1.6 GB, instead of a float32 copy plus a float64 copy); sinkhorn: float32 on device
     out = torch.empty((n, n), dtype=torch.float64) if settings.solver == "exact" else None
     cost = cost_matrix_blocks(
-        _mlp_features(lower, ctx.arch), _mlp_features(upper, ctx.arch), settings.cost, out=out, device=ctx.device
+        _mlp_features(lower, _mlp_paths(ctx.arch, a)),
+        _mlp_features(upper, _mlp_paths(ctx.arch, b)),
+        settings.cost,
+        out=out,
+        device=ctx.device,
     )
     cost_before = float(cost.diagonal().mean())
-    solved = _solve(cost, settings, "MLP neurons", keep)
+    solved = _solve(cost, settings, "MLP neurons" if pair is None else f"neurons of expert {a} -> {b}", keep)
     figures = _solved_figures(solved, cost_before, time.perf_counter() - start)
     return _MlpAlignment(solved, figures)
 
 
-def _fuse_mlp(al: _MlpAlignment, lower: Block, upper: Block, ctx: BuildContext, alpha: float) -> Block:
-    """One map for gate rows, up rows, their biases and down columns; one tensor at a time."""
-    arch, m = ctx.arch, al.solved.map
-    moves = {arch.weight("gate"): 0, arch.weight("up"): 0, arch.weight("down"): 1}
-    moves.update({arch.bias(r): 0 for r in ("gate", "up") if arch.bias(r) in upper})
+# one source of a fused MLP: (weight, A's expert or None for a dense MLP, its neuron alignment)
+_Source = tuple[float, "int | None", _MlpAlignment]
+
+
+def _fuse_mlp(
+    sources: list[_Source], lower: Block, upper: Block, ctx: BuildContext, alpha: float, expert: int | None = None
+) -> Block:
+    """B's MLP (or B's expert `expert`) fused with alpha * sum_w w * (A's MLP or expert moved by
+    its neuron map): ONE map per source for gate rows, up rows, their biases and down columns;
+    down's bias (per residual dim, not per neuron) follows the source weights only. One tensor
+    at a time. A dense MLP has one source of weight 1."""
+    arch, dev = ctx.arch, ctx.device
+    neuron_axis = {("gate", ".weight"): 0, ("up", ".weight"): 0, ("down", ".weight"): 1,
+                   ("gate", ".bias"): 0, ("up", ".bias"): 0, ("down", ".bias"): None}
     out = {}
-    for name, dim in moves.items():
-        aligned = m.apply(lower[name].to(ctx.device, F32), dim)
-        out[name] = _finish(_mix(alpha, aligned, upper[name].to(ctx.device, F32)), upper[name])
+    for (role, suffix), dim in neuron_axis.items():
+        name = _mlp_paths(arch, expert)[role] + suffix
+        if name not in upper:
+            continue
+        aligned = None
+        for w, a, al in sources:
+            t = lower[_mlp_paths(arch, a)[role] + suffix].to(dev, F32)
+            moved = t if dim is None else al.solved.map.apply(t, dim)
+            moved = moved if w == 1.0 else w * moved  # the exact solver's single source: a pure gather
+            aligned = moved if aligned is None else aligned + moved
+        out[name] = _finish(_mix(alpha, aligned, upper[name].to(dev, F32)), upper[name])
         del aligned
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# corrected mode: mixture of experts
+
+# Random unit directions of the sliced proxy cost between experts (fixed seed: a pair of layers
+# always gets the same plan).
+_SLICES = 128
+# An entropic expert plan gives every pair of experts some mass, and every pair kept costs a
+# neuron alignment (I x I). Per B expert, the lightest sources totalling at most this share are
+# dropped and the rest renormalised: that moves the fused weights by less than bf16 resolution.
+_DROP_MASS = 1e-3
+
+
+def _sorted_slices(block: Block, paths: dict[str, str], theta: torch.Tensor, cosine: bool) -> torch.Tensor:
+    """(K, I): the expert's neuron features (as _mlp_features) projected on the K unit directions
+    theta (D, K), sorted over the neurons along each direction."""
+    feats = [f.to(theta.device, F32) for f in _mlp_features(block, paths)]
+    proj = sum(f @ t for f, t in zip(feats, theta.split([f.shape[1] for f in feats])))  # (I, K)
+    if cosine:  # unit features: |u - v|^2 = 2 (1 - cos)
+        norms = sum(f.square().sum(1) for f in feats).sqrt().clamp_min(torch.finfo(F32).tiny)
+        proj = proj / norms[:, None]
+    return proj.T.sort(dim=1).values
+
+
+def _expert_cost(lower: Block, upper: Block, ctx: BuildContext, kind: str) -> torch.Tensor:
+    """(E, E) CPU float64 cost between A's experts (rows) and B's (columns), per neuron like the
+    MLP cost.
+
+    The exact cost of a pair, its neuron cost after aligning its neurons, takes E^2 neuron
+    alignments of size I (Mixtral-8x7B: 64 of 14336 x 14336 over 12288 features; Qwen3-30B-A3B:
+    16384 of 768 x 768): hours per layer. The proxy is the sliced Wasserstein distance between
+    the two experts' sets of neuron features: project both on K fixed random unit directions,
+    sort, compare the sorted values (optimal transport in 1-D). It ignores the neuron order (0 for
+    a neuron-permuted copy), costs I * D * K per expert, and, scaled by D, estimates a lower bound
+    of the aligned cost in its units (projected on a unit direction, any matching costs at least
+    the sorted one, and a uniform unit direction keeps 1/D of a squared norm on average).
+    The router rows are fused along with their experts, so their distance is added as one more
+    feature of the expert, spread over its I neurons. euclidean: the square root (an RMS)."""
+    arch, dev = ctx.arch, ctx.device
+    E, I = ctx.layout.num_experts, ctx.layout.intermediate
+    cosine = kind == "cosine"
+    D = sum(f.shape[1] for f in _mlp_features(upper, _mlp_paths(arch, 0)))
+    theta = torch.randn(D, _SLICES, generator=torch.Generator().manual_seed(0), dtype=F32)
+    theta = (theta / theta.norm(dim=0)).to(dev)  # (D, K), unit columns
+    SA = torch.stack([_sorted_slices(lower, _mlp_paths(arch, e), theta, cosine) for e in range(E)])  # (E, K, I)
+    SB = torch.stack([_sorted_slices(upper, _mlp_paths(arch, e), theta, cosine) for e in range(E)])
+    sliced = D * torch.stack([(SA[a] - SB).square().mean((1, 2)) for a in range(E)])  # (E, E)
+    if cosine:
+        sliced = sliced / 2
+    routers = (lower[arch.router].to(dev, F32), upper[arch.router].to(dev, F32))  # (E, hidden) each
+    cost = (sliced + cost_matrix(*routers, "cosine" if cosine else "sqeuclidean") / I).double().cpu()
+    return cost.sqrt() if kind == "euclidean" else cost
+
+
+def _identity_cost(Xs: list[torch.Tensor], Ys: list[torch.Tensor], kind: str, device: torch.device) -> torch.Tensor:
+    """(n,): the cost between unit i of A and unit i of B (the identity pairing), from column
+    blocks as cost_matrix_blocks takes them, without the n x n matrix."""
+
+    def total(f) -> torch.Tensor:  # a per-row quantity summed over the column blocks
+        return sum(f(x.to(device, F32), y.to(device, F32)) for x, y in zip(Xs, Ys))
+
+    if kind == "cosine":
+        dot = total(lambda x, y: (x * y).sum(1))
+        norms = total(lambda x, y: x.square().sum(1)) * total(lambda x, y: y.square().sum(1))
+        return 1.0 - dot / norms.sqrt().clamp_min(torch.finfo(F32).tiny)
+    sq = total(lambda x, y: (x - y).square().sum(1))
+    return sq if kind == "sqeuclidean" else sq.sqrt()
+
+
+def _heaviest(sources: list[tuple[int, float]]) -> tuple[list[tuple[int, float]], float]:
+    """One B expert's (A expert, weight) sources without the lightest ones totalling at most
+    _DROP_MASS, renormalised; and the mass dropped."""
+    ranked = sorted(sources, key=lambda s: -s[1])
+    keep = 1
+    while keep < len(ranked) and sum(w for _, w in ranked[keep:]) > _DROP_MASS:
+        keep += 1
+    total = sum(w for _, w in ranked[:keep])
+    return [(a, w / total) for a, w in ranked[:keep]], sum(w for _, w in ranked[keep:])
+
+
+@dataclass
+class _ExpertAlignment:
+    experts: _Solved  # the (E, E) plan of A's experts onto B's
+    sources: list[list[tuple[int, float]]]  # per B expert: (A expert, weight), weights summing to 1
+    figures: dict  # report["experts"]
+
+
+def _align_experts(
+    lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings, keep: bool = False
+) -> _ExpertAlignment:
+    start = time.perf_counter()
+    cost = _expert_cost(lower, upper, ctx, settings.cost)
+    experts = _solve(cost, settings, "experts", keep)
+    sources, dropped = zip(*(_heaviest(experts.map.sources(b)) for b in range(ctx.layout.num_experts)))
+    figures = _solved_figures(experts, float(cost.diagonal().mean()), time.perf_counter() - start)
+    figures["cost_proxy"] = f"sliced Wasserstein of the neuron features ({_SLICES} directions) + router rows"
+    figures["dropped_mass"] = max(dropped)
+    return _ExpertAlignment(experts, list(sources), figures)
+
+
+def _align_expert_neurons(
+    ex: _ExpertAlignment, lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings,
+    on_expert, keep: bool = False,
+) -> dict:
+    """Aligns the neurons of every pair of experts the expert plan uses, one B expert at a time (a
+    Sinkhorn neuron plan at Mixtral's size is 0.8 GB: they are not all kept), and hands each B
+    expert's [(weight, A expert, alignment)] to on_expert(b, sources). Returns the figures of
+    all these plans: worst case; costs are means weighted by the expert plan's mass, cost_before
+    is the identity pairing of experts and of neurons (as for a dense MLP)."""
+    arch, E = ctx.arch, ctx.layout.num_experts
+    used: list[tuple[float, dict]] = []  # (mass, figures) of every neuron plan
+    for b, src in enumerate(ex.sources):
+        aligned = [(w, a, _align_mlp(lower, upper, ctx, settings, keep, pair=(a, b))) for a, w in src]
+        on_expert(b, aligned)
+        used += [(w / E, al.figures) for w, _, al in aligned]
+    before = torch.cat([
+        _identity_cost(_mlp_features(lower, _mlp_paths(arch, e)), _mlp_features(upper, _mlp_paths(arch, e)),
+                       settings.cost, ctx.device)
+        for e in range(E)
+    ])
+    every = [f for _, f in used]
+    return {
+        "solver": every[0]["solver"],
+        "epsilon": every[0]["epsilon"],
+        "plans": len(every),
+        "iterations": max(f["iterations"] for f in every),
+        "marginal_error": max(f["marginal_error"] for f in every),
+        "converged": all(f["converged"] for f in every),
+        "cost_before": float(before.mean()),
+        "cost_after": sum(m * f["cost_after"] for m, f in used),
+        "permutation_likeness": min(f["permutation_likeness"] for f in every),
+        "seconds": sum(f["seconds"] for f in every),
+        "warnings": sorted({w for f in every for w in f["warnings"]}),
+    }
+
+
+def _fuse_router(ex: _ExpertAlignment, lower: Block, upper: Block, ctx: BuildContext, alpha: float) -> Block:
+    """Router row b (which tokens go to expert b) comes from A's rows with the weights of expert
+    b's sources, so a fused expert keeps a matching fused routing."""
+    name, dev = ctx.arch.router, ctx.device
+    RA = lower[name].to(dev, F32)  # (E, hidden)
+    aligned = torch.stack([sum(w * RA[a] for a, w in src) for src in ex.sources])
+    return {name: _finish(_mix(alpha, aligned, upper[name].to(dev, F32)), upper[name])}
+
+
+def _build_experts(lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings, alpha: float):
+    ex = _align_experts(lower, upper, ctx, settings)
+    out: Block = {}
+
+    def fuse(b: int, sources: list[_Source]) -> None:
+        out.update(_fuse_mlp(sources, lower, upper, ctx, alpha, expert=b))
+
+    mlp = _align_expert_neurons(ex, lower, upper, ctx, settings, fuse)
+    out.update(_fuse_router(ex, lower, upper, ctx, alpha))
+    return out, {"experts": ex.figures, "mlp": mlp}
+
+
+def _expert_matrices(lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings) -> dict:
+    ex = _align_experts(lower, upper, ctx, settings, keep=True)
+    pairs = {}
+
+    def store(b: int, sources: list[_Source]) -> None:
+        pairs.update({(a, b): {"cost": al.solved.cost.cpu(), "plan": al.solved.plan.cpu()} for _, a, al in sources})
+
+    mlp = _align_expert_neurons(ex, lower, upper, ctx, settings, store, keep=True)
+    return {"cost": ex.experts.cost.cpu().double(), "plan": ex.experts.plan.cpu().double(),
+            "expert_pairs": pairs, "report": {**ex.figures, "neurons": mlp}}
 
 
 # ---------------------------------------------------------------------------------------------
 # corrected mode: the block
 
 
-def _known_names(arch: Architecture) -> set[str]:
-    names = {arch.weight(r) for r in PROJECTION_ROLES} | {arch.bias(r) for r in PROJECTION_ROLES}
+def _known_names(arch: Architecture, layout: HeadLayout) -> set[str]:
+    names = {p + s for p in arch.projections.values() for s in (".weight", ".bias")}
+    names |= {n for role in arch.experts for n in arch.role_tensors(role, layout)}
+    names |= {arch.router} if arch.router else set()
     return names | set(arch.norms) | set(arch.head_norms)
 
 
 def _average_rest(lower: Block, upper: Block, done: Block, ctx: BuildContext, alpha: float, notes: list[str]) -> Block:
-    """Norms, head norms and residual-writer biases (o/down) are averaged: the residual
-    dimension is not transported. Anything unknown is averaged too, and said so."""
+    """Norms, head norms and o_proj's bias are averaged: the residual dimension is not
+    transported. Anything unknown is averaged too, and said so."""
     rest = [n for n in upper if n not in done]
+    known = _known_names(ctx.arch, ctx.layout)
     for name in rest:
-        if name not in _known_names(ctx.arch):
+        if name not in known:
             notes.append(f"{name}: no alignment rule for this tensor; averaged")
     return average_blocks({n: lower[n] for n in rest}, {n: upper[n] for n in rest}, alpha, ctx.device)
 
@@ -496,10 +731,15 @@ def _build_corrected(lower: Block, upper: Block, ctx: BuildContext, settings: Al
     out = _fuse_attention(attention, upper, ctx, alpha)
     report = {"attention": attention.figures}
     del attention
-    mlp = _align_mlp(lower, upper, ctx, settings)
-    out.update(_fuse_mlp(mlp, lower, upper, ctx, alpha))
-    report["mlp"] = mlp.figures
-    del mlp
+    if ctx.arch.experts:
+        fused, figures = _build_experts(lower, upper, ctx, settings, alpha)
+        out.update(fused)
+        report.update(figures)
+    else:
+        mlp = _align_mlp(lower, upper, ctx, settings)
+        out.update(_fuse_mlp([(1.0, None, mlp)], lower, upper, ctx, alpha))
+        report["mlp"] = mlp.figures
+        del mlp
     out.update(_average_rest(lower, upper, out, ctx, alpha, notes))
     report["notes"] = notes
     return out, report
