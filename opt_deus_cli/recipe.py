@@ -13,21 +13,23 @@ from typing import Any
 import yaml
 
 from .errors import UsageError
+from .methods.lesa import LesaSettings
 from .ot import AlignmentSettings
 
-METHODS = ("copy", "average", "stack", "opt-deus")
+METHODS = ("copy", "average", "stack", "opt-deus", "lesa")
 NAMED_POSITIONS = ("top", "bottom", "middle", "top-bottom", "uniform")
 RECIPE_KEYS = {
     "method", "positions", "count", "zero_init", "overlap", "slices",
-    "alignment", "fusion", "model", "output", "description",
+    "alignment", "fusion", "lesa", "model", "output", "description",
 }
 # keys that only make sense for some methods
 METHOD_KEYS = {
-    "positions": ("copy", "average", "opt-deus"),
-    "count": ("copy", "average", "opt-deus"),
+    "positions": ("copy", "average", "opt-deus", "lesa"),
+    "count": ("copy", "average", "opt-deus", "lesa"),
     "overlap": ("stack",),
     "slices": ("stack",),
     "alignment": ("opt-deus",),
+    "lesa": ("lesa",),
     "fusion": ("average", "opt-deus"),
 }
 
@@ -43,6 +45,7 @@ class Recipe:
     overlap: Amount | None = None
     slices: tuple[tuple[int, int], ...] | None = None
     alignment: AlignmentSettings = field(default_factory=AlignmentSettings)
+    lesa: LesaSettings = field(default_factory=LesaSettings)
     alpha: float = 0.5
     model: str | None = None
     output: str | None = None
@@ -62,6 +65,8 @@ class Recipe:
             d["fusion"] = {"alpha": self.alpha}
         if self.method == "opt-deus":
             d["alignment"] = dataclasses.asdict(self.alignment)
+        if self.method == "lesa":
+            d["lesa"] = dataclasses.asdict(self.lesa)
         return d
 
 
@@ -168,6 +173,8 @@ def parse_recipe(data: Any, source: str = "<inline>") -> Recipe:
 
     if "alignment" in data:
         kw["alignment"] = _parse_alignment(where, data["alignment"])
+    if "lesa" in data:
+        kw["lesa"] = _parse_lesa(where, data["lesa"])
     return Recipe(**kw)
 
 
@@ -200,6 +207,17 @@ def _parse_alignment(where: str, alignment: Any) -> AlignmentSettings:
     settings = AlignmentSettings(**values)
     settings.validate()
     return settings
+
+
+def _parse_lesa(where: str, lesa: Any) -> LesaSettings:
+    if not isinstance(lesa, dict):
+        raise UsageError(f"{where}: lesa must be a mapping (hidden, layers, epochs, steps, batch_size, lr, weight_decay, norm_loss, rank, copy_from, seed)")
+    _check_keys(f"{where}: lesa", lesa, {f.name for f in dataclasses.fields(LesaSettings)})
+    values = dict(lesa)
+    for key in ("lr", "weight_decay", "norm_loss"):  # YAML `lr: 1` is an int
+        if isinstance(values.get(key), int) and not isinstance(values[key], bool) and abs(values[key]) < 2**53:
+            values[key] = float(values[key])
+    return LesaSettings(**values).validate(where)
 
 
 # ---- where recipes come from -------------------------------------------------------------

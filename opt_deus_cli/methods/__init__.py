@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from ..recipe import Recipe
+from typing import TYPE_CHECKING
+
 from .average import AverageMethod
 from .base import Method
 from .copy import CopyMethod, StackMethod
+
+if TYPE_CHECKING:  # recipe.py imports methods.lesa (LesaSettings): no import cycle at run time
+    from ..recipe import Recipe
 
 
 def make_method(recipe: Recipe) -> Method:
@@ -19,4 +23,8 @@ def make_method(recipe: Recipe) -> Method:
         from .opt_deus import OptDeusMethod
 
         return OptDeusMethod(recipe.alignment, recipe.alpha)
+    if recipe.method == "lesa":
+        from .lesa import LesaMethod
+
+        return LesaMethod(recipe.lesa)
     raise ValueError(f"unknown method {recipe.method}")
