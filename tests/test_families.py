@@ -99,3 +99,9 @@ def test_opt_deus_on_experts_is_a_clear_error(model_factory, tmp_path):
     with pytest.raises(OptDeusError, match="mixture-of-experts"):
         run(model_factory("mixtral", layers=4), tmp_path / "o", method="opt-deus", positions=[0])
     assert not (tmp_path / "o").exists()
+
+
+def test_lesa_on_fused_projections_is_a_clear_error(model_factory, tmp_path):
+    with pytest.raises(OptDeusError, match="fused"):
+        run(model_factory("phi3", layers=4), tmp_path / "o", method="lesa", positions=[1])
+    assert not (tmp_path / "o").exists()

@@ -212,6 +212,9 @@ class LesaMethod:
 
     def prepare(self, job: "Job", progress: Callable[[str, int, int], None] | None = None) -> None:
         s, arch = self.settings, job.arch
+        if arch.fused:  # LESA reads one weight type across all layers; fused tensors would need splitting first
+            raise UsageError(f"method lesa does not support {arch.model_type}'s fused projections yet; "
+                             "use copy, average, stack or opt-deus")
         L = job.base_layers
         if L < 3:
             raise UsageError(f"recipe {job.recipe.source}: LESA learns from layer triples (l-1, l, l+1) and needs "
