@@ -58,9 +58,16 @@ def version_callback(value: bool):
         raise typer.Exit()
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings (e.g. reference mode's) as one plain line, not a source excerpt."""
+    console.print(f"[yellow]warning:[/] {message}", markup=True)
+
+
 @app.callback()
 def main(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Print the version.")):
-    pass
+    import warnings
+
+    warnings.showwarning = _show_warning
 
 
 @app.command()

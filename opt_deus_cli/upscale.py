@@ -383,10 +383,11 @@ def report_warnings(report: dict) -> list[str]:
     found = []
     for group, figures in report.items():
         if isinstance(figures, dict):
-            if figures.get("converged") is False:
+            if figures.get("converged") is False:  # one line; the solver's own words are in the report
                 found.append(f"{group} plan did not converge (iterations {figures.get('iterations')}, "
                              f"marginal error {figures.get('marginal_error', float('nan')):.2g})")
-            found += [f"{group}: {w}" for w in figures.get("warnings", [])]
+            else:
+                found += [f"{group}: {w}" for w in figures.get("warnings", [])]
     return found
 
 
