@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -97,6 +98,41 @@ class PlanReport:
 # cost matrices
 
 
+def _native_bf16_cpu() -> bool:
+    """The CPU has bf16 dot-product instructions (AVX512-BF16 or AMX). Without them oneDNN would
+    emulate bf16 and be slower than fp32 BLAS."""
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        try:
+            if getattr(cpu, probe)():
+                return True
+        except Exception:  # private torch API: absent or failing means "no"
+            pass
+    return False
+
+
+@contextmanager
+def _bf16_products(enabled: bool):
+    """Inside: CPU float32 matmuls may multiply in bf16 with float32 accumulation (oneDNN).
+    Only for operands that are bf16 values converted to float32: their bf16 rounding is exact, the
+    products of two bf16 are exact in float32, so the result is the float32 one up to summation
+    order (~1e-7 relative), ~20% faster on AVX512-BF16 CPUs."""
+    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    old = getattr(matmul, "fp32_precision", None)
+    switched = False
+    if enabled and old is not None and _native_bf16_cpu():
+        try:
+            matmul.fp32_precision = "bf16"
+            switched = True
+        except Exception:  # a torch that does not know the setting: plain float32
+            pass
+    try:
+        yield
+    finally:
+        if switched:
+            matmul.fp32_precision = old
+
+
 def cost_matrix(X: torch.Tensor, Y: torch.Tensor, kind: str, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Pairwise cost between the rows of X (n, d) and Y (m, d): (n, m) on X's device, float64 if
     either input is float64 else float32 (or written into `out`, any device and dtype)."""
@@ -138,24 +174,27 @@ def cost_matrix_blocks(
         return sum((t * t).sum(1) for t in blocks)
 
     y_norm = torch.cat([sq_norms(tile(Ys, j, min(j + _TILE, m))) for j in range(0, m, _TILE)])
-    for i in range(0, n, _TILE):
-        xs = tile(Xs, i, min(i + _TILE, n))
-        x_norm = sq_norms(xs)
-        for j in range(0, m, _TILE):
-            ys = tile(Ys, j, min(j + _TILE, m))
-            dot = xs[0] @ ys[0].T  # (tile_n, tile_m)
-            for xt, yt in zip(xs[1:], ys[1:]):
-                dot.addmm_(xt, yt.T)
-            yn = y_norm[j : j + dot.shape[1]]
-            if kind == "cosine":
-                denom = (x_norm.sqrt()[:, None] * yn.sqrt()[None, :]).clamp_min_(torch.finfo(dtype).tiny)
-                block = dot.div_(denom).neg_().add_(1.0)
-            else:
-                # |x - y|^2 = |x|^2 + |y|^2 - 2 x.y, clamped: rounding can make it slightly negative
-                block = dot.mul_(-2.0).add_(x_norm[:, None]).add_(yn[None, :]).clamp_min_(0.0)
-                if kind == "euclidean":
-                    block = block.sqrt_()
-            out[i : i + block.shape[0], j : j + block.shape[1]] = block
+    # bf16 weights (the usual checkpoint dtype) are multiplied as bf16 on the CPU: exact products
+    exact_bf16 = device.type == "cpu" and dtype == torch.float32 and all(t.dtype == torch.bfloat16 for t in (*Xs, *Ys))
+    with _bf16_products(exact_bf16):
+        for i in range(0, n, _TILE):
+            xs = tile(Xs, i, min(i + _TILE, n))
+            x_norm = sq_norms(xs)
+            for j in range(0, m, _TILE):
+                ys = tile(Ys, j, min(j + _TILE, m))
+                dot = xs[0] @ ys[0].T  # (tile_n, tile_m)
+                for xt, yt in zip(xs[1:], ys[1:]):
+                    dot.addmm_(xt, yt.T)
+                yn = y_norm[j : j + dot.shape[1]]
+                if kind == "cosine":
+                    denom = (x_norm.sqrt()[:, None] * yn.sqrt()[None, :]).clamp_min_(torch.finfo(dtype).tiny)
+                    block = dot.div_(denom).neg_().add_(1.0)
+                else:
+                    # |x - y|^2 = |x|^2 + |y|^2 - 2 x.y, clamped: rounding can make it slightly negative
+                    block = dot.mul_(-2.0).add_(x_norm[:, None]).add_(yn[None, :]).clamp_min_(0.0)
+                    if kind == "euclidean":
+                        block = block.sqrt_()
+                out[i : i + block.shape[0], j : j + block.shape[1]] = block
     return out
 
 
