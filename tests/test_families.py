@@ -13,7 +13,6 @@ from opt_deus_cli.architectures import SUPPORTED, HeadLayout
 from opt_deus_cli.errors import OptDeusError
 from opt_deus_cli.recipe import parse_recipe
 from opt_deus_cli.upscale import Options, upscale
-from test_upscale import tensors
 
 
 def run(model, out, **recipe):
