@@ -19,6 +19,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 demo: install
 	$(BIN)/opt-deus recipes
+	mkdir -p $(dir $(DEMO_OUT))
 	$(BIN)/opt-deus upscale examples/tiny-llama --recipe top-half --out $(DEMO_OUT) --overwrite
 	$(BIN)/opt-deus inspect $(DEMO_OUT)
 	$(BIN)/opt-deus verify examples/tiny-llama $(DEMO_OUT) --text examples/tiny-llama/heldout.txt
