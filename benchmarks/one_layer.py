@@ -62,18 +62,7 @@ def _blocks(layout, noise: float, independent: bool, seed: int):
     if independent:
         upper = {n: rand(t.shape) if t.dim() == 2 else t.clone() for n, t in lower.items()}
         return lower, upper
-    G, r, d = layout.num_kv_heads, layout.heads_per_group, layout.head_dim
-    groups = torch.randperm(G, generator=g)
-    heads = [torch.randperm(r, generator=g) for _ in range(G)]
-    vdims = [torch.randperm(d, generator=g) for _ in range(G)]
-    ar = torch.arange(d)
-    q_rows = torch.cat([(groups[b] * r + heads[b][j]) * d + ar for b in range(G) for j in range(r)])
-    k_rows = torch.cat([groups[b] * d + ar for b in range(G)])
-    v_rows = torch.cat([groups[b] * d + vdims[b] for b in range(G)])
-    o_cols = torch.cat([(groups[b] * r + heads[b][j]) * d + vdims[b] for b in range(G) for j in range(r)])
-    neurons = torch.randperm(layout.intermediate, generator=g)
-    moves = {"q": (0, q_rows), "k": (0, k_rows), "v": (0, v_rows), "o": (1, o_cols),
-             "gate": (0, neurons), "up": (0, neurons), "down": (1, neurons)}
+    moves = layout.random_allowed_permutation(g)
     upper = {n: t.clone() for n, t in lower.items()}
     for role, (dim, index) in moves.items():
         name = arch.weight(role)

@@ -243,6 +243,27 @@ class HeadLayout:
             raise OptDeusError(f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
         return cls(hidden, heads, kv, head_dim, inter, experts)
 
+    def random_allowed_permutation(self, generator) -> dict[str, tuple]:
+        """A random re-ordering that one inserted layer may undergo without changing what it
+        computes (METHOD.md section 2): KV groups, query heads within a group, value dims within a
+        KV head (the o_proj columns of all its query heads follow), MLP neurons shared by gate/up
+        rows and down columns. role -> (dim, index) for index_select; biases follow their rows.
+        Used to plant permutations that the alignment must recover."""
+        import torch
+
+        G, r, d = self.num_kv_heads, self.heads_per_group, self.head_dim
+        groups = torch.randperm(G, generator=generator)  # new group b is old group groups[b]
+        heads = [torch.randperm(r, generator=generator) for _ in range(G)]
+        vdims = [torch.randperm(d, generator=generator) for _ in range(G)]
+        ar = torch.arange(d)
+        q_rows = torch.cat([(groups[b] * r + heads[b][j]) * d + ar for b in range(G) for j in range(r)])
+        k_rows = torch.cat([groups[b] * d + ar for b in range(G)])
+        v_rows = torch.cat([groups[b] * d + vdims[b] for b in range(G)])
+        o_cols = torch.cat([(groups[b] * r + heads[b][j]) * d + vdims[b] for b in range(G) for j in range(r)])
+        neurons = torch.randperm(self.intermediate, generator=generator)
+        return {"q": (0, q_rows), "k": (0, k_rows), "v": (0, v_rows), "o": (1, o_cols),
+                "gate": (0, neurons), "up": (0, neurons), "down": (1, neurons)}
+
     def weight_shape(self, role: str) -> tuple[int, int]:
         """(out, in) of a projection's weight."""
         q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim

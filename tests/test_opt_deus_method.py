@@ -52,24 +52,11 @@ def planted_permutation(block: dict, family: str, seed: int, layout: HeadLayout 
     all its query heads following, MLP neurons across gate/up rows, biases and down columns."""
     arch = SUPPORTED[family]
     g = torch.Generator().manual_seed(seed)
-    G, r, d, I = layout.num_kv_heads, layout.heads_per_group, layout.head_dim, layout.intermediate
-    groups = torch.randperm(G, generator=g)  # new group b is old group groups[b]
-    heads = [torch.randperm(r, generator=g) for _ in range(G)]
-    vdims = [torch.randperm(d, generator=g) for _ in range(G)]
-    ar = torch.arange(d)
-    q_rows = torch.cat([(groups[b] * r + heads[b][j]) * d + ar for b in range(G) for j in range(r)])
-    k_rows = torch.cat([groups[b] * d + ar for b in range(G)])
-    v_rows = torch.cat([groups[b] * d + vdims[b] for b in range(G)])
-    o_cols = torch.cat([(groups[b] * r + heads[b][j]) * d + vdims[b] for b in range(G) for j in range(r)])
-    neurons = torch.randperm(I, generator=g)
-    assert not torch.equal(neurons, torch.arange(I))
-    moves = {  # name -> (dim, index)
-        arch.weight("q"): (0, q_rows), arch.bias("q"): (0, q_rows),
-        arch.weight("k"): (0, k_rows), arch.bias("k"): (0, k_rows),
-        arch.weight("v"): (0, v_rows), arch.bias("v"): (0, v_rows),
-        arch.weight("o"): (1, o_cols),
-        arch.weight("gate"): (0, neurons), arch.weight("up"): (0, neurons), arch.weight("down"): (1, neurons),
-    }
+    roles = layout.random_allowed_permutation(g)
+    neurons = roles["gate"][1]
+    assert not torch.equal(neurons, torch.arange(layout.intermediate))
+    moves = {arch.weight(role): move for role, move in roles.items()}  # name -> (dim, index)
+    moves.update({arch.bias(role): roles[role] for role in ("q", "k", "v")})
     out = {}
     for name, t in block.items():
         dim, index = moves.get(name, (0, None))
