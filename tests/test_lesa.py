@@ -24,16 +24,6 @@ from opt_deus_cli.upscale import Options, upscale
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The predictors here are tiny: with two threads on shared cores, the threads' waiting for
-    each other costs several times the arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run(model, out, **recipe):
     recipe = {"method": "lesa", **recipe}
     return upscale(model, parse_recipe(recipe), out, Options(device="cpu", shard_size="60KB"))

@@ -14,14 +14,6 @@ from benchmarks import training as T  # noqa: E402
 from conftest import load_model  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def built(model_factory, tmp_path_factory):
     """A 6-layer tiny llama up-scaled as the study does it: insertion at 50% (6 -> 9) and SOLAR

@@ -14,14 +14,6 @@ from benchmarks import training as T  # noqa: E402
 FROZEN_REGEX = r"^model\.layers\.(?:2|3)\."
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_llama(layers=4, vocab=64, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
