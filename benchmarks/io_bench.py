@@ -6,7 +6,7 @@ The checkpoint has LLaMA-3.2-1B shapes (hidden 2048, intermediate 8192, 16 layer
 shards: about 2.5 GB. Each measured command runs as its own child process; its peak RSS comes
 from the kernel's rusage of that child (os.wait4), so nothing of this script is counted.
 
-    python benchmarks/io_bench.py [--work bench-out] [--recipes llama-pro solar] [--json]
+    python -m benchmarks.io_bench [--work bench-out] [--recipes llama-pro solar] [--json]
 """
 
 from __future__ import annotations

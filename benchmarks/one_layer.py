@@ -18,9 +18,9 @@ at 2N; the time of every plan (reference) or group (corrected) that ran into bot
 extrapolated linearly from 2N to the full budget (2000 corrected, 10000 reference) and the row
 is marked "extrapolated"; the other figures are those of the 2N build.
 
-    python benchmarks/one_layer.py --shapes 1b
-    python benchmarks/one_layer.py --shapes 8b --cases corrected-exact
-    python benchmarks/one_layer.py --shapes 8b --cases reference --max-iter 50 --json
+    python -m benchmarks.one_layer --shapes 1b
+    python -m benchmarks.one_layer --shapes 8b --cases corrected-exact
+    python -m benchmarks.one_layer --shapes 8b --cases reference --max-iter 50 --json
 """
 
 from __future__ import annotations
@@ -90,9 +90,9 @@ def worker(case: str, shapes: str, noise: float, independent: bool, max_iter: in
     import torch
 
     from opt_deus_cli.architectures import SUPPORTED, HeadLayout
-    from opt_deus_cli.methods import opt_deus
     from opt_deus_cli.methods.base import BuildContext
-    from opt_deus_cli.ot import AlignmentSettings
+    from opt_deus_cli.methods.opt_deus import OptDeusMethod
+    from opt_deus_cli.methods.opt_deus.settings import PUBLISHED, AlignmentSettings, ReferenceSolver
 
     layout = HeadLayout(**SHAPES[shapes])
     lower, upper = _blocks(layout, noise, independent, seed)
@@ -102,11 +102,9 @@ def worker(case: str, shapes: str, noise: float, independent: bool, max_iter: in
     def build(cap: int | None):
         """One timed build with the Sinkhorn iterations capped at `cap` (None: the full budget)."""
         if case == "reference":
-            opt_deus.REFERENCE_MAX_ITER = cap or full_iter
-            settings = AlignmentSettings(mode="reference")
+            method = OptDeusMethod(AlignmentSettings(mode="reference"), reference_solver=ReferenceSolver(max_iter=cap or full_iter))
         else:
-            settings = AlignmentSettings(solver=case.split("-", 1)[1], max_iter=cap or full_iter)
-        method = opt_deus.OptDeusMethod(settings)
+            method = OptDeusMethod(AlignmentSettings(solver=case.split("-", 1)[1], max_iter=cap or full_iter))
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -119,7 +117,7 @@ def worker(case: str, shapes: str, noise: float, independent: bool, max_iter: in
             return {n: (f["iterations"], f["seconds"]) for g in ("attention", "mlp") for n, f in report[g]["plans"].items()}
         return {g: (report[g]["iterations"], report[g]["seconds"]) for g in ("attention", "mlp")}
 
-    full_iter = opt_deus.REFERENCE_MAX_ITER if case == "reference" else AlignmentSettings().max_iter
+    full_iter = PUBLISHED.max_iter if case == "reference" else AlignmentSettings().max_iter
     load_before = os.getloadavg()[0]
     cpu_before = time.process_time()
     extra, capped = 0.0, []

@@ -6,8 +6,8 @@ saves a bf16 Hugging Face checkpoint that ``AutoModelForCausalLM`` /
 ``AutoTokenizer.from_pretrained`` load offline, plus ``heldout.txt`` (held-out
 stdlib files for perplexity demos) and ``TRAINING.md`` / ``training.json``.
 
-    .venv/bin/python benchmarks/pretrain.py            # full run (~15-20 min)
-    .venv/bin/python benchmarks/pretrain.py --quick    # seconds; writes out/tiny-llama-quick
+    .venv/bin/python -m benchmarks.pretrain            # full run (~15-20 min)
+    .venv/bin/python -m benchmarks.pretrain --quick    # seconds; writes out/tiny-llama-quick
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # allow `python benchmarks/pretrain.py` from anywhere
 
-from benchmarks import training as T  # noqa: E402
+from benchmarks import training as T
 
 HELDOUT_TXT_BYTES = 48_000
 
@@ -138,7 +137,7 @@ def main(argv=None) -> int:
 
     n = 50 if len(hist["train_loss"]) >= 50 else len(hist["train_loss"])
     summary = {
-        "command": " ".join(["python benchmarks/pretrain.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python -m benchmarks.pretrain", *(sys.argv[1:] if argv is None else argv)]),
         "seed": args.seed,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "python": platform.python_version(),

@@ -14,11 +14,11 @@ only the order of the training batches (the up-scaled weights are deterministic 
 method/position). Held-out loss is measured on a fixed, evenly spaced subset of the held-out split
 (files never seen by the tokenizer or the pretraining run) every `--eval-every` steps.
 
-    python benchmarks/quality.py                          # the full study (about an hour on 2 CPU cores)
-    python benchmarks/quality.py --quick                  # smoke run, seconds
-    python benchmarks/quality.py --device cuda --steps 500 --seeds 0,1,2,3,4
-    python benchmarks/quality.py --timing-only --out DIR  # only re-measure the step times of a study in DIR
-    python benchmarks/quality.py --render-only --out DIR  # only rewrite DIR's table and plot from its JSON
+    python -m benchmarks.quality                          # the full study (about an hour on 2 CPU cores)
+    python -m benchmarks.quality --quick                  # smoke run, seconds
+    python -m benchmarks.quality --device cuda --steps 500 --seeds 0,1,2,3,4
+    python -m benchmarks.quality --timing-only --out DIR  # only re-measure the step times of a study in DIR
+    python -m benchmarks.quality --render-only --out DIR  # only rewrite DIR's table and plot from its JSON
 
 Writes OUT/quality.json (every run's history and the summary), OUT/quality.png and OUT/quality.md.
 Step times per position are measured twice: each run's mean (as it happened, on a machine whose load
@@ -45,9 +45,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # `python benchmarks/quality.py` from anywhere
 
-from benchmarks import training as T  # noqa: E402
+from benchmarks import training as T
 
 DEFAULT_MODEL = REPO / "examples" / "tiny-llama"
 ZERO = ["o_proj", "down_proj"]
@@ -148,28 +147,11 @@ class Variant:
         return {**INSERTION[self.method], "positions": self.position, "count": "50%"}
 
 
-def lesa_available() -> str | None:
-    """None if make_method accepts a lesa recipe, else the reason (lesa is being added concurrently)."""
-    try:
-        from opt_deus_cli.methods import make_method
-        from opt_deus_cli.recipe import parse_recipe
-
-        make_method(parse_recipe(Variant("lesa", "top").recipe()))
-        return None
-    except Exception as e:  # noqa: BLE001 -- any failure means "not available in this checkout"
-        return f"{type(e).__name__}: {e}"
-
-
 def plan_runs(args) -> tuple[list[tuple[Variant, str]], dict]:
     """(variant, regime) pairs of the study, de-duplicated (the top position row *is* the
     opt-deus-exact method row), plus notes on what was left out and why."""
     notes = {}
     methods = list(args.methods)
-    if "lesa" in methods:
-        reason = lesa_available()
-        if reason:
-            methods.remove("lesa")
-            notes["lesa"] = f"left out: make_method does not accept it here ({reason})"
     pairs: list[tuple[Variant, str]] = []
 
     def add(v: Variant, regime: str):
@@ -191,7 +173,8 @@ def plan_runs(args) -> tuple[list[tuple[Variant, str]], dict]:
 def build_variants(variants: list[Variant], model_dir: Path, work: Path, device: str) -> dict[str, dict]:
     """Up-scale each variant once (runs of every seed and regime share it)."""
     from opt_deus_cli.recipe import parse_recipe
-    from opt_deus_cli.upscale import Options, upscale
+    from opt_deus_cli.job import Options
+    from opt_deus_cli.upscale import upscale
 
     built = {}
     for v in variants:
@@ -203,7 +186,7 @@ def build_variants(variants: list[Variant], model_dir: Path, work: Path, device:
         with warnings.catch_warnings(record=True) as caught:  # reference mode warns by design; keep, don't print
             warnings.simplefilter("always")
             manifest = upscale(model_dir, parse_recipe(v.recipe(), v.name), work / v.name,
-                               Options(device=device, overwrite=True))
+                               Options(device=device, overwrite=True)).to_dict()
         built[v.name] = {
             "dir": str(work / v.name), "recipe": v.recipe(), "regex": manifest["trainable_parameter_regex"],
             "new_layers": manifest["new_layers"], "function_preserving": manifest["function_preserving"],
@@ -477,7 +460,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "quality.json"
-    from opt_deus_cli.upscale import resolve_device
+    from opt_deus_cli.devices import resolve_device
 
     device = str(resolve_device(args.device))
     if args.timing_only:
@@ -489,7 +472,7 @@ def main(argv=None) -> int:
         return 0
     pairs, notes = plan_runs(args)
     result = {
-        "command": " ".join(["python benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python -m benchmarks.quality", *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"device": device},
         "notes": notes,
@@ -557,7 +540,7 @@ def timing_only(args, json_path: Path, device: str) -> int:
         result["step_times_load_average"] = os.getloadavg()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result["step_times_command"] = " ".join(["python benchmarks/quality.py", *sys.argv[1:]])
+    result["step_times_command"] = " ".join(["python -m benchmarks.quality", *sys.argv[1:]])
     write_outputs(result, args.out)
     return 0
 

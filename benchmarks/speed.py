@@ -9,7 +9,7 @@
    (benchmarks/one_layer.py; reference's 10000 Sinkhorn iterations are extrapolated from a capped
    run, and marked so).
 
-    python benchmarks/speed.py [--recipes llama-pro solar average top-half] [--mergekit PATH] [--skip-layers] [--json]
+    python -m benchmarks.speed [--recipes llama-pro solar average top-half] [--mergekit PATH] [--skip-layers] [--json]
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.io_bench import LLAMA_1B, dir_bytes, make_checkpoint, measure  # noqa: E402
+from benchmarks.io_bench import LLAMA_1B, dir_bytes, make_checkpoint, measure
 
 ROOT = Path(__file__).resolve().parent.parent
 

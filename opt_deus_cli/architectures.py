@@ -245,7 +245,7 @@ class HeadLayout:
 
     def random_allowed_permutation(self, generator) -> dict[str, tuple]:
         """A random re-ordering that one inserted layer may undergo without changing what it
-        computes (METHOD.md section 2): KV groups, query heads within a group, value dims within a
+        computes (docs/method.md section 2): KV groups, query heads within a group, value dims within a
         KV head (the o_proj columns of all its query heads follow), MLP neurons shared by gate/up
         rows and down columns. role -> (dim, index) for index_select; biases follow their rows.
         Used to plant permutations that the alignment must recover."""

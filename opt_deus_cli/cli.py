@@ -85,7 +85,8 @@ def upscale(
 ):
     """Build a deeper checkpoint from MODEL_DIR with a recipe, and a manifest of what was done."""
     from .recipe import load_recipe
-    from .upscale import Options, upscale as run_upscale
+    from .job import Options
+    from .upscale import dry_run as run_dry_run, upscale as run_upscale
 
     parsed = run(load_recipe, recipe)
     model = model_dir or (Path(parsed.model) if parsed.model else None)
@@ -95,9 +96,9 @@ def upscale(
     if target is None and not dry_run:
         fail(UsageError("no output: give --out OUT_DIR or set `output:` in the recipe"))
     options = Options(device=device, dtype=dtype, shard_size=shard_size, overwrite=overwrite,
-                      allow_nonfinite=allow_nonfinite, dry_run=dry_run)
+                      allow_nonfinite=allow_nonfinite)
     if dry_run:
-        result = run(run_upscale, model, parsed, target or model.parent / "(dry-run)", options)
+        result = run(run_dry_run, model, parsed, target, options)
         if as_json:
             out.print_json(data=result)
         else:
@@ -110,20 +111,20 @@ def upscale(
             bar.update(task, description=description, completed=done, total=total)
 
         manifest = run(run_upscale, model, parsed, target, options, on_progress)
-    for warning in manifest["warnings"]:
+    for warning in manifest.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
     summary = {
-        "output": manifest["output"]["path"],
-        "base_layers": manifest["base"]["num_layers"],
-        "output_layers": manifest["output"]["num_layers"],
-        "new_layers": manifest["new_layers"],
-        "method": manifest["recipe"]["method"],
-        "function_preserving": manifest["function_preserving"],
-        "trainable_parameter_regex": manifest["trainable_parameter_regex"],
-        "files": len(manifest["output"]["files"]),
-        "bytes": sum(f["bytes"] for f in manifest["output"]["files"]),
-        "seconds": manifest["timings"]["total"],
-        "warnings": manifest["warnings"],
+        "output": manifest.output.path,
+        "base_layers": manifest.base.num_layers,
+        "output_layers": manifest.output.num_layers,
+        "new_layers": manifest.new_layers,
+        "method": manifest.method,
+        "function_preserving": manifest.function_preserving,
+        "trainable_parameter_regex": manifest.trainable_parameter_regex,
+        "files": len(manifest.output.files),
+        "bytes": sum(f.bytes for f in manifest.output.files),
+        "seconds": manifest.timings["total"],
+        "warnings": manifest.warnings,
     }
     if as_json:
         out.print_json(data=summary)
@@ -165,10 +166,11 @@ def verify(
 ):
     """Check the result: files match the manifest, both models load and run, and logits agree
     where the recipe is function-preserving. Exit 0 when the result is what the manifest promises."""
-    from .upscale import resolve_device
+    from .devices import resolve_device
     from .verify import verify as run_verify
 
-    report = run(lambda: run_verify(base_dir, out_dir, run(resolve_device, device), text))
+    dev = run(resolve_device, device)
+    report = run(run_verify, base_dir, out_dir, dev, text)
     if as_json:
         out.print_json(data=report)
     else:
@@ -232,11 +234,11 @@ def inspect(
     if manifest is not None:
         rows = ins.layer_rows(manifest)
         if as_json:
-            out.print_json(data={"function_preserving": manifest["function_preserving"], "layers": rows,
-                                 "new_layers": manifest["new_layers"], "warnings": manifest.get("warnings", [])})
+            out.print_json(data={"function_preserving": manifest.function_preserving, "layers": rows,
+                                 "new_layers": manifest.new_layers, "warnings": manifest.warnings})
             return
-        out.print(f"{manifest['base']['model_type']}: {manifest['base']['num_layers']} -> {manifest['output']['num_layers']} layers, "
-                  f"recipe {manifest['recipe']['method']}, function-preserving: {'yes' if manifest['function_preserving'] else 'no'}")
+        out.print(f"{manifest.base.model_type}: {manifest.base.num_layers} -> {manifest.output.num_layers} layers, "
+                  f"recipe {manifest.method}, function-preserving: {'yes' if manifest.function_preserving else 'no'}")
         table = Table("out", "origin", "src", "method", "zeroed", "attn cost", "mlp cost", "perm-like", "iters", "conv",
                       box=None, caption="cost: mean matched cost before -> after alignment; figures per group (attention, mlp)")
         for row in rows:
@@ -251,10 +253,10 @@ def inspect(
             table.add_row(str(row["index"]), row["origin"], ",".join(map(str, row["sources"])), row["method"],
                           str(row["zeroed"]), *cells, likeness, iters, converged)
         out.print(table)
-        for warning in manifest.get("warnings", []):
+        for warning in manifest.warnings:
             console.print(f"[yellow]warning:[/] {warning}")
         return
-    settings = run(load_recipe, recipe).alignment if recipe else ins.AlignmentSettings()
+    settings = run(ins.alignment_of, run(load_recipe, recipe)) if recipe else ins.AlignmentSettings()
     with _progress(enabled=not as_json) as bar:
         task = bar.add_task("aligning", total=None)
         survey = run(ins.pair_distances, model_dir, settings, device,

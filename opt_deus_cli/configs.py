@@ -7,10 +7,9 @@ import copy
 import torch
 
 from .architectures import Architecture
+from .devices import DTYPE_NAMES
 from .errors import OptDeusError
-from .plan import OutputLayer, base_position
-
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+from .layers import OutputLayer, base_position
 
 
 def rewrite_config(config: dict, arch: Architecture, layers: list[OutputLayer], dtype: torch.dtype | None) -> tuple[dict, list[str]]:

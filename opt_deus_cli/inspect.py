@@ -15,24 +15,27 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from .devices import resolve_device
 from .errors import OptDeusError, UsageError
-from .manifest import read_manifest
-from .methods.opt_deus import OptDeusMethod, alignment_matrices
-from .ot import AlignmentSettings
-from .plan import resolve_positions
-from .recipe import load_recipe, parse_recipe, shipped_recipes
-from .upscale import BlockCache, Options, prepare
+from .layers import recipe_layers
+from .manifest import Manifest, read_manifest
+from .methods.opt_deus import OptDeusMethod
+from .methods.opt_deus.matrices import alignment_matrices
+from .methods.opt_deus.settings import AlignmentSettings
+from .recipe import Positions, Recipe, load_recipe, shipped_recipes
+from .settings import parse_settings
+from .source import SourceModel
 
 GROUPS = ("attention", "mlp")
 
 
-def layer_rows(manifest: dict) -> list[dict]:
+def layer_rows(manifest: Manifest) -> list[dict]:
     """One row per output layer, with the alignment figures of new layers flattened."""
     rows = []
-    for layer in manifest["layers"]:
-        row = {k: layer[k] for k in ("index", "origin", "sources", "method")}
-        row["zeroed"] = len(layer["zeroed"])
-        report = layer.get("report") or {}
+    for layer in manifest.layers:
+        row = {"index": layer.index, "origin": layer.origin, "sources": layer.sources, "method": layer.method}
+        row["zeroed"] = len(layer.zeroed)
+        report = layer.report or {}
         for group in GROUPS:
             figures = report.get(group)
             if figures:
@@ -72,34 +75,38 @@ def matching_order(plan: np.ndarray) -> np.ndarray:
     return order
 
 
-def settings_from_manifest(manifest: dict) -> AlignmentSettings:
-    recipe = manifest.get("recipe", {})
-    if recipe.get("method") != "opt-deus":
-        raise OptDeusError(f"this model was built with method {recipe.get('method')!r}; only opt-deus layers have an alignment to show")
-    return parse_recipe({"method": "opt-deus", "positions": [0], "alignment": recipe.get("alignment") or {}}).alignment
+def settings_from_manifest(manifest: Manifest) -> AlignmentSettings:
+    if manifest.method != "opt-deus":
+        raise OptDeusError(f"this model was built with method {manifest.method!r}; only opt-deus layers have an alignment to show")
+    return parse_settings(AlignmentSettings, manifest.recipe.get("alignment"), "manifest recipe", "alignment")
+
+
+def alignment_of(recipe: Recipe) -> AlignmentSettings:
+    """The alignment settings of an opt-deus recipe (for --recipe on a base model)."""
+    if "alignment" not in recipe.settings:
+        raise UsageError(f"--recipe {recipe.source}: method {recipe.method!r} aligns nothing; give an opt-deus recipe")
+    return recipe.settings["alignment"]
 
 
 def layer_matrices(out_dir: Path, layer: int, group: str, base_dir: Path | None, device: str) -> LayerMatrices:
     manifest = read_manifest(out_dir, required=True)
-    entries = {e["index"]: e for e in manifest["layers"]}
-    if layer not in entries:
-        raise UsageError(f"--layer {layer}: the model has layers 0..{len(entries) - 1}")
-    entry = entries[layer]
-    if entry["origin"] != "new" or len(entry["sources"]) != 2:
-        raise UsageError(f"--layer {layer} is not a new layer built from two neighbours; new layers: {manifest['new_layers']}")
+    if not 0 <= layer < len(manifest.layers):
+        raise UsageError(f"--layer {layer}: the model has layers 0..{len(manifest.layers) - 1}")
+    entry = manifest.layer(layer)
+    if not entry.is_new or len(entry.sources) != 2:
+        raise UsageError(f"--layer {layer} is not a new layer built from two neighbours; new layers: {manifest.new_layers}")
     settings = settings_from_manifest(manifest)
-    base = Path(base_dir or manifest["base"]["path"])
+    base = Path(base_dir or manifest.base.path)
     if not base.is_dir():
         raise OptDeusError(f"the base model {base} named in the manifest is not there; pass --base DIR")
-    return pair_matrices(base, tuple(entry["sources"]), group, settings, device, layer)
+    return pair_matrices(base, tuple(entry.sources), group, settings, device, layer)
 
 
 def pair_matrices(base: Path, sources: tuple[int, int], group: str, settings: AlignmentSettings, device: str, layer: int = -1) -> LayerMatrices:
     if group not in GROUPS:
         raise UsageError(f"--group {group!r}: use attention or mlp")
-    job = prepare(base, parse_recipe({"method": "opt-deus", "positions": [0]}), Options(device=device))
-    cache = BlockCache(job)
-    lower, upper, ctx = job.method_inputs(cache.get(sources[0]), cache.get(sources[1]), sources)
+    source = SourceModel.open(base)
+    lower, upper, ctx = source.canonical_pair(sources, resolve_device(device))
     found = alignment_matrices(lower, upper, ctx, settings, group)
     as_np = {k: v.double().numpy() for k, v in found.items() if isinstance(v, torch.Tensor)}
     cost, plan = as_np.pop("cost"), as_np.pop("plan")
@@ -111,35 +118,33 @@ def pair_matrices(base: Path, sources: tuple[int, int], group: str, settings: Al
 def pair_distances(model_dir: Path, settings: AlignmentSettings, device: str, progress=None) -> dict:
     """For each adjacent pair (k, k+1): the mean matched cost before (identity pairing) and after
     alignment, per group, from the same alignment upscale would run."""
-    job = prepare(model_dir, parse_recipe({"method": "opt-deus", "positions": [0]}), Options(device=device))
-    cache = BlockCache(job)
+    source = SourceModel.open(model_dir)
+    dev = resolve_device(device)
     method = OptDeusMethod(settings)
     pairs = []
-    for k in range(job.base_layers - 1):
+    for k in range(source.depth - 1):
         if progress:
-            progress(f"aligning layers {k} and {k + 1}", k, job.base_layers - 1)
-        _, report = method.build(*job.method_inputs(cache.get(k), cache.get(k + 1), (k, k + 1)))
+            progress(f"aligning layers {k} and {k + 1}", k, source.depth - 1)
+        _, report = method.build(*source.canonical_pair((k, k + 1), dev))
         row = {"pair": [k, k + 1]}
         for group in GROUPS:
             figures = report[group]
             row[group] = {"cost_before": figures["cost_before"], "cost_after": figures["cost_after"],
                           "converged": figures.get("converged", True)}
         pairs.append(row)
-    return {"model_type": job.arch.model_type, "layers": job.base_layers, "pairs": pairs,
-            "recipes": shipped_positions(job.base_layers)}
+    return {"model_type": source.arch.model_type, "layers": source.depth, "pairs": pairs,
+            "recipes": shipped_positions(source.depth)}
 
 
 def shipped_positions(base_layers: int) -> dict[str, list[int] | str]:
-    """Where each shipped recipe would insert layers in a model of this depth."""
-    from .methods import make_method
-
+    """Where each shipped recipe would insert layers (after which base layers) in a model of this depth."""
     picks: dict[str, list[int] | str] = {}
     for name in shipped_recipes():
         recipe = load_recipe(name)
-        if recipe.method == "stack":
+        if not isinstance(recipe.placement, Positions):  # stacks of slices insert nothing between layers
             continue
         try:
-            picks[name] = resolve_positions(recipe, base_layers, make_method(recipe).needs_upper)
+            picks[name] = [layer.sources[0] for layer in recipe_layers(recipe, base_layers) if layer.is_new]
         except OptDeusError as e:
             picks[name] = f"not applicable: {e}"
     return picks

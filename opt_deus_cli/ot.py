@@ -12,17 +12,15 @@ import math
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .errors import OptDeusError, UsageError
+from .errors import OptDeusError
+from .methods.opt_deus.settings import COST_KINDS, SOLVERS
 
-MODES = ("corrected", "reference")
-SOLVERS = ("exact", "sinkhorn")
-COST_KINDS = ("euclidean", "sqeuclidean", "cosine")
 
 # Cost matrices are built tile by tile so that bf16 inputs are converted to the compute dtype
 # one tile at a time: at LLaMA-8B shapes the MLP features are 14336 x 12288 (700 MB in fp32
@@ -35,44 +33,6 @@ _MEDIAN_SAMPLE = 1 << 24
 _SINKHORN_FP64_MAX = 1 << 22
 # A plan whose total mass is off by more than this is reported as degraded (not converged).
 _MASS_TOL = 1e-3
-
-
-@dataclass(frozen=True)
-class AlignmentSettings:
-    """How OpT-DeUS aligns the lower layer onto the upper one (recipe keys of the same names).
-
-    mode: "corrected" (METHOD.md section 2, default) or "reference" (the published script,
-    METHOD.md section 1, which uses its own fixed solver settings and ignores solver, cost,
-    epsilon, max_iter and tol). solver "exact" is a permutation (linear assignment), "sinkhorn"
-    entropic OT; cost compares the features of two units. epsilon is the entropic
-    regularisation relative to the cost normalised by its median, so it does not depend on the
-    scale of the weights. Sinkhorn stops after max_iter iterations or when the L2 norm of its
-    column-marginal violation is below tol (POT's stopThr), whichever comes first; only the
-    latter counts as converged.
-    """
-
-    mode: str = "corrected"
-    solver: str = "exact"
-    cost: str = "sqeuclidean"
-    epsilon: float = 0.05
-    max_iter: int = 2000
-    tol: float = 1e-6
-
-    def validate(self) -> "AlignmentSettings":
-        for key, allowed in (("mode", MODES), ("solver", SOLVERS), ("cost", COST_KINDS)):
-            if getattr(self, key) not in allowed:
-                raise UsageError(f"alignment {key} {getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        if not (isinstance(self.epsilon, (int, float)) and math.isfinite(self.epsilon) and self.epsilon > 0):
-            raise UsageError(f"alignment epsilon must be a positive number, got {self.epsilon!r}")
-        if not (isinstance(self.max_iter, int) and not isinstance(self.max_iter, bool) and self.max_iter >= 1):
-            raise UsageError(f"alignment max_iter must be a positive integer, got {self.max_iter!r}")
-        if not (isinstance(self.tol, (int, float)) and math.isfinite(self.tol) and self.tol > 0):
-            raise UsageError(f"alignment tol must be a positive number, got {self.tol!r}")
-        return self
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
 
 
 @dataclass(frozen=True)

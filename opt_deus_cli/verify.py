@@ -16,7 +16,7 @@ import torch
 
 from .checkpoint import read_config, sha256_file
 from .errors import OptDeusError
-from .manifest import read_manifest
+from .manifest import Manifest, read_manifest
 
 # logits are compared in float32; zeroed residual writers add exact zeros, so a function-
 # preserving result agrees to rounding (relative to the logits' size)
@@ -73,20 +73,20 @@ def _tokenize(model_dir: Path, text_file: Path) -> list[int]:
     return ids
 
 
-def check_files(out_dir: Path, manifest: dict) -> list[str]:
+def check_files(out_dir: Path, manifest: Manifest) -> list[str]:
     problems = []
-    for entry in manifest["output"]["files"]:
-        path = out_dir / entry["name"]
+    for entry in manifest.output.files:
+        path = out_dir / entry.name
         if not path.is_file():
-            problems.append(f"{entry['name']} is missing")
-        elif path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-            problems.append(f"{entry['name']} differs from the file the manifest recorded")
+            problems.append(f"{entry.name} is missing")
+        elif path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
+            problems.append(f"{entry.name} differs from the file the manifest recorded")
     return problems
 
 
-def check_config(out_dir: Path, manifest: dict) -> list[str]:
+def check_config(out_dir: Path, manifest: Manifest) -> list[str]:
     config = read_config(out_dir)
-    n = manifest["output"]["num_layers"]
+    n = manifest.output.num_layers
     problems = []
     if config.get("num_hidden_layers") != n:
         problems.append(f"config.json num_hidden_layers is {config.get('num_hidden_layers')}, manifest says {n}")
@@ -99,7 +99,7 @@ def check_config(out_dir: Path, manifest: dict) -> list[str]:
 def verify(base_dir: Path | str, out_dir: Path | str, device: torch.device, text: Path | None = None) -> dict:
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     manifest = read_manifest(out_dir, required=True)
-    preserving = bool(manifest.get("function_preserving"))
+    preserving = manifest.function_preserving
     problems = check_files(out_dir, manifest) + check_config(out_dir, manifest)
     report: dict = {"base": str(base_dir), "output": str(out_dir), "function_preserving": preserving}
 
@@ -133,8 +133,8 @@ def verify(base_dir: Path | str, out_dir: Path | str, device: torch.device, text
         report["perplexity"] = {"base": results["base"]["perplexity"], "output": results["output"]["perplexity"]}
     if not torch.isfinite(out_logits).all():
         problems.append("the output model's logits contain NaN or Inf")
-    if results["output"]["layers"] != manifest["output"]["num_layers"]:
-        problems.append(f"the loaded output has {results['output']['layers']} layers, manifest says {manifest['output']['num_layers']}")
+    if results["output"]["layers"] != manifest.output.num_layers:
+        problems.append(f"the loaded output has {results['output']['layers']} layers, manifest says {manifest.output.num_layers}")
     if preserving and report["max_abs_logit_diff"] > tolerance:
         problems.append(f"recipe is function-preserving but logits differ by up to {report['max_abs_logit_diff']:.3g} (tolerance {tolerance:.3g})")
     report["problems"] = problems

@@ -12,11 +12,12 @@ from conftest import MORE_FAMILIES, load_model, logits
 from opt_deus_cli.architectures import SUPPORTED, HeadLayout
 from opt_deus_cli.errors import OptDeusError
 from opt_deus_cli.recipe import parse_recipe
-from opt_deus_cli.upscale import Options, upscale
+from opt_deus_cli.job import Options
+from opt_deus_cli.upscale import upscale
 
 
 def run(model, out, **recipe):
-    return upscale(model, parse_recipe(recipe), out, Options(device="cpu", shard_size="60KB"))
+    return upscale(model, parse_recipe(recipe), out, Options(device="cpu", shard_size="60KB")).to_dict()
 
 
 @pytest.mark.parametrize("family", MORE_FAMILIES)

@@ -17,16 +17,18 @@ from safetensors.torch import load_file, save_file
 from conftest import FAMILIES, load_model, logits, make_model
 from opt_deus_cli.architectures import PROJECTION_ROLES, SUPPORTED
 from opt_deus_cli.errors import OptDeusError, UsageError
-from opt_deus_cli.methods.lesa import LesaSettings, stack_svd, train_predictor
+from opt_deus_cli.methods.lesa.predictor import stack_svd, train_predictor
+from opt_deus_cli.methods.lesa.settings import LesaSettings
 from opt_deus_cli.recipe import load_recipe, parse_recipe
-from opt_deus_cli.upscale import Options, upscale
+from opt_deus_cli.job import Options
+from opt_deus_cli.upscale import upscale
 
 CPU = torch.device("cpu")
 
 
 def run(model, out, **recipe):
     recipe = {"method": "lesa", **recipe}
-    return upscale(model, parse_recipe(recipe), out, Options(device="cpu", shard_size="60KB"))
+    return upscale(model, parse_recipe(recipe), out, Options(device="cpu", shard_size="60KB")).to_dict()
 
 
 def tensors(path):
@@ -179,10 +181,10 @@ def test_needs_three_layers(model_factory, tmp_path):
 
 def test_recipe_settings():
     recipe = load_recipe("lesa")
-    assert recipe.method == "lesa" and recipe.lesa == LesaSettings() and recipe.zero_init is None
+    assert recipe.method == "lesa" and recipe.settings["lesa"] == LesaSettings() and recipe.zero_init is None
     assert recipe.to_dict()["lesa"]["copy_from"] == "first"
     recipe = parse_recipe({"method": "lesa", "positions": [1], "lesa": {"lr": 1, "rank": 8, "steps": None}})
-    assert recipe.lesa.lr == 1.0 and recipe.lesa.rank == 8
+    assert recipe.settings["lesa"].lr == 1.0 and recipe.settings["lesa"].rank == 8
     json.dumps(recipe.to_dict(), allow_nan=False)
 
 
@@ -226,7 +228,7 @@ def test_any_lesa_block_is_settings_or_a_usage_error(lesa):
         assert "\n" not in str(e) and str(e).startswith("recipe r.yaml")
         return
     json.dumps(recipe.to_dict(), allow_nan=False)
-    assert recipe.lesa.validate("again") == recipe.lesa
+    assert parse_recipe(recipe.to_dict()).settings["lesa"] == recipe.settings["lesa"]  # the manifest's record reads back
 
 
 def test_nonfinite_base_weight_is_refused(tmp_path):

@@ -8,15 +8,17 @@ import json
 import pytest
 import torch
 
-from conftest import load_model, logits
+from conftest import EXACT, SHARP_SINKHORN, SINKHORN, assert_blocks_close, check_report, load_model, logits, planted_permutation
 from opt_deus_cli.architectures import ATTENTION_ROLES, MLP_ROLES, SUPPORTED, HeadLayout
 from opt_deus_cli.errors import UsageError
 from opt_deus_cli.methods.base import BuildContext
-from opt_deus_cli.methods.opt_deus import OptDeusMethod, alignment_matrices
-from opt_deus_cli.ot import AlignmentSettings
+from opt_deus_cli.methods.base import Fusion
+from opt_deus_cli.methods.opt_deus import OptDeusMethod
+from opt_deus_cli.methods.opt_deus.matrices import alignment_matrices
+from opt_deus_cli.methods.opt_deus.settings import AlignmentSettings
 from opt_deus_cli.recipe import parse_recipe
-from opt_deus_cli.upscale import Options, upscale
-from test_opt_deus_method import EXACT, SHARP_SINKHORN, SINKHORN, assert_blocks_close, check_report, planted_permutation
+from opt_deus_cli.job import Options
+from opt_deus_cli.upscale import upscale
 
 MOE = ("mixtral", "qwen3_moe")
 LAYOUT = HeadLayout(hidden=32, num_heads=4, num_kv_heads=2, head_dim=8, intermediate=24, num_experts=4)
@@ -102,7 +104,7 @@ def test_planted_expert_permutation_is_recovered_by_sinkhorn():
 def test_unrelated_experts_fuse_with_alpha():
     """alpha = 0 gives B; otherwise every expert and router row of the new layer moves off B's."""
     lower, upper = random_moe_block("mixtral", seed=7), random_moe_block("mixtral", seed=8)
-    new, _ = OptDeusMethod(EXACT, alpha=0.0).build(lower, upper, ctx("mixtral"))
+    new, _ = OptDeusMethod(EXACT, Fusion(alpha=0.0)).build(lower, upper, ctx("mixtral"))
     assert_blocks_close(new, upper, atol=0.0)
     new, report = OptDeusMethod(EXACT).build(lower, upper, ctx("mixtral"))
     router = SUPPORTED["mixtral"].canonical().router
@@ -135,7 +137,7 @@ def test_reference_mode_refuses_experts():
 def test_upscale_moe_preserves_function(model_factory, tmp_path, family):
     base = model_factory(family, layers=4)
     recipe = parse_recipe({"method": "opt-deus", "positions": "top", "count": 2})
-    manifest = upscale(base, recipe, tmp_path / "o", Options(device="cpu", shard_size="60KB"))
+    manifest = upscale(base, recipe, tmp_path / "o", Options(device="cpu", shard_size="60KB")).to_dict()
     assert manifest["function_preserving"] and not manifest["warnings"]
     entry = manifest["layers"][manifest["new_layers"][0]]
     assert len([z for z in entry["zeroed"] if "experts" in z]) == 4  # every expert's down projection

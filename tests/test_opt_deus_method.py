@@ -1,6 +1,6 @@
 """OpT-DeUS layer building on tiny random blocks (no checkpoint I/O): self-fusion, planted
 permutations, failure reporting, and reference mode against a plain re-implementation of
-METHOD.md section 1."""
+docs/method.md section 1."""
 
 from __future__ import annotations
 
@@ -12,73 +12,15 @@ import ot
 import pytest
 import torch
 
-from opt_deus_cli.architectures import PROJECTION_ROLES, SUPPORTED, HeadLayout
+from conftest import EXACT, LAYOUT, SHARP_SINKHORN, SINKHORN, assert_blocks_close, check_report, ctx, planted_permutation, random_block
+from opt_deus_cli.architectures import SUPPORTED, HeadLayout
 from opt_deus_cli.errors import OptDeusError
-from opt_deus_cli.methods import opt_deus
-from opt_deus_cli.methods.base import BuildContext
-from opt_deus_cli.methods.opt_deus import OptDeusMethod, alignment_matrices
-from opt_deus_cli.ot import AlignmentSettings
+from opt_deus_cli.methods.base import BuildContext, Fusion
+from opt_deus_cli.methods.opt_deus import OptDeusMethod
+from opt_deus_cli.methods.opt_deus.matrices import alignment_matrices
+from opt_deus_cli.methods.opt_deus.settings import PUBLISHED, AlignmentSettings, ReferenceSolver
 
-# GQA: 4 query heads in 2 KV groups of 2, head_dim 8
-LAYOUT = HeadLayout(hidden=32, num_heads=4, num_kv_heads=2, head_dim=8, intermediate=48)
 FAMILIES = ("llama", "qwen2", "qwen3")
-EXACT = AlignmentSettings()
-SINKHORN = AlignmentSettings(solver="sinkhorn")
-SHARP_SINKHORN = AlignmentSettings(solver="sinkhorn", epsilon=0.01)
-
-
-def ctx(family: str, device: str = "cpu") -> BuildContext:
-    return BuildContext(SUPPORTED[family], LAYOUT, torch.device(device))
-
-
-def random_block(family: str, seed: int, dtype=torch.float32, layout: HeadLayout = LAYOUT) -> dict:
-    """A block as the pipeline hands it over: relative names -> tensors."""
-    arch = SUPPORTED[family]
-    g = torch.Generator().manual_seed(seed)
-    block = {arch.weight(r): 0.1 * torch.randn(layout.weight_shape(r), generator=g) for r in PROJECTION_ROLES}
-    if family == "qwen2":
-        for r in ("q", "k", "v"):
-            block[arch.bias(r)] = 0.1 * torch.randn(layout.weight_shape(r)[0], generator=g)
-    for name in arch.norms:
-        block[name] = 1 + 0.3 * torch.randn(layout.hidden, generator=g)
-    for name in arch.head_norms:
-        block[name] = 1 + 0.3 * torch.randn(layout.head_dim, generator=g)
-    return {n: t.to(dtype) for n, t in block.items()}
-
-
-def planted_permutation(block: dict, family: str, seed: int, layout: HeadLayout = LAYOUT) -> dict:
-    """An allowed re-ordering of a block (the function it computes is unchanged): KV groups,
-    query heads within each group, value dims within each KV head with the o_proj columns of
-    all its query heads following, MLP neurons across gate/up rows, biases and down columns."""
-    arch = SUPPORTED[family]
-    g = torch.Generator().manual_seed(seed)
-    roles = layout.random_allowed_permutation(g)
-    neurons = roles["gate"][1]
-    assert not torch.equal(neurons, torch.arange(layout.intermediate))
-    moves = {arch.weight(role): move for role, move in roles.items()}  # name -> (dim, index)
-    moves.update({arch.bias(role): roles[role] for role in ("q", "k", "v")})
-    out = {}
-    for name, t in block.items():
-        dim, index = moves.get(name, (0, None))
-        out[name] = t.index_select(dim, index) if index is not None else t.clone()
-    return out
-
-
-def assert_blocks_close(got: dict, want: dict, atol: float, rtol: float = 0.0) -> None:
-    assert got.keys() == want.keys()
-    for name in want:
-        assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape, name
-        assert got[name].device.type == "cpu", name
-        torch.testing.assert_close(got[name], want[name], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
-
-
-def check_report(report: dict) -> None:
-    json.dumps(report, allow_nan=False)
-    for group in ("attention", "mlp"):
-        for key in ("solver", "epsilon", "iterations", "marginal_error", "converged", "cost_before",
-                    "cost_after", "permutation_likeness", "seconds"):
-            assert key in report[group], (group, key)
-    assert isinstance(report["notes"], list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,16 +74,16 @@ def test_planted_permutation_mixed_with_alpha():
     # B = permuted A; fusing with alpha must give alpha * B + (1 - alpha) * B = B, and fusing A
     # with an unrelated B' must give alpha * aligned(A) + (1 - alpha) * B'.
     upper = planted_permutation(lower, "llama", seed=9)
-    new, _ = OptDeusMethod(EXACT, alpha=0.3).build(lower, upper, ctx("llama"))
+    new, _ = OptDeusMethod(EXACT, Fusion(alpha=0.3)).build(lower, upper, ctx("llama"))
     assert_blocks_close(new, upper, atol=1e-6)
-    new, _ = OptDeusMethod(EXACT, alpha=0.0).build(lower, upper_base, ctx("llama"))
+    new, _ = OptDeusMethod(EXACT, Fusion(alpha=0.0)).build(lower, upper_base, ctx("llama"))
     assert_blocks_close(new, upper_base, atol=0.0)
 
 
 def test_norms_are_alpha_weighted_averages_and_o_down_stay_fused():
     lower, upper = random_block("qwen3", seed=10), random_block("qwen3", seed=11)
     arch = SUPPORTED["qwen3"]
-    new, report = OptDeusMethod(EXACT, alpha=0.25).build(lower, upper, ctx("qwen3"))
+    new, report = OptDeusMethod(EXACT, Fusion(alpha=0.25)).build(lower, upper, ctx("qwen3"))
     for name in arch.norms + arch.head_norms:
         torch.testing.assert_close(new[name], 0.25 * lower[name] + 0.75 * upper[name])
     for role in ("o", "down"):  # zero-init is the pipeline's job
@@ -205,7 +147,7 @@ def test_self_fusion_on_cuda(settings):
 
 
 def plain_reference(lower: dict, upper: dict, max_iter: int = 10000) -> dict:
-    """METHOD.md section 1 written out with POT on fp32 numpy arrays, LLaMA names."""
+    """docs/method.md section 1 written out with POT on fp32 numpy arrays, LLaMA names."""
 
     def plan(WA, WB):
         M = ot.dist(WA, WB, metric="euclidean")
@@ -235,15 +177,14 @@ def plain_reference(lower: dict, upper: dict, max_iter: int = 10000) -> dict:
     return {n: torch.from_numpy(np.asarray(t, dtype=np.float32)) for n, t in out.items()}
 
 
-def test_reference_mode_matches_a_plain_implementation(monkeypatch):
+def test_reference_mode_matches_a_plain_implementation():
     # the published solver settings...
-    assert (opt_deus.REFERENCE_REG, opt_deus.REFERENCE_MAX_ITER, opt_deus.REFERENCE_STOP_THR) == (0.06, 10000, 1e-9)
+    assert (PUBLISHED.reg, PUBLISHED.max_iter, PUBLISHED.stop_thr) == (0.06, 10000, 1e-9)
     # ...but capped at 1000 iterations on both sides: in fp32 it never reaches 1e-9 and runs to
     # the cap, and 7 x 10000 iterations of POT's per-call overhead would dominate the test time
-    monkeypatch.setattr(opt_deus, "REFERENCE_MAX_ITER", 1000)
     layout = HeadLayout(hidden=16, num_heads=4, num_kv_heads=2, head_dim=4, intermediate=24)
     lower, upper = random_block("llama", seed=21, layout=layout), random_block("llama", seed=22, layout=layout)
-    method = OptDeusMethod(AlignmentSettings(mode="reference"))
+    method = OptDeusMethod(AlignmentSettings(mode="reference"), reference_solver=ReferenceSolver(max_iter=1000))
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         new, report = method.build(lower, upper, BuildContext(SUPPORTED["llama"], layout, torch.device("cpu")))
@@ -258,29 +199,24 @@ def test_reference_mode_matches_a_plain_implementation(monkeypatch):
 
 
 @pytest.mark.parametrize("family", ("qwen2", "qwen3"))
-def test_reference_mode_handles_biases_and_head_norms_with_notes(family, monkeypatch):
-    monkeypatch.setattr(opt_deus, "REFERENCE_MAX_ITER", 50)
-    monkeypatch.setattr(opt_deus, "_reference_warned", False)
+def test_reference_mode_handles_biases_and_head_norms_with_notes(family):
     lower, upper = random_block(family, seed=23), random_block(family, seed=24)
-    with pytest.warns(UserWarning, match="reference mode"):
-        new, report = OptDeusMethod(AlignmentSettings(mode="reference")).build(lower, upper, ctx(family))
+    method = OptDeusMethod(AlignmentSettings(mode="reference"), reference_solver=ReferenceSolver(max_iter=50))
+    new, report = method.build(lower, upper, ctx(family))
     arch = SUPPORTED[family]
     extra = [arch.bias(r) for r in ("q", "k", "v")] if family == "qwen2" else list(arch.head_norms)
     for name in extra:
         assert any(note.startswith(name) for note in report["notes"]), name
     assert new.keys() == upper.keys()
     check_report(report)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once per process
-        OptDeusMethod(AlignmentSettings(mode="reference")).build(lower, upper, ctx(family))
 
 
-def test_reference_alignment_matrices(monkeypatch):
-    monkeypatch.setattr(opt_deus, "REFERENCE_MAX_ITER", 50)
+def test_reference_alignment_matrices():
     lower, upper = random_block("llama", seed=25), random_block("llama", seed=26)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        got = alignment_matrices(lower, upper, ctx("llama"), AlignmentSettings(mode="reference"), "attention")
+        got = alignment_matrices(lower, upper, ctx("llama"), AlignmentSettings(mode="reference"), "attention",
+                                 ReferenceSolver(max_iter=50))
     assert got["plan"].shape == (LAYOUT.num_heads * LAYOUT.head_dim,) * 2
     assert set(got["tensors"]) == {f"self_attn.{p}_proj.weight" for p in "qkvo"}
 

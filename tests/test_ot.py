@@ -10,8 +10,8 @@ import torch
 
 from opt_deus_cli import ot as odot
 from opt_deus_cli.errors import OptDeusError, UsageError
+from opt_deus_cli.methods.opt_deus.settings import AlignmentSettings
 from opt_deus_cli.ot import (
-    AlignmentSettings,
     barycentric_map,
     cost_matrix,
     cost_matrix_blocks,
@@ -34,12 +34,12 @@ def rand(*shape, seed=0, dtype=torch.float32):
 def test_settings_defaults_and_validation():
     s = AlignmentSettings()
     assert (s.mode, s.solver, s.cost, s.epsilon, s.max_iter, s.tol) == ("corrected", "exact", "sqeuclidean", 0.05, 2000, 1e-6)
-    assert s.validate() is s
-    assert AlignmentSettings.field_names() == ("mode", "solver", "cost", "epsilon", "max_iter", "tol")
+    assert tuple(f.name for f in dataclasses.fields(s)) == ("mode", "solver", "cost", "epsilon", "max_iter", "tol")
+    assert AlignmentSettings(epsilon=1).epsilon == 1.0 and isinstance(AlignmentSettings(epsilon=1).epsilon, float)
     for bad in (dict(mode="paper"), dict(solver="emd"), dict(cost="l1"), dict(epsilon=0), dict(epsilon=float("nan")),
                 dict(max_iter=0), dict(max_iter=2.5), dict(tol=-1)):
         with pytest.raises(UsageError, match=next(iter(bad))):
-            dataclasses.replace(s, **bad).validate()
+            dataclasses.replace(s, **bad)
 
 
 # ---------------------------------------------------------------------------------------------

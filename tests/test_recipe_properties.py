@@ -14,9 +14,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from opt_deus_cli.errors import UsageError
-from opt_deus_cli.ot import AlignmentSettings
-from opt_deus_cli.plan import build_plan, resolve_positions
-from opt_deus_cli.recipe import METHODS, NAMED_POSITIONS, RECIPE_KEYS, Recipe, load_recipe, parse_recipe, resolve_amount
+from opt_deus_cli.methods.opt_deus.settings import AlignmentSettings
+from opt_deus_cli.layers import output_layers, resolve_positions
+from opt_deus_cli.methods.registry import method_names
+from opt_deus_cli.recipe import NAMED_POSITIONS, Recipe, Slices, all_keys, load_recipe, parse_recipe, resolve_amount
+
+METHODS = method_names()
 
 # PROPERTY_EXAMPLES=5000 for a longer search than the suite's
 PROPERTY = settings(max_examples=int(os.environ.get("PROPERTY_EXAMPLES", 300)), deadline=None,
@@ -73,9 +76,11 @@ def test_parse_is_a_recipe_or_a_usage_error(data):
     recipe = parsed_or_usage_error(data)
     if recipe is not None:
         assert recipe.method in METHODS
-        assert set(data) <= RECIPE_KEYS
-        assert 0.0 <= recipe.alpha <= 1.0
-        assert isinstance(recipe.alignment, AlignmentSettings) and recipe.alignment.epsilon > 0
+        assert set(data) <= all_keys()
+        if "fusion" in recipe.settings:
+            assert 0.0 <= recipe.settings["fusion"].alpha <= 1.0
+        if "alignment" in recipe.settings:
+            assert isinstance(recipe.settings["alignment"], AlignmentSettings) and recipe.settings["alignment"].epsilon > 0
 
 
 @PROPERTY
@@ -107,12 +112,13 @@ def check_plan(recipe: Recipe, n: int, needs_upper: bool, layers) -> None:
     the inserting methods every base layer once, in order, with new layers where asked."""
     assert [layer.index for layer in layers] == list(range(len(layers)))
     assert all(0 <= s < n for layer in layers for s in layer.sources)
-    if recipe.method == "stack":
+    if isinstance(recipe.placement, Slices):
         return
     assert [layer.sources[0] for layer in layers if not layer.is_new] == list(range(n))
-    positions = resolve_positions(recipe, n, needs_upper)
+    placement = recipe.placement
+    positions = resolve_positions(placement, n, needs_upper, "r.yaml")
     assert positions == sorted(set(positions))
-    assert len(positions) == (len(recipe.positions) if isinstance(recipe.positions, tuple) else resolve_amount(recipe.count, n))
+    assert len(positions) == (len(placement.where) if isinstance(placement.where, tuple) else resolve_amount(placement.count, n))
     new = [layer for layer in layers if layer.is_new]
     assert [layer.sources[0] for layer in new] == positions
     for layer in new:
@@ -139,7 +145,7 @@ def test_plan_is_valid_or_a_usage_error(data, n, needs_upper):
     recipe = parsed_or_usage_error(data)
     assume(recipe is not None)
     try:
-        layers = build_plan(recipe, n, needs_upper)
+        layers = output_layers(recipe.placement, n, recipe.method, needs_upper)
     except UsageError as e:
         assert "\n" not in str(e)
         return
@@ -154,9 +160,9 @@ def test_named_positions_fit_whenever_count_does(kind, n, count, needs_upper):
     slots = n - 1 if (needs_upper or kind != "uniform") else n
     if count > slots:
         with pytest.raises(UsageError):
-            resolve_positions(recipe, n, needs_upper)
+            resolve_positions(recipe.placement, n, needs_upper, "r.yaml")
         return
-    positions = resolve_positions(recipe, n, needs_upper)
+    positions = resolve_positions(recipe.placement, n, needs_upper, "r.yaml")
     assert len(positions) == count and positions == sorted(set(positions))
     assert 0 <= positions[0] and positions[-1] < slots
     if kind == "uniform":  # spread out: no gap more than one group wider than another

@@ -302,7 +302,7 @@ BAD_RECIPES = [
     ("method: copy\npositions: top\ncount: 1\nzero_init: o_proj\n", "zero_init must be a list"),
     ("method: copy\npositions: top\ncount: 1\nzero_init: [foo_proj]\n", "not a projection"),
     ("method: average\npositions: top\ncount: 1\nfusion: 0.5\n", "fusion must be a mapping"),
-    ("method: opt-deus\npositions: top\ncount: 1\nalignment: {epsilon: small}\n", "alignment.epsilon must be a float"),
+    ("method: opt-deus\npositions: top\ncount: 1\nalignment: {epsilon: small}\n", "alignment.epsilon must be a positive number"),
     ("method: opt-deus\npositions: top\ncount: 1\nalignment: {solver: magic}\n", "solver"),
     ("method: copy\npositions: top\ncount: 1\ndescription: 5\n", "'description' must be a string"),
     ("method: copy\npositions: top\ncount: 1\noverlap: 2\n", "does not apply to method 'copy'"),

@@ -12,11 +12,12 @@ from safetensors import safe_open
 from conftest import FAMILIES, load_model, logits
 from opt_deus_cli.manifest import MANIFEST_FILE
 from opt_deus_cli.recipe import parse_recipe
-from opt_deus_cli.upscale import Options, upscale
+from opt_deus_cli.job import Options
+from opt_deus_cli.upscale import dry_run, upscale
 
 
 def run(model, out, **recipe):
-    return upscale(model, parse_recipe(recipe), out, Options(device="cpu", shard_size="60KB"))
+    return upscale(model, parse_recipe(recipe), out, Options(device="cpu", shard_size="60KB")).to_dict()
 
 
 def tensors(path):
@@ -143,6 +144,6 @@ def test_reupscale_keeps_parent_manifest(model_factory, tmp_path):
 def test_dry_run_writes_nothing(model_factory, tmp_path):
     base = model_factory("llama")
     out = tmp_path / "out"
-    result = upscale(base, parse_recipe({"method": "copy", "positions": "uniform", "count": 3}), out, Options(dry_run=True))
+    result = dry_run(base, parse_recipe({"method": "copy", "positions": "uniform", "count": 3}), out)
     assert not out.exists()
     assert [l["sources"] for l in result["plan"]["layers"] if l["origin"] == "new"] == [[1], [3], [5]]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..errors import OptDeusError
-from .base import Block, BuildContext
+from .base import Block, BuildContext, Fusion, Method
 
 
-def average_blocks(lower: Block, upper: Block, alpha: float, device: torch.device) -> Block:
+def average_blocks(lower: Block, upper: Block, alpha: float, device) -> Block:
     """alpha * lower + (1 - alpha) * upper, tensor by tensor, computed in float32."""
+    import torch
+
     if lower.keys() != upper.keys():
         raise OptDeusError(f"layers to average have different tensors: {sorted(lower.keys() ^ upper.keys())}")
     out = {}
@@ -20,14 +20,14 @@ def average_blocks(lower: Block, upper: Block, alpha: float, device: torch.devic
     return out
 
 
-class AverageMethod:
+class AverageMethod(Method):
     name = "average"
     needs_upper = True
-    default_zero_init: tuple[str, ...] = ()
     supports_experts = True  # experts are averaged position by position, as AVG-DeUS does
+    settings = {"fusion": Fusion}
 
-    def __init__(self, alpha: float = 0.5):
-        self.alpha = alpha
+    def __init__(self, fusion: Fusion = Fusion()):
+        self.alpha = fusion.alpha
 
     def build(self, lower: Block, upper: Block | None, ctx: BuildContext) -> tuple[Block, dict]:
         assert upper is not None

@@ -1,39 +1,72 @@
-"""What every layer-building method is: given the tensors of its source base layers, return the
-tensors of one new block. Reading, zero-init, dtype and writing are the pipeline's job."""
+"""What every layer-building method is. A method describes itself (name, where its layers go,
+its settings, what it can build) and builds one new block from the tensors of its source base
+layers. Reading, zero-init, dtype and writing are the pipeline's job.
+
+Imports no torch at module level: the recipe parser reads these descriptions."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-import torch
+from ..settings import check_settings, setting
 
-from ..architectures import Architecture, HeadLayout
+if TYPE_CHECKING:
+    import torch
 
-Block = dict[str, torch.Tensor]  # tensor name relative to the block prefix -> tensor
+    from ..architectures import Architecture, HeadLayout
+
+Block = dict  # tensor name relative to the block prefix -> torch.Tensor
+Progress = Callable[[str, int, int], None]  # (description, done, total)
 
 
 @dataclass(frozen=True)
 class BuildContext:
-    arch: Architecture
-    layout: HeadLayout
-    device: torch.device
+    arch: "Architecture"
+    layout: "HeadLayout"
+    device: "torch.device"
     sources: tuple[int, ...] = ()  # base indices of the layers being fused (lower first)
 
 
-class Method(Protocol):
-    name: str
-    # True: a new layer sits between base layers k and k+1 and is built from both;
-    # False: it is built from layer k alone (it may then also follow the top layer).
-    needs_upper: bool
-    # zero_init used when the recipe names none
-    default_zero_init: tuple[str, ...]
+@dataclass(frozen=True)
+class Fusion:
+    """`fusion:` of a recipe: new = alpha * (lower, aligned if the method aligns) + (1 - alpha) * upper."""
 
-    # Optional: `supports_experts = True` when build() handles mixture-of-experts blocks.
-    # Optional: `prepare(job, progress)` runs once before any layer is written, for methods that
-    # learn from the whole stack (LESA); it may read any base tensor through job.ckpt.
+    alpha: float = setting(0.5, minimum=0.0, maximum=1.0, doc="weight of the (aligned) lower layer")
 
+    def __post_init__(self):
+        check_settings(self)
+
+
+class Method(ABC):
+    """A way of building new layers. Subclasses set the class attributes and implement build()."""
+
+    name: ClassVar[str]
+    # "positions": a new layer after base layer k, built from k and k+1 (needs_upper) or from k
+    # alone (it may then also follow the top layer); "slices": the output is ranges of base layers
+    placement: ClassVar[str] = "positions"
+    needs_upper: ClassVar[bool] = True
+    default_zero_init: ClassVar[tuple[str, ...]] = ()  # used when the recipe names none
+    supports_experts: ClassVar[bool] = False  # build() handles mixture-of-experts blocks
+    # True: a new layer is its lower source byte for byte (but zeroed tensors), so the pipeline
+    # copies the bytes file to file instead of calling build()
+    copies_lower: ClassVar[bool] = False
+    # recipe key -> settings dataclass; the recipe's block under that key becomes the keyword
+    # argument of the same name of __init__
+    settings: ClassVar[dict[str, type]] = {}
+
+    def prepare(self, job, progress: Progress | None = None) -> list[str]:
+        """Runs once before any layer is written: refuse what build() would refuse, or learn from
+        the whole stack (LESA; it may read any base tensor through job.source, a job.Job). Returns warnings
+        for the user (said once per run, not once per layer)."""
+        return []
+
+    @abstractmethod
     def build(self, lower: Block, upper: Block | None, ctx: BuildContext) -> tuple[Block, dict]:
         """Return the new block (same names, shapes and dtypes as the sources) and a report
         (JSON-serialisable figures for the manifest; {} when there is nothing to say)."""
-        ...
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> "Method":
+        return cls(**settings)

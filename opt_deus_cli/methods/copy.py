@@ -1,15 +1,14 @@
-"""LLaMA-Pro block expansion: the new layer is a copy of its lower neighbour."""
+"""LLaMA-Pro block expansion (a new layer is a copy of its lower neighbour) and SOLAR depth
+up-scaling (the repeated layers of the second slice are plain copies)."""
 
 from __future__ import annotations
 
-from .base import Block, BuildContext
+from .base import Block, BuildContext, Method
 
 
-class CopyMethod:
+class CopyMethod(Method):
     name = "copy"
     needs_upper = False
-    # the new layer is its lower source byte for byte (but zeroed tensors): the pipeline copies
-    # the bytes file to file instead of calling build()
     copies_lower = True
     supports_experts = True  # tensor names do not matter to a copy
     default_zero_init = ("o_proj", "down_proj")
@@ -19,7 +18,6 @@ class CopyMethod:
 
 
 class StackMethod(CopyMethod):
-    """SOLAR depth up-scaling: the repeated layers of the second slice are plain copies."""
-
     name = "stack"
-    default_zero_init: tuple[str, ...] = ()
+    placement = "slices"
+    default_zero_init = ()

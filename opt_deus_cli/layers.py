@@ -1,4 +1,4 @@
-"""Recipe + base depth -> the output layer plan: for every output layer, where it comes from.
+"""Recipe placement + base depth -> the output layers: for every output layer, where it comes from.
 
 A new layer at position k sits between base layers k and k+1 (methods that build from the lower
 neighbour alone may also use k = N-1: after the top layer, as LLaMA-Pro does)."""
@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import UsageError
-from .recipe import Recipe, resolve_amount
+from .recipe import Positions, Recipe, Slices, resolve_amount
 
 
 @dataclass(frozen=True)
@@ -24,27 +24,26 @@ class OutputLayer:
         return self.origin == "new"
 
 
-def resolve_positions(recipe: Recipe, base_layers: int, needs_upper: bool) -> list[int]:
+def resolve_positions(placement: Positions, base_layers: int, needs_upper: bool, where: str) -> list[int]:
     """Base indices k after which a new layer goes, sorted; errors for impossible requests."""
     n = base_layers
     # Between-pair positions are k = 0..N-2. A method that builds from layer k alone may also
     # put a layer after the top one (k = N-1), as LLaMA-Pro's uniform expansion does.
     slots = n - 1 if needs_upper else n
-    where = f"recipe {recipe.source}"
-    if isinstance(recipe.positions, tuple):
-        bad = [k for k in recipe.positions if k >= slots]
+    if isinstance(placement.where, tuple):
+        bad = [k for k in placement.where if k >= slots]
         if bad:
             raise UsageError(
                 f"{where}: position(s) {bad} out of range for a {n}-layer model (allowed 0..{slots - 1}"
                 + ("; the method needs layers k and k+1)" if needs_upper else ")")
             )
-        return list(recipe.positions)
-    kind = recipe.positions
+        return list(placement.where)
+    kind = placement.where
     if kind != "uniform":
         slots = n - 1  # top, bottom, middle, top-bottom name adjacent pairs
-    count = resolve_amount(recipe.count, n)
+    count = resolve_amount(placement.count, n)
     if count < 1:
-        raise UsageError(f"{where}: count {recipe.count!r} is less than one layer for a {n}-layer model")
+        raise UsageError(f"{where}: count {placement.count!r} is less than one layer for a {n}-layer model")
     if count > slots:
         raise UsageError(
             f"{where}: count {count} is too large for a {n}-layer model: at most {slots} new layers "
@@ -65,36 +64,39 @@ def resolve_positions(recipe: Recipe, base_layers: int, needs_upper: bool) -> li
     raise UsageError(f"{where}: unknown positions {kind!r}")
 
 
-def stack_slices(recipe: Recipe, base_layers: int) -> list[tuple[int, int]]:
+def resolve_slices(placement: Slices, base_layers: int, where: str) -> list[tuple[int, int]]:
     n = base_layers
-    where = f"recipe {recipe.source}"
-    if recipe.slices is not None:
-        for start, end in recipe.slices:
+    if placement.ranges is not None:
+        for start, end in placement.ranges:
             if end > n:
                 raise UsageError(f"{where}: slice [{start}, {end}) goes past the {n} layers of this model")
-        return list(recipe.slices)
-    m = resolve_amount(recipe.overlap, n)
+        return list(placement.ranges)
+    m = resolve_amount(placement.overlap, n)
     if not 1 <= m < n:
-        raise UsageError(f"{where}: overlap {recipe.overlap!r} = {m} layers must be between 1 and {n - 1} for a {n}-layer model")
+        raise UsageError(f"{where}: overlap {placement.overlap!r} = {m} layers must be between 1 and {n - 1} for a {n}-layer model")
     return [(0, n - m), (m, n)]  # SOLAR: drop the top m of copy 1 and the bottom m of copy 2
 
 
-def build_plan(recipe: Recipe, base_layers: int, needs_upper: bool) -> list[OutputLayer]:
+def output_layers(placement: Positions | Slices, base_layers: int, method: str, needs_upper: bool,
+                  where: str = "recipe") -> list[OutputLayer]:
+    """Every output layer in order. Slices: the first use of a base layer is that layer, a repeat
+    is a new layer (a copy) of `method`. Positions: each base layer, and after the chosen ones a
+    new layer of `method` built from (k, k+1), or from k alone when not needs_upper."""
     layers: list[OutputLayer] = []
-    if recipe.method == "stack":
+    if isinstance(placement, Slices):
         seen: set[int] = set()
-        for start, end in stack_slices(recipe, base_layers):
+        for start, end in resolve_slices(placement, base_layers, where):
             for j in range(start, end):
                 origin = "new" if j in seen else "base"
                 seen.add(j)
-                layers.append(OutputLayer(len(layers), origin, (j,), "base" if origin == "base" else "stack"))
+                layers.append(OutputLayer(len(layers), origin, (j,), "base" if origin == "base" else method))
         return layers
-    positions = set(resolve_positions(recipe, base_layers, needs_upper))
+    positions = set(resolve_positions(placement, base_layers, needs_upper, where))
     for k in range(base_layers):
         layers.append(OutputLayer(len(layers), "base", (k,), "base"))
         if k in positions:
             sources = (k, k + 1) if needs_upper else (k,)
-            layers.append(OutputLayer(len(layers), "new", sources, recipe.method))
+            layers.append(OutputLayer(len(layers), "new", sources, method))
     return layers
 
 
@@ -102,3 +104,11 @@ def base_position(layer: OutputLayer) -> int:
     """The base layer whose per-layer config (layer type, window) an output layer inherits:
     its lower source, so a new layer between k and k+1 behaves like layer k."""
     return layer.sources[0]
+
+
+def recipe_layers(recipe: Recipe, base_layers: int) -> list[OutputLayer]:
+    """The output layers a recipe asks for in a model of this depth."""
+    from .methods.registry import method_class
+
+    needs_upper = method_class(recipe.method).needs_upper
+    return output_layers(recipe.placement, base_layers, recipe.method, needs_upper, f"recipe {recipe.source}")

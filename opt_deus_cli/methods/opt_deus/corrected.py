@@ -1,0 +1,32 @@
+"""Corrected mode (the default): one new block from the aligned lower layer and the upper one.
+Attention and MLP are aligned on their own plans; norms, head norms, o_proj's bias and anything
+without a rule are averaged (the residual dimension is never transported)."""
+
+from __future__ import annotations
+
+from ..base import Block, BuildContext
+from .attention import align_attention, fuse_attention
+from .blocks import average_rest
+from .experts import build_experts
+from .mlp import align_mlp, fuse_mlp
+from .settings import AlignmentSettings
+
+
+def build_corrected(lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings, alpha: float) -> tuple[Block, dict]:
+    notes: list[str] = []
+    attention = align_attention(lower, upper, ctx, settings)
+    out = fuse_attention(attention, upper, ctx, alpha)
+    report = {"attention": attention.figures}
+    del attention
+    if ctx.arch.experts:
+        fused, figures = build_experts(lower, upper, ctx, settings, alpha)
+        out.update(fused)
+        report.update(figures)
+    else:
+        mlp = align_mlp(lower, upper, ctx, settings)
+        out.update(fuse_mlp([(1.0, None, mlp)], lower, upper, ctx, alpha))
+        report["mlp"] = mlp.figures
+        del mlp
+    out.update(average_rest(lower, upper, out, ctx, alpha, notes))
+    report["notes"] = notes
+    return out, report

@@ -1,0 +1,96 @@
+"""A solved transport plan as OpT-DeUS uses it: the map that moves the lower layer's units onto
+the upper layer's, the figures the manifest reports, and the one worst-case reduction over many
+plans."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...ot import PlanReport, assignment_plan, barycentric_map, exact_assignment, permutation_likeness, sinkhorn_plan
+from .settings import AlignmentSettings
+
+
+class Map:
+    """Barycentric map of one plan, moving A's units (along some axis) onto B's units.
+    index (m,): B's unit j receives A's unit index[j] (exact solver: a pure gather, no arithmetic);
+    P (m, n): B's unit j receives sum_i P[j, i] * A's unit i (entropic solver); colsum (m,) the
+    plan's column sums, so that the plan itself can be given back for inspection."""
+
+    def __init__(self, index: torch.Tensor | None = None, P: torch.Tensor | None = None, colsum: torch.Tensor | None = None):
+        self.index, self.P, self.colsum = index, P, colsum
+
+    def apply(self, W: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        if self.index is not None:
+            return W.index_select(dim, self.index.to(W.device))
+        P = self.P.to(device=W.device, dtype=W.dtype)
+        return torch.tensordot(P, W, dims=([1], [dim])).movedim(0, dim)
+
+    def sources(self, j: int) -> list[tuple[int, float]]:
+        """(A unit, weight) pairs that make up B's unit j (weights sum to 1; zeros skipped)."""
+        if self.index is not None:
+            return [(int(self.index[j]), 1.0)]
+        row = self.P[j]
+        return [(int(i), float(row[i])) for i in torch.nonzero(row > 0).flatten()]
+
+    def plan(self) -> torch.Tensor:
+        """The transport plan T (n, m), CPU float64: T[i, j] = mass moved from A's i to B's j."""
+        if self.index is not None:
+            return assignment_plan(torch.argsort(self.index.cpu()))  # col[i] = B unit of A unit i
+        return (self.P.cpu().double() * self.colsum.cpu().double()[:, None]).T
+
+
+@dataclass
+class Solved:
+    map: Map
+    report: PlanReport
+    cost_after: float  # mean matched cost under the plan (mass-normalised)
+    likeness: float  # permutation likeness: 1 for a permutation
+
+    def status(self) -> dict:
+        return {"iterations": self.report.iterations, "marginal_error": self.report.marginal_error,
+                "converged": self.report.converged, "warnings": list(self.report.warnings)}
+
+    def figures(self, cost_before: float, seconds: float) -> dict:
+        return figures(self.report, cost_before, self.cost_after, self.likeness, seconds)
+
+
+def solve(cost: torch.Tensor, settings: AlignmentSettings, what: str) -> Solved:
+    """Plan for `cost` (n, m) with the configured solver, as a map plus figures."""
+    if settings.solver == "exact":
+        col, report = exact_assignment(cost, what)
+        n = col.numel()
+        cost_after = float(cost[torch.arange(n, device=cost.device), col.to(cost.device)].mean())
+        # col[i] = B unit of A unit i; the map needs the inverse: A unit landing on B unit j
+        return Solved(Map(index=torch.argsort(col)), report, cost_after, 1.0)
+    T, report = sinkhorn_plan(cost, settings.epsilon, settings.max_iter, settings.tol, what)
+    cost_after = float(torch.dot(T.reshape(-1), cost.reshape(-1).to(T.dtype)) / T.sum())
+    return Solved(Map(P=barycentric_map(T), colsum=T.sum(0)), report, cost_after, permutation_likeness(T))
+
+
+def figures(report: PlanReport, cost_before: float, cost_after: float | None, likeness: float, seconds: float) -> dict:
+    """One plan's figures as the manifest records them."""
+    return {
+        "solver": report.solver,
+        "epsilon": report.epsilon,
+        "iterations": report.iterations,
+        "marginal_error": report.marginal_error,
+        "converged": report.converged,
+        "cost_before": float(cost_before),
+        "cost_after": cost_after,
+        "permutation_likeness": likeness,
+        "seconds": seconds,
+        "warnings": list(report.warnings),
+    }
+
+
+def worst_of(statuses: list[dict]) -> dict:
+    """The worst case over many plans' figures (or Solved.status()): most iterations, largest
+    marginal error, converged only if all did, every distinct warning."""
+    return {
+        "iterations": max(s["iterations"] for s in statuses),
+        "marginal_error": max(s["marginal_error"] for s in statuses),
+        "converged": all(s["converged"] for s in statuses),
+        "warnings": sorted({w for s in statuses for w in s["warnings"]}),
+    }

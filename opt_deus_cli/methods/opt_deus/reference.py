@@ -1,0 +1,108 @@
+"""Reference mode: the published script (docs/method.md section 1), tensor by tensor, with its
+known defects kept: raw Euclidean costs, POT's default Sinkhorn in float32, T^T W_A without the
+marginal correction, independent plans for q/k and gate/up, heads and GQA groups ignored."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from ...ot import barycentric_map, cost_matrix, permutation_likeness, sinkhorn_reference
+from ..base import Block, BuildContext
+from .blocks import F32, average_rest, finish, mix
+from .plans import figures, worst_of
+from .settings import ReferenceSolver
+
+# on_plan(tensor name, cost C, plan T): what the inspection path keeps; both (n_A, n_B)
+OnPlan = Callable[[str, torch.Tensor, torch.Tensor], None]
+
+
+def reference_plan(WA: torch.Tensor, WB: torch.Tensor, solver: ReferenceSolver, what: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The published per-tensor plan: raw Euclidean cost between rows, POT default Sinkhorn, fp32.
+    Returns the cost C and plan T, both (n_A, n_B), and the plan's figures."""
+    start = time.perf_counter()
+    C = cost_matrix(WA, WB, "euclidean")
+    T, report = sinkhorn_reference(C, solver.reg, solver.max_iter, solver.stop_thr, what)
+    mass = float(T.sum())  # 1 unless the kernel underflowed
+    cost_after = float(torch.dot(T.reshape(-1), C.reshape(-1)) / mass) if mass > 0 else None
+    seconds = time.perf_counter() - start
+    figs = figures(report, float(C.diagonal().mean()), cost_after, permutation_likeness(T), seconds)
+    figs["mass"] = mass
+    return C, T, figs
+
+
+def reference_summary(plans: dict[str, dict]) -> dict:
+    """Worst case over a group's per-tensor plans (costs: mean, as they are in different units)."""
+    figs = list(plans.values())
+    after = [f["cost_after"] for f in figs]
+    return {
+        "solver": figs[0]["solver"],
+        "epsilon": figs[0]["epsilon"],
+        **worst_of(figs),
+        "cost_before": sum(f["cost_before"] for f in figs) / len(figs),
+        "cost_after": None if None in after else sum(after) / len(after),
+        "permutation_likeness": min(f["permutation_likeness"] for f in figs),
+        "seconds": sum(f["seconds"] for f in figs),
+        "plans": plans,
+    }
+
+
+def reference_pass(lower: Block, upper: Block, ctx: BuildContext, alpha: float, solver: ReferenceSolver,
+                   on_plan: OnPlan | None = None) -> tuple[Block, dict[str, dict], list[str]]:
+    """Everything the published script computes: fused tensors, per-tensor figures, notes."""
+    arch, dev = ctx.arch, ctx.device
+    out: Block = {}
+    figs: dict[str, dict] = {}
+    notes: list[str] = []
+
+    def fuse_role(role: str, right: torch.Tensor | None = None) -> torch.Tensor:
+        name = arch.weight(role)
+        WA = lower[name].to(dev, F32)
+        if right is not None:
+            # (out, hidden) @ (hidden, hidden): A's input columns transported by T_o, unnormalised as published
+            WA = WA @ right
+        WB = upper[name].to(dev, F32)
+        C, T, figs[name] = reference_plan(WA, WB, solver, f"reference plan of {name}")
+        if on_plan is not None:
+            on_plan(name, C, T)
+        del C
+        out[name] = finish(mix(alpha, T.T @ WA, WB), upper[name])  # aligned = T^T W_A, no marginal correction
+        bias = arch.bias(role)
+        if bias in upper:
+            P = barycentric_map(T)
+            out[bias] = finish(mix(alpha, P @ lower[bias].to(dev, F32), upper[bias].to(dev, F32)), upper[bias])
+            notes.append(f"{bias}: no published rule; moved with the {name} plan as a barycentric map (corrected rule)")
+        return T
+
+    for role in ("q", "k", "v"):
+        fuse_role(role)
+    T_o = fuse_role("o")  # (hidden, hidden): couples o_proj's output rows, i.e. residual dims
+    fuse_role("gate", right=T_o)
+    fuse_role("up", right=T_o)
+    fuse_role("down")
+    for name in arch.norms:
+        wA, wB = lower[name].to(dev, F32), upper[name].to(dev, F32)
+        if "post_attention_layernorm" in name:
+            wA = wA @ (0.5 * T_o + 0.5 * torch.eye(T_o.shape[0], device=dev))  # (hidden,) @ (hidden, hidden)
+        out[name] = finish(mix(alpha, wA, wB), upper[name])
+    for name in arch.head_norms:
+        notes.append(f"{name}: no published rule; averaged (corrected rule)")
+    for role in ("o", "down"):
+        if arch.bias(role) in upper:
+            notes.append(f"{arch.bias(role)}: no published rule; averaged (corrected rule)")
+    if alpha != 0.5:
+        notes.append(f"alpha {alpha} replaces the published 1/2 mix")
+    out.update(average_rest(lower, upper, out, ctx, alpha, notes))
+    return out, figs, notes
+
+
+def group_report(figs: dict[str, dict], ctx: BuildContext, group: str) -> dict:
+    roles = ("q", "k", "v", "o") if group == "attention" else ("gate", "up", "down")
+    return reference_summary({ctx.arch.weight(r): figs[ctx.arch.weight(r)] for r in roles})
+
+
+def build_reference(lower: Block, upper: Block, ctx: BuildContext, alpha: float, solver: ReferenceSolver) -> tuple[Block, dict]:
+    out, figs, notes = reference_pass(lower, upper, ctx, alpha, solver)
+    return out, {"attention": group_report(figs, ctx, "attention"), "mlp": group_report(figs, ctx, "mlp"), "notes": notes}
