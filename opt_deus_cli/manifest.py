@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +42,12 @@ class LayerEntry:
 
 @dataclass
 class BaseInfo:
-    path: str
+    path: str  # the directory read (for a Hub repo id: its snapshot in the cache)
     model_type: str
     num_layers: int
     files: list[FileEntry]
+    repo_id: str | None = None  # when MODEL was a Hub repo id
+    revision: str | None = None  # the resolved commit hash
 
 
 @dataclass
@@ -71,6 +73,9 @@ class Manifest:
     output: OutputInfo
     timings: dict[str, float]
     parent: dict | None = None  # the base's own manifest, when the base is an opt-deus output
+    # output layers to train (the new ones): what freeze_base and the handoffs select
+    trainable_layers: list[int] = dataclasses.field(default_factory=list)
+    training: dict | None = None  # written by `opt-deus train`: data, steps, losses, world size
 
     # ---- JSON ------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -85,6 +90,7 @@ class Manifest:
             base["files"] = [FileEntry(**f) for f in base["files"]]
             output["files"] = [FileEntry(**f) for f in output["files"]]
             values = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+            values.setdefault("trainable_layers", list(d["new_layers"]))  # manifests before it was recorded
             values.update(
                 base=_known(BaseInfo, base),
                 output=_known(OutputInfo, output),

@@ -96,6 +96,7 @@ def upscale(model_dir: Path | str, recipe: Recipe, out_dir: Path | str, options:
                 output=OutputInfo(str(Path(out_dir).absolute()), len(job.layers), output_files),
                 timings={k: round(v, 4) for k, v in timings.items()},
                 parent=parent.to_dict() if parent else None,
+                trainable_layers=job.new_layers,
             )
             manifest.write(tmp / MANIFEST_FILE)
             transaction.commit()

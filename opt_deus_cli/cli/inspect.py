@@ -1,0 +1,94 @@
+"""`opt-deus inspect`: an output's layers and alignment figures, one layer's plan, or a base model's adjacent layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import UsageError
+from .common import app, console, fail, out, progress_bar, run
+
+@app.command()
+def inspect(
+    model_dir: Path = typer.Argument(..., help="An opt-deus output (with its manifest) or a base model."),
+    layer: Optional[int] = typer.Option(None, "--layer", help="A new layer: recompute and show its cost matrix and plan."),
+    group: str = typer.Option("mlp", "--group", help="attention | mlp (with --layer)."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Also write the pictures to this PNG file."),
+    save: Optional[Path] = typer.Option(None, "--save", help="With --layer: write the raw matrices to this .npz file."),
+    base: Optional[Path] = typer.Option(None, "--base", help="The base model, if it moved since the manifest was written."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="On a base model: the alignment settings to use (default corrected/exact)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+):
+    """Look into an up-scaled model (layers, alignment figures, heatmaps of a layer's plan) or a
+    base model (how far apart adjacent layers are before and after alignment)."""
+    from .. import inspect as ins
+    from ..manifest import read_manifest
+    from ..recipe import load_recipe
+
+    manifest = run(read_manifest, model_dir)
+    if layer is not None:
+        if manifest is None:
+            fail(UsageError(f"{model_dir} has no opt-deus manifest; --layer needs an up-scaled model"))
+        m = run(ins.layer_matrices, model_dir, layer, group, base, device)
+        panels = ins.heatmap_panels(m)
+        title = f"layer {m.layer} ({group}): aligning base layer {m.sources[0]} onto {m.sources[1]}"
+        if save:
+            ins.save_npz(save, m)
+        if png:
+            ins.save_png(png, panels, title)
+        if as_json:
+            out.print_json(data={"layer": m.layer, "group": group, "sources": list(m.sources), "shape": list(m.cost.shape),
+                                 "report": m.report, "png": str(png) if png else None, "npz": str(save) if save else None})
+            return
+        out.print(title)
+        figures = m.report
+        out.print(f"cost before {figures.get('cost_before', float('nan')):.4g} -> after {figures.get('cost_after') or float('nan'):.4g}, "
+                  f"permutation-likeness {figures.get('permutation_likeness', float('nan')):.3f}, "
+                  f"solver {figures.get('solver')}, iterations {figures.get('iterations')}, converged {figures.get('converged')}")
+        for name, matrix, cmap in panels:
+            out.print(ins.terminal_heatmap(matrix, name, cmap))
+        return
+    if manifest is not None:
+        rows = ins.layer_rows(manifest)
+        if as_json:
+            out.print_json(data={"function_preserving": manifest.function_preserving, "layers": rows,
+                                 "new_layers": manifest.new_layers, "warnings": manifest.warnings})
+            return
+        out.print(f"{manifest.base.model_type}: {manifest.base.num_layers} -> {manifest.output.num_layers} layers, "
+                  f"recipe {manifest.method}, function-preserving: {'yes' if manifest.function_preserving else 'no'}")
+        table = Table("out", "origin", "src", "method", "zeroed", "attn cost", "mlp cost", "perm-like", "iters", "conv",
+                      box=None, caption="cost: mean matched cost before -> after alignment; figures per group (attention, mlp)")
+        for row in rows:
+            cells = []
+            for g in ins.GROUPS:
+                f = row.get(g)
+                cells.append(f"{f['cost_before']:.3g}→{f['cost_after']:.3g}" if f and f.get("cost_after") is not None else "")
+            figs = [row[g] for g in ins.GROUPS if row.get(g)]
+            likeness = ",".join(f"{f['permutation_likeness']:.2f}" for f in figs if f.get("permutation_likeness") is not None)
+            iters = ",".join(str(f["iterations"]) for f in figs if f.get("iterations") is not None)
+            converged = ",".join("yes" if f["converged"] else "NO" for f in figs if f.get("converged") is not None)
+            table.add_row(str(row["index"]), row["origin"], ",".join(map(str, row["sources"])), row["method"],
+                          str(row["zeroed"]), *cells, likeness, iters, converged)
+        out.print(table)
+        for warning in manifest.warnings:
+            console.print(f"[yellow]warning:[/] {warning}")
+        return
+    settings = run(ins.alignment_of, run(load_recipe, recipe)) if recipe else ins.AlignmentSettings()
+    with progress_bar(enabled=not as_json) as bar:
+        task = bar.add_task("aligning", total=None)
+        survey = run(ins.pair_distances, model_dir, settings, device,
+                     lambda d, done, total: bar.update(task, description=d, completed=done, total=total))
+    if png:
+        ins.save_pair_png(png, survey)
+    if as_json:
+        out.print_json(data=survey)
+        return
+    out.print(f"{survey['model_type']}, {survey['layers']} layers: mean matched cost of adjacent layers "
+              f"(█ after alignment, ░ what alignment removed)")
+    out.print(ins.terminal_bars(survey))
+    for name, picks in survey["recipes"].items():
+        out.print(f"recipe {name:<20} inserts after base layers {picks}")

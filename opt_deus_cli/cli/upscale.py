@@ -1,0 +1,90 @@
+"""`opt-deus upscale`: model + recipe -> deeper checkpoint + manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import UsageError
+from .common import app, console, fail, out, progress_bar, run
+
+@app.command()
+def upscale(
+    model_dir: Optional[Path] = typer.Argument(None, help="Base model directory (config.json + *.safetensors); or `model:` in the recipe."),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe YAML path or shipped recipe name (see `opt-deus recipes`)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory; or `output:` in the recipe."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("keep", help="keep | bfloat16 | float16 | float32"),
+    shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB, 500MB."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output (only once the new one is complete)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved layer plan; write nothing."),
+    allow_nonfinite: bool = typer.Option(False, help="Do not refuse NaN/Inf in source tensors."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
+):
+    """Build a deeper checkpoint from MODEL_DIR with a recipe, and a manifest of what was done."""
+    from ..recipe import load_recipe
+    from ..job import Options
+    from ..upscale import dry_run as run_dry_run, upscale as run_upscale
+
+    parsed = run(load_recipe, recipe)
+    model = model_dir or (Path(parsed.model) if parsed.model else None)
+    target = out_dir or (Path(parsed.output) if parsed.output else None)
+    if model is None:
+        fail(UsageError("no model: give MODEL_DIR or set `model:` in the recipe"))
+    if target is None and not dry_run:
+        fail(UsageError("no output: give --out OUT_DIR or set `output:` in the recipe"))
+    options = Options(device=device, dtype=dtype, shard_size=shard_size, overwrite=overwrite,
+                      allow_nonfinite=allow_nonfinite)
+    if dry_run:
+        result = run(run_dry_run, model, parsed, target, options)
+        if as_json:
+            out.print_json(data=result)
+        else:
+            _print_plan(result["plan"])
+        return
+    with progress_bar(enabled=not as_json) as bar:
+        task = bar.add_task("up-scaling", total=None)
+
+        def on_progress(description: str, done: int, total: int) -> None:
+            bar.update(task, description=description, completed=done, total=total)
+
+        manifest = run(run_upscale, model, parsed, target, options, on_progress)
+    for warning in manifest.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    summary = {
+        "output": manifest.output.path,
+        "base_layers": manifest.base.num_layers,
+        "output_layers": manifest.output.num_layers,
+        "new_layers": manifest.new_layers,
+        "method": manifest.method,
+        "function_preserving": manifest.function_preserving,
+        "trainable_parameter_regex": manifest.trainable_parameter_regex,
+        "files": len(manifest.output.files),
+        "bytes": sum(f.bytes for f in manifest.output.files),
+        "seconds": manifest.timings["total"],
+        "warnings": manifest.warnings,
+    }
+    if as_json:
+        out.print_json(data=summary)
+    else:
+        out.print(
+            f"wrote {summary['output']}: {summary['base_layers']} -> {summary['output_layers']} layers "
+            f"({summary['method']}, new {summary['new_layers']}), {summary['files']} files, "
+            f"{summary['bytes'] / 1e6:.1f} MB in {summary['seconds']:.1f} s; "
+            f"function-preserving: {'yes' if summary['function_preserving'] else 'no'}"
+        )
+        out.print(f"train only the new layers with: {summary['trainable_parameter_regex']}")
+
+
+def _print_plan(plan: dict) -> None:
+    out.print(
+        f"{plan['model_type']}: {plan['base_layers']} -> {plan['output_layers']} layers, method {plan['method']}, "
+        f"zero_init {plan['zero_init'] or 'none'}, function-preserving: {'yes' if plan['function_preserving'] else 'no'}"
+    )
+    table = Table("out", "origin", "sources", "method", box=None)
+    for layer in plan["layers"]:
+        table.add_row(str(layer["index"]), layer["origin"], ",".join(map(str, layer["sources"])), layer["method"])
+    out.print(table)
