@@ -75,11 +75,12 @@ class SourceModel:
         arch.from_canonical gives the family's own names back."""
         return self.arch.to_canonical(block, self.layout) if block is not None else None
 
-    def canonical_pair(self, sources: tuple[int, ...], device: torch.device) -> tuple[Block, Block | None, BuildContext]:
+    def canonical_pair(self, sources: tuple[int, ...], device: torch.device,
+                       out_dtype: torch.dtype | None = None) -> tuple[Block, Block | None, BuildContext]:
         """(lower, upper or None, context) of base layers (k,) or (k, k+1), canonical."""
         lower = self.canonical(self.block(sources[0]))
         upper = self.canonical(self.block(sources[1])) if len(sources) > 1 else None
-        return lower, upper, BuildContext(self.arch.canonical(), self.layout, device, tuple(sources))
+        return lower, upper, BuildContext(self.arch.canonical(), self.layout, device, tuple(sources), out_dtype)
 
     def files(self) -> list[Path]:
         return self.ckpt.files()

@@ -147,3 +147,20 @@ def test_dry_run_writes_nothing(model_factory, tmp_path):
     result = dry_run(base, parse_recipe({"method": "copy", "positions": "uniform", "count": 3}), out)
     assert not out.exists()
     assert [l["sources"] for l in result["plan"]["layers"] if l["origin"] == "new"] == [[1], [3], [5]]
+
+
+@pytest.mark.parametrize("method", ["average", "opt-deus"])
+def test_float32_output_keeps_the_float32_computation(model_factory, tmp_path, method):
+    """--dtype float32 on a bf16 base: a new layer is stored as computed in float32, not rounded
+    through bf16 first (a share of the lower layer can be below bf16 resolution)."""
+    base = model_factory("llama")
+    recipe = {"method": method, "positions": [2], "fusion": {"alpha": 0.3}}
+    if method == "opt-deus":
+        recipe["zero_init"] = []
+    upscale(base, parse_recipe(recipe), tmp_path / "o", Options(device="cpu", dtype="float32"))
+    got, src = tensors(tmp_path / "o"), tensors(base)
+    name = "model.layers.3.input_layernorm.weight"  # norms are alpha-mixed in both methods
+    a, b = src["model.layers.2.input_layernorm.weight"].float(), src["model.layers.3.input_layernorm.weight"].float()
+    assert got[name].dtype == torch.float32
+    torch.testing.assert_close(got[name], 0.3 * a + 0.7 * b, rtol=0, atol=1e-7)
+    assert not torch.equal(got[name], got[name].bfloat16().float())  # not a bf16 value widened

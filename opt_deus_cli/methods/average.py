@@ -6,7 +6,7 @@ from ..errors import OptDeusError
 from .base import Block, BuildContext, Fusion, Method
 
 
-def average_blocks(lower: Block, upper: Block, alpha: float, device) -> Block:
+def average_blocks(lower: Block, upper: Block, alpha: float, ctx: BuildContext) -> Block:
     """alpha * lower + (1 - alpha) * upper, tensor by tensor, computed in float32."""
     import torch
 
@@ -15,8 +15,8 @@ def average_blocks(lower: Block, upper: Block, alpha: float, device) -> Block:
     out = {}
     for name, a in lower.items():
         b = upper[name]
-        mixed = alpha * a.to(device, torch.float32) + (1 - alpha) * b.to(device, torch.float32)
-        out[name] = mixed.to(b.dtype).cpu()
+        mixed = alpha * a.to(ctx.device, torch.float32) + (1 - alpha) * b.to(ctx.device, torch.float32)
+        out[name] = ctx.result(mixed, b)
     return out
 
 
@@ -31,4 +31,4 @@ class AverageMethod(Method):
 
     def build(self, lower: Block, upper: Block | None, ctx: BuildContext) -> tuple[Block, dict]:
         assert upper is not None
-        return average_blocks(lower, upper, self.alpha, ctx.device), {}
+        return average_blocks(lower, upper, self.alpha, ctx), {}

@@ -27,6 +27,13 @@ class BuildContext:
     layout: "HeadLayout"
     device: "torch.device"
     sources: tuple[int, ...] = ()  # base indices of the layers being fused (lower first)
+    out_dtype: "torch.dtype | None" = None  # --dtype of the output; None: each tensor keeps its source dtype
+
+    def result(self, t, like):
+        """A computed tensor as the pipeline wants it: CPU, contiguous, in the dtype it will be
+        stored in (so a float32 output keeps the float32 computation, not a bf16 rounding of it)."""
+        dtype = self.out_dtype if self.out_dtype is not None and like.is_floating_point() else like.dtype
+        return t.to(device="cpu", dtype=dtype).contiguous()
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,8 @@ class LesaMethod(Method):
                 progress(f"lesa: {short} (SVD of {L} layers, predictor)", done, len(PROJECTION_ROLES))
             rel = arch.weight(role)
             names = [arch.layer_prefix(l) + rel for l in range(L)]
-            predicted, self._figures[short] = predict_role([source.ckpt.read(n) for n in names], names, positions, s, job.device)
+            predicted, self._figures[short] = predict_role([source.ckpt.read(n) for n in names], names, positions, s,
+                                                           job.device, job.dtype)
             for k, weight in predicted.items():
                 self._weights[k][rel] = weight
         # An undertrained predictor (e.g. the authors' 10 epochs on a small model: few steps)

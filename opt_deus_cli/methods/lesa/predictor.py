@@ -107,7 +107,7 @@ def train_predictor(V: torch.Tensor, s: LesaSettings) -> tuple[nn.Sequential, di
 
 
 def predict_role(weights: list[torch.Tensor], names: list[str], positions: list[int], settings: LesaSettings,
-                 device: torch.device) -> tuple[dict[int, torch.Tensor], dict]:
+                 device: torch.device, out_dtype: torch.dtype | None = None) -> tuple[dict[int, torch.Tensor], dict]:
     """SVD + predictor for one weight type, given every base layer's weight (`names` for messages):
     the predicted weight of the layer after each position k (source dtype, CPU), and figures."""
     t0 = time.perf_counter()
@@ -115,7 +115,7 @@ def predict_role(weights: list[torch.Tensor], names: list[str], positions: list[
         if not torch.isfinite(w).all():
             raise OptDeusError(f"tensor {name} contains NaN or Inf; LESA's SVD of "
                                "the whole stack needs every layer finite (even with --allow-nonfinite)")
-    dtype = weights[0].dtype
+    dtype = out_dtype or weights[0].dtype  # stored as the output will be: no detour through bf16
     US, V = stack_svd(weights, settings.rank, device)  # (out, r), (r, L, in)
     del weights
     if V.shape[0] == 0:  # every layer's weight is zero: so is the new one

@@ -12,7 +12,7 @@ import torch
 from ...architectures import Architecture, HeadLayout
 from ...ot import cost_matrix
 from ..base import Block, BuildContext
-from .blocks import F32, finish, mix
+from .blocks import F32, mix
 from .plans import Map, Solved, solve, worst_of
 from .settings import AlignmentSettings
 
@@ -189,4 +189,4 @@ def fuse_attention(al: AttentionAlignment, upper: Block, ctx: BuildContext, alph
     for role, key in (("q", "qb"), ("k", "kb"), ("v", "vb")):
         if key in stacked:
             out[arch.bias(role)] = stacked[key].reshape(-1)
-    return {name: finish(t, upper[name]) for name, t in out.items()}
+    return {name: ctx.result(t, upper[name]) for name, t in out.items()}

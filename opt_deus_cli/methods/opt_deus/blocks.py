@@ -36,11 +36,6 @@ def check_blocks(lower: Block, upper: Block, arch: Architecture, layout: HeadLay
                 raise OptDeusError(f"{which} source layer: tensor {name} contains NaN or Inf")
 
 
-def finish(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A result tensor as the pipeline wants it: CPU, the source dtype, contiguous."""
-    return t.to(device="cpu", dtype=like.dtype).contiguous()
-
-
 def mix(alpha: float, aligned: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return alpha * aligned + (1.0 - alpha) * b
 
@@ -60,4 +55,4 @@ def average_rest(lower: Block, upper: Block, done: Block, ctx: BuildContext, alp
     for name in rest:
         if name not in known:
             notes.append(f"{name}: no alignment rule for this tensor; averaged")
-    return average_blocks({n: lower[n] for n in rest}, {n: upper[n] for n in rest}, alpha, ctx.device)
+    return average_blocks({n: lower[n] for n in rest}, {n: upper[n] for n in rest}, alpha, ctx)

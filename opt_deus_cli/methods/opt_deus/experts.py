@@ -12,7 +12,7 @@ import torch
 
 from ...ot import cost_matrix
 from ..base import Block, BuildContext
-from .blocks import F32, finish, mix
+from .blocks import F32, mix
 from .mlp import MlpAlignment, Source, align_mlp, fuse_mlp, identity_cost, mlp_features, mlp_paths
 from .plans import Solved, solve, worst_of
 from .settings import AlignmentSettings
@@ -137,7 +137,7 @@ def fuse_router(ex: ExpertAlignment, lower: Block, upper: Block, ctx: BuildConte
     name, dev = ctx.arch.router, ctx.device
     RA = lower[name].to(dev, F32)  # (E, hidden)
     aligned = torch.stack([sum(w * RA[a] for a, w in src) for src in ex.sources])
-    return {name: finish(mix(alpha, aligned, upper[name].to(dev, F32)), upper[name])}
+    return {name: ctx.result(mix(alpha, aligned, upper[name].to(dev, F32)), upper[name])}
 
 
 def build_experts(lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings, alpha: float) -> tuple[Block, dict]:

@@ -11,7 +11,7 @@ import torch
 from ...architectures import MLP_ROLES, Architecture
 from ...ot import cost_matrix_blocks
 from ..base import Block, BuildContext
-from .blocks import F32, finish, mix
+from .blocks import F32, mix
 from .plans import Solved, solve
 from .settings import AlignmentSettings
 
@@ -95,7 +95,7 @@ def fuse_mlp(sources: list[Source], lower: Block, upper: Block, ctx: BuildContex
             moved = t if dim is None else al.solved.map.apply(t, dim)
             moved = moved if w == 1.0 else w * moved  # the exact solver's single source: a pure gather
             aligned = moved if aligned is None else aligned + moved
-        out[name] = finish(mix(alpha, aligned, upper[name].to(dev, F32)), upper[name])
+        out[name] = ctx.result(mix(alpha, aligned, upper[name].to(dev, F32)), upper[name])
         del aligned
     return out
 

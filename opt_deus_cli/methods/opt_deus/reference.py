@@ -11,7 +11,7 @@ import torch
 
 from ...ot import barycentric_map, cost_matrix, permutation_likeness, sinkhorn_reference
 from ..base import Block, BuildContext
-from .blocks import F32, average_rest, finish, mix
+from .blocks import F32, average_rest, mix
 from .plans import figures, worst_of
 from .settings import ReferenceSolver
 
@@ -68,11 +68,11 @@ def reference_pass(lower: Block, upper: Block, ctx: BuildContext, alpha: float, 
         if on_plan is not None:
             on_plan(name, C, T)
         del C
-        out[name] = finish(mix(alpha, T.T @ WA, WB), upper[name])  # aligned = T^T W_A, no marginal correction
+        out[name] = ctx.result(mix(alpha, T.T @ WA, WB), upper[name])  # aligned = T^T W_A, no marginal correction
         bias = arch.bias(role)
         if bias in upper:
             P = barycentric_map(T)
-            out[bias] = finish(mix(alpha, P @ lower[bias].to(dev, F32), upper[bias].to(dev, F32)), upper[bias])
+            out[bias] = ctx.result(mix(alpha, P @ lower[bias].to(dev, F32), upper[bias].to(dev, F32)), upper[bias])
             notes.append(f"{bias}: no published rule; moved with the {name} plan as a barycentric map (corrected rule)")
         return T
 
@@ -86,7 +86,7 @@ def reference_pass(lower: Block, upper: Block, ctx: BuildContext, alpha: float, 
         wA, wB = lower[name].to(dev, F32), upper[name].to(dev, F32)
         if "post_attention_layernorm" in name:
             wA = wA @ (0.5 * T_o + 0.5 * torch.eye(T_o.shape[0], device=dev))  # (hidden,) @ (hidden, hidden)
-        out[name] = finish(mix(alpha, wA, wB), upper[name])
+        out[name] = ctx.result(mix(alpha, wA, wB), upper[name])
     for name in arch.head_norms:
         notes.append(f"{name}: no published rule; averaged (corrected rule)")
     for role in ("o", "down"):
