@@ -12,6 +12,7 @@ import torch
 
 from .architectures import Architecture, HeadLayout, architecture_for, expected_block_shapes
 from .checkpoint import Checkpoint
+from .configs import load_hf_config
 from .errors import OptDeusError
 from .methods.base import Block, BuildContext
 
@@ -19,6 +20,7 @@ from .methods.base import Block, BuildContext
 @dataclass
 class SourceModel:
     ckpt: Checkpoint
+    hf_config: object  # the config through transformers (a PretrainedConfig)
     arch: Architecture
     layout: HeadLayout
     blocks: dict[int, list[str]]  # base layer -> its tensor names, relative to the block
@@ -32,14 +34,16 @@ class SourceModel:
         """Read the metadata (config.json, safetensors headers) and check it; no weights yet."""
         ckpt = Checkpoint(model_dir)
         arch = architecture_for(ckpt.config)
-        layout = HeadLayout.from_config(ckpt.config, arch)
+        hf_config = load_hf_config(ckpt.dir)
+        config = hf_config.to_dict()  # family defaults filled in, as transformers will load it
+        layout = HeadLayout.from_config(config, arch)
         try:
             n = ckpt.config[arch.depth_key]
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise TypeError
         except (KeyError, TypeError, ValueError):
             raise OptDeusError(f"config.json has no valid {arch.depth_key}")
-        source = cls(ckpt, arch, layout, *_group_tensors(ckpt, arch, n))
+        source = cls(ckpt, hf_config, arch, layout, *_group_tensors(ckpt, arch, n))
         source._check_blocks()
         source._check_outer()
         return source
@@ -50,6 +54,12 @@ class SourceModel:
 
     @property
     def config(self) -> dict:
+        """The config as transformers reads it: every family default filled in."""
+        return self.hf_config.to_dict()
+
+    @property
+    def raw_config(self) -> dict:
+        """config.json as written (the key set the output keeps)."""
         return self.ckpt.config
 
     @property

@@ -70,7 +70,8 @@ def upscale(model_dir: Path | str, recipe: Recipe, out_dir: Path | str, options:
             finally:
                 writer.abort()
             timings["tensors"] = time.perf_counter() - t0
-            config, config_notes = rewrite_config(source.config, source.arch, job.layers, job.dtype)
+            config, config_notes, config_warnings = rewrite_config(source.raw_config, source.hf_config, source.arch,
+                                                                   job.layers, job.dtype)
             write_json(tmp / "config.json", config)
             for path in source.files():
                 if path.name not in NOT_COPIED_NAMES and not path.name.endswith(NOT_COPIED_SUFFIXES):
@@ -92,7 +93,7 @@ def upscale(model_dir: Path | str, recipe: Recipe, out_dir: Path | str, options:
                 new_layers=job.new_layers,
                 trainable_parameter_regex=job.trainable_regex(),
                 config_notes=config_notes,
-                warnings=method_warnings + [f"layer {e.index}: {w}" for e in layer_entries for w in report_warnings(e.report or {})],
+                warnings=config_warnings + method_warnings + [f"layer {e.index}: {w}" for e in layer_entries for w in report_warnings(e.report or {})],
                 output=OutputInfo(str(Path(out_dir).absolute()), len(job.layers), output_files),
                 timings={k: round(v, 4) for k, v in timings.items()},
                 parent=parent.to_dict() if parent else None,

@@ -5,16 +5,18 @@ computed, and every output layer must behave like the base layer it inherits (sl
 attention, window, RoPE), on sequences longer than the sliding window.
 
 Fixtures: tests/fixtures/hub_configs/*.json (real key sets, sizes shrunk; see its README).
-Cases that fail on today's code are marked xfail(strict=True) with the failure they show, so the
-suite stays green now and reports XPASS (an error) once the fix lands: then drop the marks."""
+Before configs were read through transformers, the gemma cases failed ("tensor lm_head.weight is
+missing": the raw JSON has no tie_word_embeddings, the family default is true) and then computed
+something else (the sliding/full pattern re-derived from the new depth)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
 from conftest import HUB_FIXTURES, hub_config, make_hub_cache
-from opt_deus_cli.errors import OptDeusError
 from opt_deus_cli.recipe import parse_recipe
 from opt_deus_cli.upscale import Options, upscale
 
@@ -30,38 +32,11 @@ def position(fixture: str, where: str) -> int:
     return 0 if where == "bottom" else hub_config(fixture)["num_hidden_layers"] - 2
 
 
-# ---- known failures on today's code (the bug of issue 10) ----------------------------------------
-# The failure each case shows today, one line. Strict and tied to the exception type: a fix turns
-# them into XPASS errors (then delete the entry); a fix of the lm_head failure alone turns the gemma
-# cases into plain failures (AssertionError: the layer-type switch below), which is the point.
-# Gemma configs omit tie_word_embeddings (family default true) and the tool reads the raw JSON with
-# its own default (false), so it stops before writing anything.
-_NO_LM_HEAD = "OptDeusError: tensor lm_head.weight is missing; the {} architecture needs it (config omits tie_word_embeddings; family default true, raw-JSON default false)"
-KNOWN_FAILURES = {
-    "gemma-2-9b": _NO_LM_HEAD.format("gemma2"),
-    "gemma-3-1b": _NO_LM_HEAD.format("gemma3_text"),
-}
-# With tie_word_embeddings stated (test_layer_types_survive_insertion), the next failure shows: no
-# layer_types is written, so transformers re-derives the pattern from the NEW depth.
-LAYER_SWITCH_FAILURES = {
-    ("gemma-2-9b", "bottom"): "no layer_types written; re-derived (i+1)%2 for 7 layers: base layers 1-5 each swap sliding<->full (and the new layer is full); logits max abs diff 0.631",
-    ("gemma-2-9b", "top"): "no layer_types written; re-derived (i+1)%2 for 7 layers: base layer 5 (full) becomes sliding, the new layer (inherits sliding 4) full; logits max abs diff 0.259",
-    ("gemma-3-1b", "bottom"): "no layer_types written; re-derived (i+1)%3 for 7 layers: base layers 1,2,4,5 swap sliding<->full and RoPE base 1e4<->1e6; logits max abs diff 0.996",
-    ("gemma-3-1b", "top"): "no layer_types written; re-derived (i+1)%3 for 7 layers: base layer 5 (full, rope_theta 1e6) becomes sliding with rope_local_base_freq 1e4; logits max abs diff 0.426",
-}
-
-
-def xfail_if(reason: str | None, raises) -> list:
-    """Strict, and only for the failure named: any other exception is a real failure."""
-    return [pytest.mark.xfail(strict=True, raises=raises, reason=reason)] if reason else []
-
-
 def cases():
     for fixture in HUB_FIXTURES:
         for recipe in RECIPES:
             for where in WHERE:
-                yield pytest.param(fixture, recipe, where, id=f"{fixture}-{recipe}-{where}",
-                                   marks=xfail_if(KNOWN_FAILURES.get(fixture), OptDeusError))
+                yield pytest.param(fixture, recipe, where, id=f"{fixture}-{recipe}-{where}")
 
 
 # ---- shared work: each base and each output is built, loaded and run once per session -----------
@@ -110,8 +85,7 @@ def deeper(base, tmp_path_factory):
             try:
                 manifest = upscale(base(fixture, **overrides)[0], parse_recipe(spec), out,
                                    Options(device="cpu", shard_size="60KB"))
-                # a dict, or a Manifest object with to_dict() (the refactor under way)
-                cache[key] = (out, manifest.to_dict() if hasattr(manifest, "to_dict") else manifest)
+                cache[key] = (out, manifest.to_dict())
             except Exception as exc:  # noqa: BLE001 - re-raised below, in each test
                 cache[key] = exc
         if isinstance(cache[key], Exception):
@@ -169,18 +143,27 @@ def test_every_layer_behaves_like_the_base_layer_it_inherits(base, deeper, fixtu
     check_layers_inherited(base(fixture), *deeper(fixture, recipe, where))
 
 
-@pytest.mark.parametrize("fixture, where", [
-    pytest.param(f, w, id=f"{f}-{w}", marks=xfail_if(LAYER_SWITCH_FAILURES.get((f, w)), AssertionError))
-    for f in ("gemma-2-9b", "gemma-3-1b") for w in WHERE
-])
+@pytest.mark.parametrize("fixture, where", [(f, w) for f in ("gemma-2-9b", "gemma-3-1b") for w in WHERE])
 def test_layer_types_survive_insertion(base, deeper, fixture, where):
-    """The gemma fixtures with tie_word_embeddings stated (true, the family default), so the
-    missing-lm_head failure above does not hide the second one: the sliding/full pattern (and
-    gemma3's RoPE base per layer) must follow the layers, not be re-derived from the new depth."""
-    out, manifest = deeper(fixture, "copy", where, tie_word_embeddings=True)
-    entry = base(fixture, tie_word_embeddings=True)
+    """Before the fix: with no layer_types written, transformers re-derived the pattern from the NEW
+    depth (gemma2 bottom: base layers 1-5 each swapped sliding/full, logits off by 0.63; gemma3
+    also swapped RoPE bases 1e4/1e6). The pattern must follow the layers, the output must say which
+    transformers it needs (older ones choose the pattern by layer index), and it must be explicit."""
+    out, manifest = deeper(fixture, "copy", where)
+    entry = base(fixture)
     check_layers_inherited(entry, out, manifest)
     check_function_preserved(entry, out, manifest)
+    written = json.loads((out / "config.json").read_text())
+    assert written["layer_types"] == [entry[1].config.layer_types[layer["sources"][0]] for layer in manifest["layers"]]
+    assert any(">= 4.53.0" in w for w in manifest["warnings"])
+
+
+@pytest.mark.parametrize("fixture", ["qwen2-sliding", "qwen2.5-7b", "llama-3.1-8b"])
+def test_no_version_warning_where_old_transformers_agree(deeper, fixture):
+    """Insertion at the top keeps qwen2's window boundary expressible by max_window_layers (what
+    transformers < 4.53 reads), and families without layer_types need nothing."""
+    _, manifest = deeper(fixture, "copy", "top")
+    assert not any("4.53" in w for w in manifest["warnings"])
 
 
 def test_qwen2_sliding_fixture_exercises_the_window_boundary(base):

@@ -192,7 +192,7 @@ BAD_MODELS = {
     "config a directory": (lambda m: ((m / "config.json").unlink(), (m / "config.json").mkdir()), "has no config.json"),
     "no model_type": (_no_model_type, "has no 'model_type'"),
     "model_type not a string": (_config(model_type=["llama"]), "'model_type' must be a string"),
-    "no vocab_size": (_config(vocab_size=None), "no valid vocab_size"),
+    "no vocab_size": (_config(vocab_size=None), "Field 'vocab_size' expected int"),
     "quantized": (_quantized, "quantized"),
     "index not JSON": (lambda m: (m / INDEX).write_text("{\"weight_map\": "), "not a valid safetensors index"),
     "index not a map": (lambda m: (m / INDEX).write_text('{"weight_map": {"lm_head.weight": 3}}'), "not a valid safetensors index"),
