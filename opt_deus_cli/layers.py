@@ -110,5 +110,7 @@ def recipe_layers(recipe: Recipe, base_layers: int) -> list[OutputLayer]:
     """The output layers a recipe asks for in a model of this depth."""
     from .methods.registry import method_class
 
-    needs_upper = method_class(recipe.method).needs_upper
+    # an instance: whether a method needs the upper neighbour may follow its settings (copy's
+    # `neighbour`); constructing a method from settings imports no torch
+    needs_upper = method_class(recipe.method).from_settings(recipe.settings).needs_upper
     return output_layers(recipe.placement, base_layers, recipe.method, needs_upper, f"recipe {recipe.source}")

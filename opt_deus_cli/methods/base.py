@@ -51,7 +51,8 @@ class Method(ABC):
 
     name: ClassVar[str]
     # "positions": a new layer after base layer k, built from k and k+1 (needs_upper) or from k
-    # alone (it may then also follow the top layer); "slices": the output is ranges of base layers
+    # alone (it may then also follow the top layer); "slices": the output is ranges of base layers.
+    # needs_upper and copies_lower are read from an instance: a method may derive them from its settings
     placement: ClassVar[str] = "positions"
     needs_upper: ClassVar[bool] = True
     default_zero_init: ClassVar[tuple[str, ...]] = ()  # used when the recipe names none
