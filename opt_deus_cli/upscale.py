@@ -15,7 +15,9 @@ import torch
 
 from . import __version__
 from .checkpoint import INDEX_FILE, PICKLE_SUFFIXES, ShardWriter, parse_size, sha256_file, write_json
+from .card import CARD_FILE, model_card
 from .configs import rewrite_config
+from .hub import ResolvedModel, resolve_model
 from .job import Job, Options, resolve_job
 from .layers import OutputLayer
 from .manifest import FORMAT_VERSION, MANIFEST_FILE, BaseInfo, FileEntry, LayerEntry, Manifest, OutputInfo, read_manifest, report_warnings
@@ -26,28 +28,32 @@ from .source import SourceModel, check_finite
 
 # files of the base directory that are weights or are rewritten, hence not copied as they are
 NOT_COPIED_SUFFIXES = (".safetensors", ".h5", ".msgpack", ".gguf", ".onnx") + PICKLE_SUFFIXES
-NOT_COPIED_NAMES = {"config.json", INDEX_FILE, MANIFEST_FILE}
+NOT_COPIED_NAMES = {"config.json", INDEX_FILE, MANIFEST_FILE, CARD_FILE}  # the base's card describes the base
 
 
-def prepare(model_dir: Path | str, recipe: Recipe, options: Options) -> Job:
+Model = Path | str | ResolvedModel  # a directory, a Hub repo id, or one already resolved (hub.resolve_model)
+
+
+def prepare(model: Model, recipe: Recipe, options: Options) -> Job:
     """Read metadata, validate the checkpoint against its architecture, resolve the job."""
-    return resolve_job(SourceModel.open(model_dir), recipe, options)
+    return resolve_job(SourceModel.open(resolve_model(model).path), recipe, options)
 
 
-def dry_run(model_dir: Path | str, recipe: Recipe, out_dir: Path | str | None, options: Options = Options()) -> dict:
+def dry_run(model: Model, recipe: Recipe, out_dir: Path | str | None, options: Options = Options()) -> dict:
     """Everything upscale checks before writing, and the resolved plan; writes nothing."""
-    job = prepare(model_dir, recipe, options)
+    job = prepare(model, recipe, options)
     if out_dir is not None:
         OutputTransaction(out_dir, options.overwrite, job.source.dir).check()
     parse_size(options.shard_size)
     return {"dry_run": True, "plan": job.describe(), "recipe": recipe.to_dict()}
 
 
-def upscale(model_dir: Path | str, recipe: Recipe, out_dir: Path | str, options: Options = Options(),
+def upscale(model: Model, recipe: Recipe, out_dir: Path | str, options: Options = Options(),
             progress: Progress | None = None) -> Manifest:
     """Run the job; returns the manifest written beside the checkpoint."""
     started = time.perf_counter()
-    job = prepare(model_dir, recipe, options)
+    model = resolve_model(model)
+    job = prepare(model, recipe, options)
     source = job.source
     transaction = OutputTransaction(out_dir, options.overwrite, source.dir)
     transaction.check()
@@ -76,6 +82,10 @@ def upscale(model_dir: Path | str, recipe: Recipe, out_dir: Path | str, options:
             for path in source.files():
                 if path.name not in NOT_COPIED_NAMES and not path.name.endswith(NOT_COPIED_SUFFIXES):
                     shutil.copy2(path, tmp / path.name)
+            model_card(base_name=model.name, base_dir=source.dir, model_type=source.arch.model_type,
+                       recipe=recipe.to_dict(), layers=layer_entries, new_layers=job.new_layers,
+                       function_preserving=job.function_preserving, out_name=Path(out_dir).name,
+                       tool_version=__version__).save(tmp / CARD_FILE)
             t0 = time.perf_counter()
             base = base_files.result()
             timings["base_checksums_wait"] = time.perf_counter() - t0
@@ -85,7 +95,8 @@ def upscale(model_dir: Path | str, recipe: Recipe, out_dir: Path | str, options:
             manifest = Manifest(
                 format_version=FORMAT_VERSION,
                 tool={"name": "opt-deus", "version": __version__, "torch": torch.__version__},
-                base=BaseInfo(str(source.dir.resolve()), source.arch.model_type, job.base_layers, base),
+                base=BaseInfo(str(source.dir.resolve()), source.arch.model_type, job.base_layers, base,
+                              model.repo_id, model.revision),
                 recipe=recipe.to_dict(),
                 resolved=job.describe(with_layers=False),
                 function_preserving=job.function_preserving,

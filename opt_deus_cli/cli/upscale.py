@@ -13,7 +13,8 @@ from .common import app, console, fail, out, progress_bar, run
 
 @app.command()
 def upscale(
-    model_dir: Optional[Path] = typer.Argument(None, help="Base model directory (config.json + *.safetensors); or `model:` in the recipe."),
+    model_dir: Optional[str] = typer.Argument(None, metavar="MODEL", help="Base model: a directory (config.json + *.safetensors) or a Hub repo id (org/name); or `model:` in the recipe."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="With a Hub repo id: a branch, tag or commit (default main)."),
     recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe YAML path or shipped recipe name (see `opt-deus recipes`)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory; or `output:` in the recipe."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
@@ -24,20 +25,22 @@ def upscale(
     allow_nonfinite: bool = typer.Option(False, help="Do not refuse NaN/Inf in source tensors."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ):
-    """Build a deeper checkpoint from MODEL_DIR with a recipe, and a manifest of what was done."""
+    """Build a deeper checkpoint from MODEL with a recipe, and a manifest of what was done."""
     from ..recipe import load_recipe
     from ..job import Options
+    from ..hub import resolve_model
     from ..upscale import dry_run as run_dry_run, upscale as run_upscale
 
     parsed = run(load_recipe, recipe)
-    model = model_dir or (Path(parsed.model) if parsed.model else None)
+    model = model_dir or parsed.model
     target = out_dir or (Path(parsed.output) if parsed.output else None)
     if model is None:
-        fail(UsageError("no model: give MODEL_DIR or set `model:` in the recipe"))
+        fail(UsageError("no model: give MODEL (a directory or a Hub repo id) or set `model:` in the recipe"))
     if target is None and not dry_run:
         fail(UsageError("no output: give --out OUT_DIR or set `output:` in the recipe"))
     options = Options(device=device, dtype=dtype, shard_size=shard_size, overwrite=overwrite,
                       allow_nonfinite=allow_nonfinite)
+    model = run(resolve_model, model, revision)
     if dry_run:
         result = run(run_dry_run, model, parsed, target, options)
         if as_json:
@@ -77,6 +80,7 @@ def upscale(
             f"function-preserving: {'yes' if summary['function_preserving'] else 'no'}"
         )
         out.print(f"train only the new layers with: {summary['trainable_parameter_regex']}")
+        out.print(f"next: opt-deus train {summary['output']} --data FILES --out DIR, or a config for another trainer: opt-deus handoff {summary['output']} --for axolotl|llama-factory|peft|trainer")
 
 
 def _print_plan(plan: dict) -> None:

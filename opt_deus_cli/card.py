@@ -1,0 +1,88 @@
+"""The output's README.md: a model card of its own (huggingface_hub's ModelCard), never the base's.
+Its metadata names the base model, the licence the base's card declares, tags and the library;
+its body says what was done, which layers are new, how to train only them and how to check it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from .manifest import LayerEntry
+
+CARD_FILE = "README.md"
+
+
+def base_license(base_dir: Path) -> str | None:
+    """The `license:` of the base's own card, when it has one (unreadable cards are ignored)."""
+    from huggingface_hub import ModelCard
+
+    path = Path(base_dir) / CARD_FILE
+    if not path.is_file():
+        return None
+    try:
+        return ModelCard.load(path).data.license
+    except Exception:  # a card with broken metadata: the deeper model simply has no licence line
+        return None
+
+
+def model_card(*, base_name: str, base_dir: Path, model_type: str, recipe: dict, layers: list[LayerEntry],
+               new_layers: list[int], function_preserving: bool, out_name: str, tool_version: str):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    method = recipe["method"]
+    data = ModelCardData(
+        base_model=base_name,
+        license=base_license(base_dir),
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["opt-deus", "depth-upscaling", method],
+    )
+    base_n = sum(1 for layer in layers if not layer.is_new)
+    rows = "\n".join(
+        f"| {layer.index} | {layer.origin} | {', '.join(map(str, layer.sources))} | {layer.method} | {len(layer.zeroed)} |"
+        for layer in layers
+    )
+    preserving = (
+        "yes: the new layers' output projections are zero, so before training this model computes exactly what "
+        f"{base_name} computes (`opt-deus verify` checks the logits)"
+        if function_preserving else
+        "no: this recipe changes what the model computes until it is trained"
+    )
+    body = f"""
+# {out_name}
+
+{base_name} ({model_type}) made deeper with [opt-deus](https://pypi.org/project/opt-deus-cli/) {tool_version}:
+{base_n} -> {len(layers)} decoder layers, method `{method}`. New layers: {new_layers}.
+Function-preserving at initialisation: {preserving}.
+
+The new layers are initialised, not trained: train them (continued pre-training or fine-tuning)
+before use. `opt-deus-manifest.json` beside the weights records every layer's origin, the
+recipe and the checksums of the base and of these files.
+
+## Recipe
+
+```yaml
+{yaml.safe_dump(recipe, sort_keys=False).strip()}
+```
+
+## Layers
+
+| layer | origin | from base layers | method | zero-initialised tensors |
+|---|---|---|---|---|
+{rows}
+
+## Training only the new layers
+
+```bash
+opt-deus train {out_name} --data corpus.txt --out {out_name}-trained   # transformers Trainer, base layers frozen
+opt-deus handoff {out_name} --for axolotl          # or llama-factory, peft, trainer: a ready config
+```
+
+## Checking it
+
+```bash
+opt-deus verify {base_name} {out_name} --text heldout.txt
+```
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
