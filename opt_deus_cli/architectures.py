@@ -50,6 +50,11 @@ class Architecture:
     expert_intermediate_key: str = "intermediate_size"
     # residual-width norms (hidden,), averaged by the fusing methods
     norms: tuple[str, ...] = ("input_layernorm.weight", "post_attention_layernorm.weight")
+    # the norm whose input is the residual stream feeding the MLP (LLaMA: post_attention_layernorm;
+    # Gemma's post_attention_layernorm normalises the attention output, pre_feedforward feeds the MLP)
+    mlp_input_norm: str = "post_attention_layernorm.weight"
+    # a norm's scale is norm_offset + weight (Gemma stores 1 + w: RMSNorm multiplies by (1 + weight))
+    norm_offset: float = 0.0
     # per-head norms (head_dim,) applied to q and k (Qwen3); averaged, never permuted
     head_norms: tuple[str, ...] = ()
     layers_prefix: str = "model.layers."
@@ -151,6 +156,7 @@ class Architecture:
 
 _GEMMA_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight",
                 "pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight")
+_GEMMA_MLP_NORM = dict(mlp_input_norm="pre_feedforward_layernorm.weight", norm_offset=1.0)
 
 SUPPORTED: dict[str, Architecture] = {
     "llama": Architecture("llama"),
@@ -163,8 +169,8 @@ SUPPORTED: dict[str, Architecture] = {
     ),
     # Gemma 2/3: four norms per block; zeroed o/down still give an identity block because the
     # post-norms of a zero vector are zero
-    "gemma2": Architecture("gemma2", norms=_GEMMA_NORMS),
-    "gemma3_text": Architecture("gemma3_text", norms=_GEMMA_NORMS,
+    "gemma2": Architecture("gemma2", norms=_GEMMA_NORMS, **_GEMMA_MLP_NORM),
+    "gemma3_text": Architecture("gemma3_text", norms=_GEMMA_NORMS, **_GEMMA_MLP_NORM,
                                 head_norms=("self_attn.q_norm.weight", "self_attn.k_norm.weight")),
     # Phi-3: q, k, v fused in one weight, gate and up in another
     "phi3": Architecture(

@@ -84,8 +84,10 @@ def reference_pass(lower: Block, upper: Block, ctx: BuildContext, alpha: float, 
     fuse_role("down")
     for name in arch.norms:
         wA, wB = lower[name].to(dev, F32), upper[name].to(dev, F32)
-        if "post_attention_layernorm" in name:
-            wA = wA @ (0.5 * T_o + 0.5 * torch.eye(T_o.shape[0], device=dev))  # (hidden,) @ (hidden, hidden)
+        if name == arch.mlp_input_norm:  # the published rule for the norm that feeds the MLP, on its
+            # effective scale (gemma stores 1 + w): (hidden,) @ (hidden, hidden)
+            offset = arch.norm_offset
+            wA = (wA + offset) @ (0.5 * T_o + 0.5 * torch.eye(T_o.shape[0], device=dev)) - offset
         out[name] = ctx.result(mix(alpha, wA, wB), upper[name])
     for name in arch.head_norms:
         notes.append(f"{name}: no published rule; averaged (corrected rule)")
