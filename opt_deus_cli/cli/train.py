@@ -1,0 +1,104 @@
+"""`opt-deus train`: continue training an up-scaled model (only its new layers by default) with
+transformers' Trainer; runs unchanged under torchrun and accelerate launch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..errors import OptDeusError
+from .common import app, console, out, progress_bar, run
+
+
+def _rank() -> int:
+    """This process's rank in a torchrun / accelerate launch (0 when run alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _log_line(step: int, total: int, logs: dict) -> str | None:
+    if "loss" in logs:
+        line = f"step {step}/{total}  loss {logs['loss']:.4f}"
+        if "learning_rate" in logs:
+            line += f"  lr {logs['learning_rate']:.3g}"
+        if "grad_norm" in logs:
+            line += f"  grad_norm {logs['grad_norm']:.3g}"
+        return line
+    if "eval_loss" in logs:
+        return f"step {step}/{total}  eval_loss {logs['eval_loss']:.4f}"
+    return None
+
+
+@app.command()
+def train(
+    model_dir: Path = typer.Argument(..., help="An opt-deus output (with its manifest), or any model with --train all."),
+    data: List[Path] = typer.Option(..., "--data", help="Training files: .txt/.md (one document each), .json/.jsonl, .parquet; repeat or list several."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output directory: the trained model, loadable like the input."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (max_steps)."),
+    epochs: Optional[float] = typer.Option(None, help="Passes over the data (default 1 when --steps is not given)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1e-4)."),
+    batch_size: Optional[int] = typer.Option(None, help="Blocks per device per micro-step (default 8)."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-steps per optimizer step (default 1)."),
+    seq_len: Optional[int] = typer.Option(None, help="Tokens per block (default min(1024, max_position_embeddings))."),
+    train_mode: str = typer.Option("new", "--train", help="new: only the manifest's new layers | all: every parameter."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda (several GPUs: one process each via torchrun)."),
+    dtype: str = typer.Option("float32", help="Weights while training: float32 | bfloat16 | float16 | keep. The saved weights keep the input's dtypes."),
+    seed: Optional[int] = typer.Option(None, help="Seed of data order and dropout (default 0)."),
+    eval_data: Optional[List[Path]] = typer.Option(None, "--eval-data", help="Held-out files: eval loss at the end."),
+    eval_every: Optional[int] = typer.Option(None, help="Also evaluate every N steps (needs --eval-data)."),
+    text_field: str = typer.Option("text", help="The text column of json/jsonl/parquet files."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Where datasets keeps the read and tokenized data (default: its cache, HF_DATASETS_CACHE)."),
+    args_file: Optional[Path] = typer.Option(None, "--args", help="YAML of transformers TrainingArguments fields (FSDP, DeepSpeed, bf16, ...)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output (only once the new one is complete and checked)."),
+    shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB, 500MB."),
+    as_json: bool = typer.Option(False, "--json", help="Print the training record as JSON."),
+):
+    """Train only the new layers (or all) with transformers' Trainer; write a checked, loadable model.
+
+    With --train new (the default) only the layers the manifest lists train, and every other
+    tensor of OUT is checked bit-identical to the input's. OUT carries the manifest forward with
+    a training record (data and sha256, steps, tokens, losses, seconds, world size)."""
+    from ..training import TrainOptions
+    from ..training.options import read_args_file
+    from ..training.run import train as run_train
+
+    main = _rank() == 0
+    trainer_args = run(read_args_file, args_file) if args_file else {}
+    options = TrainOptions(train=train_mode, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
+                           grad_accum=grad_accum, seq_len=seq_len, device=device, dtype=dtype, seed=seed,
+                           eval_data=tuple(eval_data or ()), eval_every=eval_every, text_field=text_field,
+                           cache_dir=cache_dir, trainer_args=trainer_args, overwrite=overwrite, shard_size=shard_size)
+    with progress_bar(enabled=main and not as_json) as bar:
+        task = bar.add_task("training", total=None)
+
+        def on_progress(done: int, total: int) -> None:
+            bar.update(task, description=f"training ({options.train} layers)", completed=done, total=total)
+
+        def on_log(step: int, total: int, logs: dict) -> None:
+            line = _log_line(step, total, logs)
+            if line:
+                console.print(line, markup=False)
+
+        if main:
+            record = run(run_train, model_dir, data, out_dir, options, on_progress, on_log)
+        else:  # the error line comes from rank 0 alone; the other ranks exit with its code
+            try:
+                record = run_train(model_dir, data, out_dir, options, on_progress, on_log)
+            except OptDeusError as e:
+                raise typer.Exit(e.exit_code)
+    if not main:
+        return
+    if as_json:
+        out.print_json(data=record)
+        return
+    trained = (f"new layers {record['trainable_layers']}" if record["train"] == "new" else "all layers")
+    evaluated = f", eval loss {record['eval_loss']:.4f}" if record.get("eval_loss") is not None else ""
+    final = f"; final loss {record['final_loss']:.4f}" if record.get("final_loss") is not None else ""
+    out.print(f"wrote {out_dir}: trained {trained} ({record['trainable_parameters'] / 1e6:.2f}M of "
+              f"{record['total_parameters'] / 1e6:.2f}M parameters) for {record['steps']} steps, "
+              f"{record['tokens']} tokens, world size {record['world_size']}, in {record['seconds']:.1f} s"
+              f"{final}{evaluated}")
+    if record["train"] == "new":
+        out.print(f"checked: {record['check']['frozen_identical']} base tensors bit-identical to {model_dir}")

@@ -1,0 +1,219 @@
+"""`opt-deus train`: continue training an up-scaled model, only its new layers by default, with
+transformers' Trainer (no loop of our own: distributed engines, mixed precision, checkpointing
+and logging are the Trainer's).
+
+The same function runs in every process of a distributed launch (torchrun, accelerate launch):
+each process reads the data (the main one tokenizes first, the others reuse its cache), the
+Trainer synchronises the gradients, every process takes part in gathering the weights, and only
+the world's rank 0 writes OUT and checks it; its verdict is then sent to the others, so every
+process ends with the same outcome (and exit code)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import TrainerCallback
+
+from .. import __version__
+from ..checkpoint import parse_size, read_config
+from ..errors import OptDeusError, UsageError
+from ..manifest import MANIFEST_FILE, read_manifest
+from ..output import OutputTransaction
+from .data import DataFile, build_blocks, check_files, collate_blocks, load_tokenizer
+from .freeze import freeze_base, is_trainable, layer_pattern, manifest_architecture
+from .options import TrainOptions, training_arguments
+from .distributed import outcome_of_rank_zero
+from .save import gathered_state_dict, json_safe, write_output
+
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts")  # config keys of a mixture of experts
+# progress(done_steps, total_steps); log(step, total_steps, logs) with Trainer's log dict
+Progress = Callable[[int, int], None]
+Log = Callable[[int, int, dict], None]
+
+
+class _Report(TrainerCallback):
+    """Progress, loss lines and step times, from the world's rank 0 only."""
+
+    def __init__(self, progress: Progress | None, log: Log | None):
+        self.progress, self.log = progress, log
+        self.step_seconds: list[float] = []
+        self._started = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.progress:
+            self.progress(0, state.max_steps)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step_seconds.append(time.perf_counter() - self._started)
+        if state.is_world_process_zero and self.progress:
+            self.progress(state.global_step, state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.log and logs:
+            self.log(state.global_step, state.max_steps, dict(logs))
+
+
+def train(model_dir: Path | str, data: list[Path | str], out_dir: Path | str, options: TrainOptions = TrainOptions(),
+          progress: Progress | None = None, log: Log | None = None) -> dict:
+    """Train, save OUT (config, safetensors, tokenizer, manifest carried forward) and return the
+    training record written into OUT's manifest. Deterministic for a given seed and data order
+    (on one device type and world size)."""
+    started = time.perf_counter()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    options.check()
+    config = read_config(model_dir)
+    manifest = read_manifest(model_dir)
+    if options.train == "new" and (manifest is None or not manifest.trainable_layers):
+        why = f"has no {MANIFEST_FILE}" if manifest is None else "has a manifest that lists no new layers"
+        raise UsageError(f"{model_dir} {why}, so there are no new layers to train; "
+                         "train every parameter with --train all")
+    files = check_files(data, "--data")
+    eval_files = check_files(options.eval_data, "--eval-data") if options.eval_data else []
+    OutputTransaction(out_dir, options.overwrite, model_dir).check()  # refusals before any work
+    shard_bytes = parse_size(options.shard_size)
+    seq_len = _seq_len(options, config)
+    work_dir = out_dir.parent / f".{out_dir.name}.trainer"
+    args = training_arguments(options, work_dir, has_experts=any(k in config for k in EXPERT_COUNT_KEYS))
+
+    tokenizer = load_tokenizer(model_dir)
+    blocks = functools.partial(build_blocks, tokenizer=tokenizer, seq_len=seq_len, text_field=options.text_field,
+                               first=args.main_process_first, cache_dir=options.cache_dir)
+    train_blocks = blocks(files, what="training data")
+    eval_blocks = blocks(eval_files, what="eval data") if eval_files else None
+    model = _load_model(model_dir, options.dtype)
+    pattern = layer_pattern(manifest_architecture(manifest)) if manifest else None
+    if options.train == "new":
+        freeze_base(model, model_dir)
+        if args.gradient_checkpointing:  # checkpointed blocks need an input that asks for gradients
+            model.enable_input_require_grads()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+
+    from transformers import PrinterCallback, Trainer
+
+    report = _Report(progress, log)
+    trainer = Trainer(model=model, args=args, train_dataset=train_blocks, eval_dataset=eval_blocks,
+                      data_collator=collate_blocks, callbacks=[report])
+    trainer.remove_callback(PrinterCallback)  # the log callback prints the lines
+    result = trainer.train()
+    history = trainer.state.log_history
+    if eval_blocks is not None and not any(e.get("step") == trainer.state.global_step and "eval_loss" in e for e in history):
+        trainer.evaluate()
+    state_dict = gathered_state_dict(trainer)
+
+    record = _record(options, args, trainer, result, report, files, eval_files, seq_len, len(train_blocks),
+                     len(eval_blocks) if eval_blocks is not None else None, manifest, trainable, total)
+    is_frozen = None
+    if options.train == "new":
+        layers = set(manifest.trainable_layers)
+        is_frozen = lambda name: not is_trainable(name, layers, pattern)  # noqa: E731
+    outcome = {}
+    if trainer.is_world_process_zero():
+        record["seconds_total"] = round(time.perf_counter() - started, 3)
+        write = functools.partial(write_output, trainer.accelerator.unwrap_model(trainer.model), state_dict, model_dir,
+                                  out_dir, options.overwrite, shard_bytes, manifest, is_frozen, record)
+        outcome = _attempt(write, out_dir) if args.world_size > 1 else {"record": write()}
+        if work_dir.is_dir() and not any(work_dir.iterdir()):  # Trainer's work directory, left empty
+            shutil.rmtree(work_dir, ignore_errors=True)
+    del state_dict
+    outcome = outcome_of_rank_zero(outcome, args.device)
+    if "error" in outcome:
+        raise OptDeusError(outcome["error"], outcome["exit_code"])
+    return outcome["record"]
+
+
+def _attempt(write: Callable[[], dict], out_dir: Path) -> dict:
+    """Rank 0's write in a distributed run: its failure, too, becomes an outcome for every rank."""
+    try:
+        return {"record": write()}
+    except OptDeusError as e:
+        return {"error": str(e), "exit_code": e.exit_code}
+    except Exception as e:  # a bug: the other ranks must not wait forever
+        return {"error": f"rank 0 failed writing {out_dir}: {type(e).__name__}: {e}", "exit_code": 1}
+
+
+def _seq_len(options: TrainOptions, config: dict) -> int:
+    limit = config.get("max_position_embeddings")
+    if options.seq_len is None:
+        return min(1024, int(limit)) if limit else 1024
+    if limit and options.seq_len > int(limit):
+        raise UsageError(f"--seq-len {options.seq_len} exceeds the model's max_position_embeddings {limit}; choose at most {limit}")
+    return options.seq_len
+
+
+def _load_model(model_dir: Path, dtype: str):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch_dtype = "auto" if dtype == "keep" else getattr(torch, dtype)
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, trust_remote_code=False,
+                                                    use_safetensors=True, local_files_only=True)
+    except Exception as e:  # transformers raises many kinds; name the directory and the reason
+        raise OptDeusError(f"transformers cannot load {model_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+def _history(log_history: list[dict]) -> list[dict]:
+    """Trainer's log lines, reduced to what a study reads: train loss and eval loss by step."""
+    rows = []
+    for entry in log_history:
+        if "loss" in entry:
+            rows.append({k: entry[k] for k in ("step", "epoch", "loss", "learning_rate", "grad_norm") if k in entry})
+        elif "eval_loss" in entry:
+            rows.append({"step": entry["step"], "eval_loss": entry["eval_loss"]})
+    return json_safe(rows)
+
+
+def _record(options, args, trainer, result, report, files, eval_files, seq_len, train_blocks, eval_blocks,
+            manifest, trainable, total) -> dict:
+    import datasets
+    import transformers
+
+    state, history = trainer.state, _history(trainer.state.log_history)
+    losses = [row["loss"] for row in history if "loss" in row]
+    evals = [row["eval_loss"] for row in history if "eval_loss" in row]
+    steps_timed = report.step_seconds[1:] or report.step_seconds  # the first step warms up
+    return {
+        "train": options.train,
+        "trainable_layers": list(manifest.trainable_layers) if options.train == "new" else "all",
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "data": [dataclasses.asdict(DataFile.of(p)) for p in files],
+        "eval_data": [dataclasses.asdict(DataFile.of(p)) for p in eval_files],
+        "text_field": options.text_field,
+        "seq_len": seq_len,
+        "train_blocks": train_blocks,
+        "eval_blocks": eval_blocks,
+        "steps": state.global_step,
+        "epochs": round(state.epoch or 0.0, 4),
+        "tokens": int(state.num_input_tokens_seen),
+        "world_size": args.world_size,
+        "per_device_batch_size": args.per_device_train_batch_size,
+        "grad_accum": args.gradient_accumulation_steps,
+        "global_batch_blocks": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        "learning_rate": args.learning_rate,
+        "seed": args.seed,
+        "dtype": options.dtype,
+        "device": args.device.type,
+        "final_loss": losses[-1] if losses else None,
+        "train_loss": result.training_loss,
+        "eval_loss": evals[-1] if evals else None,
+        "seconds": round(result.metrics.get("train_runtime", 0.0), 3),
+        "seconds_per_step": round(statistics.median(steps_timed), 4) if steps_timed else None,
+        "history": history,
+        "trainer_args": json_safe(options.trainer_args),
+        "versions": {"opt-deus": __version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "datasets": datasets.__version__},
+    }
