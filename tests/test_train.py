@@ -249,12 +249,13 @@ def test_cli_train_new_needs_a_manifest_and_train_all_runs_without(corpus, tmp_p
     assert result.exit_code == 2
     assert "no opt-deus-manifest.json" in result.output and "--train all" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
-    result = runner.invoke(app, ["train", str(SHIPPED), "--data", str(corpus["train"]), "--out", str(tmp_path / "o"),
+    result = runner.invoke(app, ["train", str(SHIPPED), "--data", str(corpus["train"]), str(corpus["eval"]), "--out", str(tmp_path / "o"),
                                  "--train", "all", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--device", "cpu",
                                  "--cache-dir", str(corpus["cache"]), "--json"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     assert record["train"] == "all" and record["trainable_parameters"] == record["total_parameters"]
+    assert [Path(f["path"]).name for f in record["data"]] == ["train.txt", "eval.txt"]  # --data a b: both, in order
     assert json.loads((tmp_path / "o" / TRAINING_FILE).read_text()) == record
     before, after = tensors(SHIPPED), tensors(tmp_path / "o")
     assert before.keys() == after.keys() and all(after[n].dtype == before[n].dtype for n in before)

@@ -13,7 +13,7 @@ from .common import app, run
 
 @app.command()
 def handoff(
-    out_dir: Path = typer.Argument(..., help="An opt-deus output (with its manifest)."),
+    out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="An opt-deus output (with its manifest)."),
     dialect: str = typer.Option(..., "--for", help="axolotl | llama-factory | peft | trainer"),
     transformers_major: Optional[int] = typer.Option(
         None, "--transformers", help="Major version of the transformers the training will use (default: the installed one; "

@@ -33,8 +33,10 @@ def _log_line(step: int, total: int, logs: dict) -> str | None:
 
 @app.command()
 def train(
-    model_dir: Path = typer.Argument(..., help="An opt-deus output (with its manifest), or any model with --train all."),
-    data: List[Path] = typer.Option(..., "--data", help="Training files: .txt/.md (one document each), .json/.jsonl, .parquet; repeat or list several."),
+    model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="An opt-deus output (with its manifest), or any model with --train all."),
+    more_data: Optional[List[Path]] = typer.Argument(None, metavar="DATA", show_default=False,
+                                                     help="More training files: `--data a.txt b.txt` (or a shell glob) lists several."),
+    data: List[Path] = typer.Option(..., "--data", help="Training files: .txt/.md (one document each), .json/.jsonl, .parquet."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output directory: the trained model, loadable like the input."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (max_steps)."),
     epochs: Optional[float] = typer.Option(None, help="Passes over the data (default 1 when --steps is not given)."),
@@ -65,6 +67,7 @@ def train(
     from ..training.run import train as run_train
 
     main = _rank() == 0
+    data = [*data, *(more_data or [])]  # click gives --data one value; the files after it land here
     trainer_args = run(read_args_file, args_file) if args_file else {}
     options = TrainOptions(train=train_mode, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
                            grad_accum=grad_accum, seq_len=seq_len, device=device, dtype=dtype, seed=seed,
