@@ -349,3 +349,18 @@ def test_cli_prints_the_dialect_verbatim_and_refuses_in_one_line(upscaled, model
     # upscale's last line points here
     result = runner.invoke(app, ["upscale", str(model_factory("llama", layers=6)), "--recipe", "llama-pro", "--out", str(tmp_path / "o"), "--device", "cpu"])
     assert result.exit_code == 0 and "opt-deus handoff" in result.stdout.strip().splitlines()[-1]
+
+
+def test_handoff_imports_no_torch(upscaled):
+    """Printing a config is cheap: with torch made unimportable, every dialect renders."""
+    import subprocess
+    import sys
+
+    out = upscaled("llama", "uniform").out
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from opt_deus_cli.handoff import DIALECTS, handoff\n"
+            f"texts = [handoff({str(out)!r}, d) for d in DIALECTS]\n"
+            "assert sys.modules['torch'] is None and all(texts)\n"
+            "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

@@ -100,8 +100,8 @@ def test_freeze_base_refuses_the_wrong_model(model_factory, tmp_path):
 
 def test_args_file_keys_are_training_arguments_fields(tmp_path):
     good = tmp_path / "good.yaml"
-    good.write_text("weight_decay: 0.1\ngradient_checkpointing: true\nlr_scheduler_type: cosine\n")
-    assert read_args_file(good) == {"weight_decay": 0.1, "gradient_checkpointing": True, "lr_scheduler_type": "cosine"}
+    good.write_text("weight_decay: 0.1\nactivation_checkpointing: true\nlr_scheduler_type: cosine\n")
+    assert read_args_file(good) == {"weight_decay": 0.1, "activation_checkpointing": True, "lr_scheduler_type": "cosine"}
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rte: 0.1\nwarmup_steps: 3\n")
     with pytest.raises(UsageError) as caught:
@@ -220,6 +220,18 @@ def test_same_seed_same_run(trained):
     (out_a, a), (out_b, b) = trained
     assert a["history"] == b["history"]
     assert all(torch.equal(x, tensors(out_b)[n]) for n, x in tensors(out_a).items())
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_trains_the_new_layers_behind_frozen_embeddings(upscaled, corpus, trained, tmp_path):
+    """Checkpointed blocks get no gradient when their input does not ask for one (frozen embeddings)."""
+    options = TrainOptions(steps=4, batch_size=2, seq_len=32, lr=1e-3, device="cpu", cache_dir=corpus["cache"],
+                           trainer_args={"weight_decay": 0.1, "activation_checkpointing": True,
+                                         "activation_checkpointing_kwargs": {"use_reentrant": True}})
+    record = train(upscaled, [corpus["train"]], tmp_path / "out", options)
+    expected = [row["loss"] for row in trained[0][1]["history"] if "loss" in row]
+    assert [row["loss"] for row in record["history"] if "loss" in row] == pytest.approx(expected, rel=1e-4)
+    assert record["check"]["trained_changed"] > 0
 
 
 @pytest.mark.slow

@@ -95,7 +95,9 @@ def train(model_dir: Path | str, data: list[Path | str], out_dir: Path | str, op
     pattern = layer_pattern(manifest_architecture(manifest)) if manifest else None
     if options.train == "new":
         freeze_base(model, model_dir)
-        if args.gradient_checkpointing:  # checkpointed blocks need an input that asks for gradients
+        # reentrant checkpointed blocks need an input that asks for gradients (the embeddings are frozen):
+        # transformers 5 sees to it (activation_checkpointing), 4 does not (gradient_checkpointing)
+        if getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False):
             model.enable_input_require_grads()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
