@@ -41,8 +41,9 @@ SHAPES = {
 CASES = ("corrected-exact", "corrected-sinkhorn", "reference")
 
 
-def _blocks(layout, noise: float, independent: bool, seed: int):
-    """(lower, upper) LLaMA blocks in bf16; upper = allowed permutation of lower + noise."""
+def _blocks(layout, noise: float, independent: bool, seed: int, with_moves: bool = False):
+    """(lower, upper) LLaMA blocks in bf16; upper = allowed permutation of lower + noise
+    (with_moves: and the permutation, role -> (dim, index), None when independent)."""
     import torch
 
     from opt_deus_cli.architectures import PROJECTION_ROLES, SUPPORTED
@@ -61,7 +62,7 @@ def _blocks(layout, noise: float, independent: bool, seed: int):
     lower.update({n: (1 + 0.1 * torch.randn(layout.hidden, generator=g)).bfloat16() for n in arch.norms})
     if independent:
         upper = {n: rand(t.shape) if t.dim() == 2 else t.clone() for n, t in lower.items()}
-        return lower, upper
+        return (lower, upper, None) if with_moves else (lower, upper)
     moves = layout.random_allowed_permutation(g)
     upper = {n: t.clone() for n, t in lower.items()}
     for role, (dim, index) in moves.items():
@@ -71,7 +72,7 @@ def _blocks(layout, noise: float, independent: bool, seed: int):
             chunk = t[i : i + 1024].float()
             t[i : i + 1024] = chunk + noise * std * torch.randn(chunk.shape, generator=g)
         upper[name] = t
-    return lower, upper
+    return (lower, upper, moves) if with_moves else (lower, upper)
 
 
 def _rss_mb() -> float:

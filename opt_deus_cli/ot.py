@@ -1,57 +1,24 @@
-"""Optimal-transport building blocks: cost matrices, plan solvers and the barycentric map.
-
-Everything here is device-agnostic torch code except the exact solver, which is scipy's
-`linear_sum_assignment` on a CPU float64 array. A plan T (n, m) couples the n units (rows,
-heads, KV groups) of the lower layer A with the m units of the upper layer B; with uniform
-marginals every row of T carries mass 1/n and every column 1/m.
+"""Optimal-transport building blocks: cost matrices (dense, from column blocks, batched, sketched),
+the scale a cost has for transport, and using a plan (the barycentric map). Device-agnostic torch
+code; the solvers are in solvers.py. A plan T (n, m) couples the n units (rows, heads, KV groups)
+of the lower layer A with the m units of the upper layer B; with uniform marginals every row of T
+carries mass 1/n and every column 1/m.
 """
 
 from __future__ import annotations
 
 import math
-import time
-import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
 
-import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from .errors import OptDeusError
-from .methods.opt_deus.settings import COST_KINDS, SOLVERS
-
+from .methods.opt_deus.settings import COST_KINDS
 
 # Cost matrices are built tile by tile so that bf16 inputs are converted to the compute dtype
 # one tile at a time: at LLaMA-8B shapes the MLP features are 14336 x 12288 (700 MB in fp32
 # per layer) and are never materialised.
 _TILE = 2048
-# Exact medians of very large cost matrices are slow (a full selection over 2e8 entries takes
-# ~10 s); above this many entries the median is taken over a fixed strided sample.
-_MEDIAN_SAMPLE = 1 << 24
-# Sinkhorn runs in float64 when the cost is small enough for that to be cheap (32 MB).
-_SINKHORN_FP64_MAX = 1 << 22
-# A plan whose total mass is off by more than this is reported as degraded (not converged).
-_MASS_TOL = 1e-3
-
-
-@dataclass(frozen=True)
-class PlanReport:
-    """What a solver did. `converged` is False whenever the plan may be degraded: the iteration
-    cap was hit, the solver hit a numerical error, or mass was lost."""
-
-    solver: str
-    epsilon: float  # 0.0 for the exact (unregularised) solver
-    iterations: int
-    marginal_error: float  # max of the L1 violations of the row and column marginals
-    converged: bool
-    seconds: float
-    warnings: tuple[str, ...] = ()
-
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d["warnings"] = list(self.warnings)
-        return d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,6 +58,11 @@ def _bf16_products(enabled: bool):
     finally:
         if switched:
             matmul.fp32_precision = old
+
+
+def _exact_bf16(device: torch.device, dtype: torch.dtype, blocks) -> bool:
+    """bf16 operands multiplied as bf16 on the CPU are exact (see _bf16_products)."""
+    return device.type == "cpu" and dtype == torch.float32 and all(t.dtype == torch.bfloat16 for t in blocks)
 
 
 def cost_matrix(X: torch.Tensor, Y: torch.Tensor, kind: str, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -134,9 +106,7 @@ def cost_matrix_blocks(
         return sum((t * t).sum(1) for t in blocks)
 
     y_norm = torch.cat([sq_norms(tile(Ys, j, min(j + _TILE, m))) for j in range(0, m, _TILE)])
-    # bf16 weights (the usual checkpoint dtype) are multiplied as bf16 on the CPU: exact products
-    exact_bf16 = device.type == "cpu" and dtype == torch.float32 and all(t.dtype == torch.bfloat16 for t in (*Xs, *Ys))
-    with _bf16_products(exact_bf16):
+    with _bf16_products(_exact_bf16(device, dtype, (*Xs, *Ys))):
         for i in range(0, n, _TILE):
             xs = tile(Xs, i, min(i + _TILE, n))
             x_norm = sq_norms(xs)
@@ -145,33 +115,76 @@ def cost_matrix_blocks(
                 dot = xs[0] @ ys[0].T  # (tile_n, tile_m)
                 for xt, yt in zip(xs[1:], ys[1:]):
                     dot.addmm_(xt, yt.T)
-                yn = y_norm[j : j + dot.shape[1]]
-                if kind == "cosine":
-                    denom = (x_norm.sqrt()[:, None] * yn.sqrt()[None, :]).clamp_min_(torch.finfo(dtype).tiny)
-                    block = dot.div_(denom).neg_().add_(1.0)
-                else:
-                    # |x - y|^2 = |x|^2 + |y|^2 - 2 x.y, clamped: rounding can make it slightly negative
-                    block = dot.mul_(-2.0).add_(x_norm[:, None]).add_(yn[None, :]).clamp_min_(0.0)
-                    if kind == "euclidean":
-                        block = block.sqrt_()
+                block = _finish(dot, x_norm, y_norm[j : j + dot.shape[1]], kind)
                 out[i : i + block.shape[0], j : j + block.shape[1]] = block
     return out
 
 
-def typical_cost(cost: torch.Tensor) -> float:
-    """Median of the cost (mean if the median is 0, 1 if both are): the unit epsilon is relative to.
-    Above 2^24 entries the median of a fixed strided sample is used (same answer to ~1e-3)."""
-    flat = cost.reshape(-1)
-    if flat.numel() > _MEDIAN_SAMPLE:
-        flat = flat[:: flat.numel() // _MEDIAN_SAMPLE + 1]
-    scale = float(flat.median())
-    if scale <= 0:
-        scale = float(cost.mean())
-    return scale if scale > 0 else 1.0
+def _finish(dot: torch.Tensor, x_norm: torch.Tensor, y_norm: torch.Tensor, kind: str) -> torch.Tensor:
+    """The cost of a tile (..., n, m) from the dot products and the squared norms (..., n), (..., m)."""
+    if kind == "cosine":
+        denom = (x_norm.sqrt()[..., :, None] * y_norm.sqrt()[..., None, :]).clamp_min_(torch.finfo(dot.dtype).tiny)
+        return dot.div_(denom).neg_().add_(1.0)
+    # |x - y|^2 = |x|^2 + |y|^2 - 2 x.y, clamped: rounding can make it slightly negative
+    block = dot.mul_(-2.0).add_(x_norm[..., :, None]).add_(y_norm[..., None, :]).clamp_min_(0.0)
+    return block.sqrt_() if kind == "euclidean" else block
+
+
+def batched_cost(X: torch.Tensor, Y: torch.Tensor, kind: str) -> torch.Tensor:
+    """(..., n, m): the cost between the rows of X (..., n, d) and of Y (..., m, d), batch
+    dimensions broadcast (e.g. X (G, 1, d, D) and Y (1, G, d, D) give every pair of groups)."""
+    if kind not in COST_KINDS:
+        raise OptDeusError(f"unknown cost {kind!r}; expected one of {', '.join(COST_KINDS)}")
+    dot = X @ Y.transpose(-1, -2)
+    return _finish(dot, X.square().sum(-1).expand(dot.shape[:-1]), Y.square().sum(-1).expand(dot.shape[:-2] + dot.shape[-1:]), kind)
+
+
+SKETCH_SEED = 0  # one fixed projection: a pair of layers always gets the same plan
+
+
+def sketch_features(blocks: list[torch.Tensor], k: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(n, k) float32: the rows of the column blocks (each (n, d_t), as cost_matrix_blocks takes
+    them) projected on k random directions, S = sum_t X_t R_t / sqrt(k), R with independent
+    +-1 entries drawn from a fixed seed for the total width D, so that A and B get the same R.
+    |S x - S y|^2 estimates |x - y|^2 with relative error ~ sqrt(2 / k) (Johnson-Lindenstrauss),
+    at n * D * k instead of the n^2 * D of the full cost's products."""
+    device = torch.device(device) if device is not None else blocks[0].device
+    widths = [b.shape[1] for b in blocks]
+    signs = torch.randint(0, 2, (sum(widths), k), generator=torch.Generator().manual_seed(SKETCH_SEED)).mul_(2).sub_(1)
+    signs = signs.to(device=device, dtype=torch.float32)  # +-1: exact in bf16, so bf16 products stay exact
+    n = blocks[0].shape[0]
+    out = torch.empty((n, k), dtype=torch.float32, device=device)
+    with _bf16_products(_exact_bf16(device, torch.float32, blocks)):
+        for i in range(0, n, _TILE):
+            acc = None
+            for b, r in zip(blocks, signs.split(widths)):
+                part = b[i : i + _TILE].to(device=device, dtype=torch.float32) @ r
+                acc = part if acc is None else acc.add_(part)
+            out[i : i + acc.shape[0]] = acc
+    return out.mul_(1.0 / math.sqrt(k))
+
+
+def cost_spread(cost: torch.Tensor) -> torch.Tensor:
+    """(...,) float64: the scale of a cost (..., n, m) that transport can see, the RMS of the
+    doubly-centred cost C - row means - column means + grand mean (docs/method.md 2.5). Adding a
+    constant to a row or a column does not change a plan, nor this scale; the median of C, which
+    squared-Euclidean costs inflate with the units' norms, would. 1.0 where it is 0 (every plan
+    costs the same). Row chunks of a large cost are centred one at a time (no n x m copy)."""
+    rows = cost.mean(-1, dtype=torch.float64)  # (..., n)
+    cols = cost.mean(-2, dtype=torch.float64)  # (..., m)
+    grand = rows.mean(-1, keepdim=True)
+    n, m = cost.shape[-2:]
+    total = torch.zeros(cost.shape[:-2], dtype=torch.float64, device=cost.device)
+    step = max(1, (1 << 24) // max(m, 1))
+    for i in range(0, n, step):
+        centred = cost[..., i : i + step, :].double() - rows[..., i : i + step, None] - (cols - grand)[..., None, :]
+        total += centred.square().sum((-2, -1))
+    spread = (total / (n * m)).sqrt()
+    return torch.where(spread > 0, spread, torch.ones_like(spread))
 
 
 # ---------------------------------------------------------------------------------------------
-# solvers
+# checking and using a plan
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -183,31 +196,6 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def _check_finite(t: torch.Tensor, what: str) -> None:
-    if not all_finite(t):
-        raise OptDeusError(f"{what} contains NaN or Inf; the input weights are corrupt or the solver diverged")
-
-
-def exact_assignment(cost: torch.Tensor, what: str = "cost matrix") -> tuple[torch.Tensor, PlanReport]:
-    """Minimum-cost perfect matching of a square cost (n, n): returns col (n,) int64 on CPU with
-    row i of A matched to column col[i] of B (the plan is T[i, col[i]] = 1/n), and a report.
-    A CPU float64 cost is used in place; anything else is copied to one (scipy needs that)."""
-    n, m = cost.shape
-    if n != m:
-        raise OptDeusError(f"{what}: the exact solver needs a square cost matrix, got {n} x {m}")
-    _check_finite(cost, what)
-    start = time.perf_counter()
-    dense = np.ascontiguousarray(cost.detach().to("cpu", torch.float64))
-    try:  # LAPJV: same optimum as scipy, but tens of times faster on the weakly related costs of
-        import lap  # real adjacent layers (scipy: 280 s at n = 8192, lap: 5 s)
-
-        _, col, _ = lap.lapjv(dense, extend_cost=False)
-    except ImportError:
-        _, col = linear_sum_assignment(dense)  # rows come back 0..n-1
-    report = PlanReport("exact", 0.0, 0, 0.0, True, time.perf_counter() - start)
-    return torch.from_numpy(col).long(), report
-
-
 def assignment_plan(col: torch.Tensor, dtype=torch.float64, device=None) -> torch.Tensor:
     """Dense plan (n, n) of an assignment from `exact_assignment`: T[i, col[i]] = 1/n."""
     n = col.numel()
@@ -216,75 +204,6 @@ def assignment_plan(col: torch.Tensor, dtype=torch.float64, device=None) -> torc
     return T
 
 
-def _pot_sinkhorn(
-    M: torch.Tensor, reg: float, method: str, max_iter: int, tol: float, solver: str, what: str
-) -> tuple[torch.Tensor, PlanReport]:
-    """POT Sinkhorn with uniform marginals on M's device and dtype; POT's warnings are captured
-    into the report instead of being printed."""
-    n, m = M.shape
-    a = torch.full((n,), 1.0 / n, dtype=M.dtype, device=M.device)
-    b = torch.full((m,), 1.0 / m, dtype=M.dtype, device=M.device)
-    start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        import ot as pot  # here, not at the top: importing POT costs ~1.5 s that copy recipes need not pay
-
-        T, log = pot.sinkhorn(a, b, M, reg, method=method, numItermax=max_iter, stopThr=tol, log=True)
-    seconds = time.perf_counter() - start
-    _check_finite(T, f"{what}: transport plan")
-    # POT stops when the column-marginal error (checked every 10 iterations) is below tol;
-    # anything else (iteration cap, numerical-error exit) leaves the last error above it.
-    last_err = float(log["err"][-1]) if log.get("err") else math.inf
-    marginal_error = max(float((T.sum(1) - a).abs().sum()), float((T.sum(0) - b).abs().sum()))
-    mass_ok = abs(float(T.sum()) - 1.0) <= _MASS_TOL
-    messages = tuple(dict.fromkeys(str(w.message) for w in caught))
-    report = PlanReport(
-        solver, float(reg), int(log["niter"]) + 1, marginal_error, bool(last_err < tol and mass_ok), seconds, messages
-    )
-    return T, report
-
-
-def sinkhorn_plan(
-    cost: torch.Tensor, epsilon: float, max_iter: int, tol: float, what: str = "cost matrix"
-) -> tuple[torch.Tensor, PlanReport]:
-    """Log-domain entropic OT (POT `sinkhorn_log`) of the cost divided by `typical_cost`, so that
-    epsilon is scale-free. Returns T (n, m) in the cost's dtype and device."""
-    _check_finite(cost, what)
-    # exp(-(C / s) / eps) = exp(-C / (eps * s)): the raw cost with reg eps * s saves an n x m copy
-    scale = typical_cost(cost)
-    work = torch.float64 if cost.numel() <= _SINKHORN_FP64_MAX else cost.dtype
-    T, report = _pot_sinkhorn(cost.to(work), epsilon * scale, "sinkhorn_log", max_iter, tol, "sinkhorn", what)
-    return T.to(cost.dtype), replace(report, epsilon=float(epsilon))
-
-
-def sinkhorn_reference(
-    cost: torch.Tensor, reg: float = 0.06, max_iter: int = 10000, stop_thr: float = 1e-9, what: str = "cost matrix"
-) -> tuple[torch.Tensor, PlanReport]:
-    """The published solver: POT `ot.sinkhorn` default method (Sinkhorn-Knopp, not log-domain) on
-    the raw cost in float32. It can underflow; that shows as converged False and mass < 1."""
-    _check_finite(cost, what)
-    return _pot_sinkhorn(cost.to(torch.float32), reg, "sinkhorn", max_iter, stop_thr, "sinkhorn-reference", what)
-
-
-def solve_plan(
-    cost: torch.Tensor,
-    solver: str = "exact",
-    epsilon: float = 0.05,
-    max_iter: int = 2000,
-    tol: float = 1e-6,
-    what: str = "cost matrix",
-) -> tuple[torch.Tensor, PlanReport]:
-    """Plan T (n, m) for a cost matrix, on the cost's device. exact: a permutation matrix / n
-    (float64); sinkhorn: entropic plan in the cost's dtype. NaN/Inf raise OptDeusError."""
-    if solver == "exact":
-        col, report = exact_assignment(cost, what)
-        return assignment_plan(col, device=cost.device), report
-    if solver == "sinkhorn":
-        return sinkhorn_plan(cost, epsilon, max_iter, tol, what)
-    raise OptDeusError(f"unknown solver {solver!r}; expected one of {', '.join(SOLVERS)}")
-
-
-# ---------------------------------------------------------------------------------------------
 # using a plan
 
 

@@ -117,6 +117,86 @@ def test_non_convergence_is_reported():
     check_report(report)
 
 
+def wide_mlp_pair(hidden: int, intermediate: int, noise: float, seed: int) -> tuple[dict, dict, torch.Tensor, BuildContext]:
+    """An MLP and its neuron-permuted copy plus Gaussian noise (noise x the weights' std); the
+    permutation perm: B's neuron j is A's neuron perm[j]."""
+    g = torch.Generator().manual_seed(seed)
+    layout = HeadLayout(hidden=hidden, num_heads=2, num_kv_heads=1, head_dim=hidden // 2, intermediate=intermediate)
+    arch = SUPPORTED["llama"]
+    lower = {arch.weight(r): 0.1 * torch.randn(layout.weight_shape(r), generator=g) for r in ("gate", "up", "down")}
+    perm = torch.randperm(intermediate, generator=g)
+    moved = {n: t.index_select(1 if "down" in n else 0, perm) for n, t in lower.items()}
+    upper = {n: t + noise * 0.1 * torch.randn(t.shape, generator=g) for n, t in moved.items()}
+    return lower, upper, perm, BuildContext(arch, layout, torch.device("cpu"))
+
+
+def test_sinkhorn_recovers_a_planted_permutation_on_a_wide_mlp_where_median_scaling_blurs():
+    """Issue 10: epsilon relative to the cost's median blurs the plan as the MLP widens (the median
+    of a squared-Euclidean cost is the units' norms, which transport ignores); relative to the
+    spread of the doubly-centred cost, Sinkhorn fuses what the exact solver fuses."""
+    from opt_deus_cli.methods.opt_deus.mlp import align_mlp, fuse_mlp, mlp_features, mlp_paths
+    from opt_deus_cli.ot import barycentric_map, cost_matrix_blocks
+
+    lower, upper, perm, wide = wide_mlp_pair(hidden=64, intermediate=512, noise=2.0, seed=40)
+    fused = {}
+    for solver in ("exact", "sinkhorn"):
+        al = align_mlp(lower, upper, wide, AlignmentSettings(solver=solver))
+        fused[solver] = fuse_mlp([(1.0, None, al)], lower, upper, wide, 0.5)
+        assert al.figures["converged"] and al.figures["permutation_likeness"] > 0.99, solver
+    assert torch.equal(al.solved.map.P.argmax(1), perm)
+    # the median scaling, computed here with POT: a plan between near-permutation and uniform
+    arch = wide.arch
+    C = cost_matrix_blocks(mlp_features(lower, mlp_paths(arch)), mlp_features(upper, mlp_paths(arch)), "sqeuclidean").double()
+    marginal = torch.full((512,), 1 / 512, dtype=torch.float64)
+    T = ot.sinkhorn(marginal, marginal, C, 0.05 * float(C.median()), method="sinkhorn_log", numItermax=2000, stopThr=1e-6)
+    P = barycentric_map(T).float()
+    median_fused = {n: 0.5 * (t @ P.T if "down" in n else P @ t) + 0.5 * upper[n] for n, t in lower.items()}
+
+    def distance(f):  # relative to the exact solver's fused MLP
+        return max(float((f[n] - fused["exact"][n]).norm() / fused["exact"][n].norm()) for n in upper)
+
+    assert distance(fused["sinkhorn"]) < 1e-5
+    assert distance(median_fused) > 0.1
+
+
+def test_a_blurred_sinkhorn_plan_is_said_in_the_report():
+    lower, upper, _, wide = wide_mlp_pair(hidden=32, intermediate=64, noise=0.0, seed=41)
+    from opt_deus_cli.methods.opt_deus.mlp import align_mlp
+
+    sharp = align_mlp(lower, upper, wide, AlignmentSettings(solver="sinkhorn"))
+    blurred = align_mlp(lower, upper, wide, AlignmentSettings(solver="sinkhorn", epsilon=50.0))
+    assert sharp.figures["permutation_likeness"] > 0.99 and sharp.figures["warnings"] == []
+    assert blurred.figures["converged"] and blurred.figures["permutation_likeness"] < 0.5
+    assert any("blurred" in w and "epsilon" in w for w in blurred.figures["warnings"])
+
+
+@pytest.mark.parametrize("family", ("llama", "qwen2"))
+def test_sketched_mlp_cost_recovers_a_planted_permutation_and_reports_full_costs(family):
+    layout = HeadLayout(hidden=32, num_heads=4, num_kv_heads=2, head_dim=8, intermediate=96)
+    context = BuildContext(SUPPORTED[family], layout, torch.device("cpu"))
+    lower = random_block(family, seed=42, layout=layout)
+    upper = planted_permutation(lower, family, seed=43, layout=layout)
+    full_new, full = OptDeusMethod(EXACT).build(lower, upper, context)
+    new, report = OptDeusMethod(AlignmentSettings(sketch=16)).build(lower, upper, context)  # 16 of 3 x 32 features
+    assert_blocks_close(new, upper, atol=0.0)
+    assert report["mlp"]["sketch"] == 16 and report["mlp"]["cost_basis"] == "full features"
+    assert report["mlp"]["cost_before"] == pytest.approx(full["mlp"]["cost_before"], rel=1e-5)
+    assert report["mlp"]["cost_after"] < 1e-6
+    check_report(report)
+
+
+def test_sketch_changes_only_the_mlp_cost():
+    lower, upper = random_block("llama", seed=44), random_block("llama", seed=45)
+    new, report = OptDeusMethod(AlignmentSettings(sketch=8)).build(lower, upper, ctx("llama"))
+    full_new, full = OptDeusMethod(EXACT).build(lower, upper, ctx("llama"))
+    for name in new:
+        if not name.startswith("mlp."):
+            assert torch.equal(new[name], full_new[name]), name
+    # random unrelated layers: the sketched plan is a worse match in the full features, never better
+    assert full["mlp"]["cost_after"] <= report["mlp"]["cost_after"] <= report["mlp"]["cost_before"] * 1.01
+    assert "sketch" not in full["mlp"]
+
+
 def test_alignment_matrices_for_inspection():
     lower = random_block("qwen2", seed=18)
     upper = planted_permutation(lower, "qwen2", seed=19)
@@ -196,6 +276,26 @@ def test_reference_mode_matches_a_plain_implementation():
     # the published defect is kept: without marginal correction q is about W_B / 2
     q = "self_attn.q_proj.weight"
     assert (new[q] - upper[q] / 2).abs().max() < 0.1 * upper[q].abs().max()
+
+
+def test_reference_mode_says_what_an_underflowed_plan_means():
+    """Raw Euclidean costs of a few units with reg 0.06 underflow the float32 kernel (as on
+    SmolLM2, where every plan's mass is < 1e-16): the report says so and what follows for the
+    fused tensors, instead of only "did not converge"."""
+    lower, upper = random_block("llama", seed=46), random_block("llama", seed=47)
+    for name in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"):
+        lower[name], upper[name] = 20 * lower[name], 20 * upper[name]  # row distances ~10: exp(-10 / 0.06) = 0
+    method = OptDeusMethod(AlignmentSettings(mode="reference"), reference_solver=ReferenceSolver(max_iter=50))
+    new, report = method.build(lower, upper, ctx("llama"))
+    mlp = report["mlp"]
+    assert mlp["underflow"] == ["gate", "up", "down"] and mlp["cost_after"] is None
+    assert mlp["warnings"][0] == ("the gate/up/down plans have no mass (kernel underflow); with the published "
+                                  "semantics the fused gate/up/down are 0.5 x the upper layer")
+    assert all(f["underflow"] and f["mass"] < 1e-6 for f in mlp["plans"].values())
+    for name in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
+        torch.testing.assert_close(new[name], 0.5 * upper[name])
+    assert report["attention"]["underflow"] == []  # costs ~1: these plans keep their mass
+    check_report(report)
 
 
 @pytest.mark.parametrize("family", ("qwen2", "qwen3"))

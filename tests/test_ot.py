@@ -1,4 +1,4 @@
-"""Cost matrices, solvers and the barycentric map (opt_deus_cli.ot)."""
+"""Cost matrices and the barycentric map (opt_deus_cli.ot), solvers (opt_deus_cli.solvers)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,11 @@ import pytest
 import torch
 
 from opt_deus_cli import ot as odot
+from opt_deus_cli import solvers
 from opt_deus_cli.errors import OptDeusError, UsageError
 from opt_deus_cli.methods.opt_deus.settings import AlignmentSettings
-from opt_deus_cli.ot import (
-    barycentric_map,
-    cost_matrix,
-    cost_matrix_blocks,
-    exact_assignment,
-    permutation_likeness,
-    sinkhorn_reference,
-    solve_plan,
-    typical_cost,
-)
+from opt_deus_cli.ot import barycentric_map, cost_matrix, cost_matrix_blocks, cost_spread, permutation_likeness
+from opt_deus_cli.solvers import exact_assignment, sinkhorn_reference, solve_plan
 
 
 def rand(*shape, seed=0, dtype=torch.float32):
@@ -33,11 +26,12 @@ def rand(*shape, seed=0, dtype=torch.float32):
 
 def test_settings_defaults_and_validation():
     s = AlignmentSettings()
-    assert (s.mode, s.solver, s.cost, s.epsilon, s.max_iter, s.tol) == ("corrected", "exact", "sqeuclidean", 0.05, 2000, 1e-6)
-    assert tuple(f.name for f in dataclasses.fields(s)) == ("mode", "solver", "cost", "epsilon", "max_iter", "tol")
+    assert (s.mode, s.solver, s.cost, s.epsilon, s.max_iter, s.tol, s.sketch) == ("corrected", "exact", "sqeuclidean", 0.05, 2000, 1e-4, None)
+    assert tuple(f.name for f in dataclasses.fields(s)) == ("mode", "solver", "cost", "epsilon", "max_iter", "tol", "sketch")
+    assert AlignmentSettings(sketch=256).sketch == 256
     assert AlignmentSettings(epsilon=1).epsilon == 1.0 and isinstance(AlignmentSettings(epsilon=1).epsilon, float)
     for bad in (dict(mode="paper"), dict(solver="emd"), dict(cost="l1"), dict(epsilon=0), dict(epsilon=float("nan")),
-                dict(max_iter=0), dict(max_iter=2.5), dict(tol=-1)):
+                dict(max_iter=0), dict(max_iter=2.5), dict(tol=-1), dict(sketch=0), dict(sketch=4), dict(sketch=1.5)):
         with pytest.raises(UsageError, match=next(iter(bad))):
             dataclasses.replace(s, **bad)
 
@@ -76,10 +70,43 @@ def test_cost_rejects_mismatched_blocks_and_kinds():
         cost_matrix(rand(3, 4), rand(3, 4), "manhattan")
 
 
-def test_typical_cost():
-    assert typical_cost(torch.tensor([[0.0, 2.0], [3.0, 5.0], [7.0, 1.0]])) == 2.0  # lower median
-    assert typical_cost(torch.tensor([[0.0, 4.0], [0.0, 0.0]])) == 1.0  # median 0 -> mean
-    assert typical_cost(torch.zeros(2, 2)) == 1.0
+def test_cost_spread_is_the_rms_of_the_doubly_centred_cost():
+    C = rand(7, 5, seed=30, dtype=torch.float64)
+    K = C - C.mean(1, keepdim=True) - C.mean(0, keepdim=True) + C.mean()
+    assert float(cost_spread(C)) == pytest.approx(float(K.square().mean().sqrt()))
+    # adding a constant to a row or a column changes no plan, and not the scale either
+    shifted = C + rand(7, 1, seed=31, dtype=torch.float64) * 100 + rand(1, 5, seed=32, dtype=torch.float64) * 100 + 1e3
+    assert float(cost_spread(shifted)) == pytest.approx(float(cost_spread(C)))
+    assert float(cost_spread(3 * C)) == pytest.approx(3 * float(cost_spread(C)))
+    assert float(cost_spread(torch.ones(3, 4) + torch.arange(3.0)[:, None])) == 1.0  # every plan costs the same
+    batch = torch.stack([C, 2 * C])
+    torch.testing.assert_close(cost_spread(batch), torch.stack([cost_spread(C), 2 * cost_spread(C)]))
+
+
+def test_cost_spread_of_a_large_cost_in_row_chunks(monkeypatch):
+    C = rand(300, 70000, seed=33)  # more rows than one chunk of 2^24 entries holds
+    K = C.double() - C.double().mean(1, keepdim=True) - C.double().mean(0, keepdim=True) + C.double().mean()
+    assert float(cost_spread(C)) == pytest.approx(float(K.square().mean().sqrt()), rel=1e-9)
+
+
+def test_batched_cost_equals_cost_matrix_per_pair():
+    X, Y = rand(3, 1, 4, 6, seed=34), rand(1, 2, 5, 6, seed=35)
+    for kind in odot.COST_KINDS:
+        got = odot.batched_cost(X, Y, kind)
+        assert got.shape == (3, 2, 4, 5)
+        for a in range(3):
+            for b in range(2):
+                torch.testing.assert_close(got[a, b], cost_matrix(X[a, 0], Y[0, b], kind), atol=1e-5, rtol=1e-5)
+
+
+def test_sketch_preserves_distances_and_is_the_same_for_both_layers():
+    blocks = [rand(50, 300, seed=36).bfloat16(), rand(400, 50, seed=37).T]  # a transposed view too
+    S = odot.sketch_features(blocks, 256)
+    assert S.shape == (50, 256) and S.dtype == torch.float32
+    torch.testing.assert_close(odot.sketch_features(blocks, 256), S)  # one fixed projection
+    full = cost_matrix_blocks(blocks, blocks, "sqeuclidean")
+    ratio = cost_matrix(S, S, "sqeuclidean")[~torch.eye(50, dtype=torch.bool)] / full[~torch.eye(50, dtype=torch.bool)]
+    assert abs(float(ratio.mean()) - 1) < 0.03 and float(ratio.std()) < 0.15  # JL: ~ sqrt(2 / 256) = 0.09
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,6 +161,9 @@ def test_sinkhorn_epsilon_is_scale_free():
     T1, _ = solve_plan(cost, "sinkhorn", epsilon=0.1)
     T2, _ = solve_plan(1000 * cost, "sinkhorn", epsilon=0.1)
     torch.testing.assert_close(T1, T2)
+    # a row or column shift (a unit's norm, in a squared-Euclidean cost) changes neither plan nor scale
+    T3, _ = solve_plan(cost + 50 * torch.arange(12.0, dtype=torch.float64)[:, None] + 7, "sinkhorn", epsilon=0.1)
+    torch.testing.assert_close(T1, T3, atol=1e-5, rtol=0)  # both stopped within tol 1e-6 of the marginals
     assert T1.shape == (12, 10)
     torch.testing.assert_close(T1.sum(0), torch.full((10,), 0.1, dtype=torch.float64), atol=1e-6, rtol=0)
 
@@ -205,3 +235,19 @@ def test_barycentric_map_of_a_soft_plan():
     torch.testing.assert_close(P.sum(1), torch.ones(3))
     torch.testing.assert_close(P[0], torch.tensor([0.25, 0.05, 0.0]) / 0.3)
     assert permutation_likeness(torch.full((4, 5), 1 / 20)) == pytest.approx(0.2)
+
+
+def test_exact_assignment_in_a_child_process_is_the_same(monkeypatch):
+    costs = torch.rand(3, 30, 30, generator=torch.Generator().manual_seed(20), dtype=torch.float64)
+    want = solvers.exact_assignments(costs)
+    cols, reports, matched = solvers.exact_assignments_in_background(costs)()
+    assert torch.equal(cols, want[0]) and torch.equal(matched, want[2])
+    assert all(r.converged and r.solver == "exact" and r.seconds >= 0 for r in reports)
+
+    def broken(dense):
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(solvers, "_lap", broken)  # the child inherits it through the fork
+    pending = solvers.exact_assignments_in_background(costs, "MLP neurons")
+    with pytest.raises(OptDeusError, match="MLP neurons: the assignment process failed .*MemoryError: no room"):
+        pending()

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import torch
 
 from ...architectures import Architecture, HeadLayout
-from ...ot import cost_matrix
+from ...ot import batched_cost
 from ..base import Block, BuildContext
 from .blocks import F32, mix
-from .plans import Map, Solved, solve, worst_of
+from .plans import Map, Solved, solve, solve_batch, worst_of
 from .settings import AlignmentSettings
 
 
@@ -63,37 +63,69 @@ class Heads:
 
 
 def head_features(parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(r, D): per query head, its q rows (in order: RoPE pairs are not permuted), q bias, o columns."""
-    r = parts["q"].shape[0]
-    cols = [parts["q"].reshape(r, -1)] + ([parts["qb"]] if "qb" in parts else []) + [parts["o"].reshape(r, -1)]
-    return torch.cat(cols, 1)
+    """(..., r, D): per query head, its q rows (in order: RoPE pairs are not permuted), q bias, o
+    columns; parts as Heads.group gives them, optionally with leading batch dimensions."""
+    q = parts["q"]
+    lead = q.shape[:-2]  # (..., r)
+    cols = [q.reshape(*lead, -1)] + ([parts["qb"]] if "qb" in parts else []) + [parts["o"].reshape(*lead, -1)]
+    return torch.cat(cols, -1)
 
 
-def parts_cost(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], kind: str) -> float:
-    """The cost between two units made of several tensors (a KV group: q, k, v, o, biases) as if
-    each were flattened and concatenated, without building the concatenation, and without the
-    |x|^2 + |y|^2 - 2 x.y cancellation for the distances."""
+def stacked_parts_cost(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """(N,) float64: the cost between units made of several tensors (a KV group: q, k, v, o,
+    biases; each (N, ...), or broadcastable to it) as if each were flattened and concatenated,
+    without building the concatenation, and without the |x|^2 + |y|^2 - 2 x.y cancellation for
+    the distances."""
+
+    def total(f) -> torch.Tensor:
+        return sum(f(x[k], y[k]).flatten(1).sum(1, dtype=torch.float64) for k in y)
+
     if kind == "cosine":
-        dot = sum(float(torch.vdot(x[k].reshape(-1), y[k].reshape(-1))) for k in y)
-        norms = sum(float(x[k].square().sum()) for k in y) * sum(float(y[k].square().sum()) for k in y)
-        return 1.0 - dot / norms**0.5 if norms > 0 else 1.0
-    sq = sum(float(torch.dist(x[k], y[k])) ** 2 for k in y)
-    return sq if kind == "sqeuclidean" else sq**0.5
+        dot = total(lambda a, b: a * b)
+        norms = total(lambda a, b: a.square().expand_as(a * b)) * total(lambda a, b: b.square().expand_as(a * b))
+        return torch.where(norms > 0, 1.0 - dot / norms.sqrt().clamp_min(torch.finfo(torch.float64).tiny), 1.0)
+    sq = total(lambda a, b: (a - b).square())
+    return sq if kind == "sqeuclidean" else sq.sqrt()
 
 
-def align_group(parts: dict[str, torch.Tensor], heads: Map, vdims: Map, o_vdims_moved: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Group a's tensors moved onto group b's slots: query heads by `heads`, value dims by `vdims`
-    (v rows, v bias and the matching o columns of every head); k is never permuted inside.
-    o_vdims_moved: parts["o"] already moved by `vdims` (the maps act on different axes and commute)."""
-    out = dict(parts)
-    out["q"] = heads.apply(parts["q"], 0)
-    moved = o_vdims_moved if o_vdims_moved is not None else vdims.apply(parts["o"], 1)
-    out["o"] = heads.apply(moved, 0)
-    out["v"] = vdims.apply(parts["v"], 0)
+def move_each(maps: list[Map], W: torch.Tensor, dim: int) -> torch.Tensor:
+    """W (N, ...) with W[k] moved along `dim` (counted after the batch dimension) by maps[k];
+    pass W.expand(N, ...) to move one tensor by every map. Index maps gather (no arithmetic),
+    entropic maps multiply."""
+    axis, N = dim + 1, len(maps)
+    if all(m.index is not None for m in maps):  # one gather per map straight into the result
+        shape = list(W.shape)
+        shape[axis] = maps[0].index.numel()
+        out = W.new_empty(shape)
+        for k, m in enumerate(maps):
+            torch.index_select(W[k], dim, m.index.to(W.device), out=out[k])
+        return out
+    P = torch.stack([m.P for m in maps]).to(W.device, W.dtype)  # (N, m, n)
+    rows = W.movedim(axis, -1)[..., None, :]  # (N, ..., 1, n)
+    Pt = P.transpose(1, 2).reshape(N, *([1] * (rows.dim() - 3)), P.shape[2], P.shape[1])  # (N, 1.., n, m)
+    return (rows @ Pt).squeeze(-2).movedim(-1, axis)
+
+
+def align_group(parts: dict[str, torch.Tensor], heads: list[Map], vdims: list[Map],
+                o_vdims_moved: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Group a's tensors moved onto the slots of N groups at once, (N, ...) each: query heads by
+    heads[k], value dims by vdims[k] (v rows, v bias and the matching o columns of every head);
+    k is never permuted inside. o_vdims_moved: (N, r, d, h), parts["o"] already moved by vdims
+    (the maps act on different axes and commute)."""
+    N = len(heads)
+
+    def each(t: torch.Tensor) -> torch.Tensor:
+        return t.expand(N, *t.shape)
+
+    moved = o_vdims_moved if o_vdims_moved is not None else move_each(vdims, each(parts["o"]), 1)
+    out = {k: each(t) for k, t in parts.items()}
+    out["q"] = move_each(heads, each(parts["q"]), 0)
+    out["o"] = move_each(heads, moved, 0)
+    out["v"] = move_each(vdims, each(parts["v"]), 0)
     if "qb" in parts:
-        out["qb"] = heads.apply(parts["qb"], 0)
+        out["qb"] = move_each(heads, each(parts["qb"]), 0)
     if "vb" in parts:
-        out["vb"] = vdims.apply(parts["vb"], 0)
+        out["vb"] = move_each(vdims, each(parts["vb"]), 0)
     return out
 
 
@@ -122,29 +154,40 @@ def align_attention(lower: Block, upper: Block, ctx: BuildContext, settings: Ali
     A = Heads.of(lower, ctx.arch, ctx.layout, ctx.device)
     B = Heads.of(upper, ctx.arch, ctx.layout, ctx.device)
     G, kind = ctx.layout.num_kv_heads, settings.cost
-    # Inner plans for every pair of groups: value dims first (their features do not depend on
-    # the head matching), then query heads with the o columns already moved by the v-dim map.
-    # The group cost is the cost of the whole group a, aligned by those plans, against group b.
+    # Inner plans for every pair of groups (a, b), all G^2 of a level in one batch (pair a*G + b):
+    # value dims first (their features do not depend on the head matching), then query heads
+    # with the o columns already moved by the v-dim map. The group cost is the cost of the whole
+    # group a, aligned by those plans, against group b.
     parts_A = [A.group(g) for g in range(G)]
-    parts_B = [B.group(g) for g in range(G)]
-    v_feats_A = [A.v_features(g) for g in range(G)]
-    v_feats_B = [B.v_features(g) for g in range(G)]
-    head_feats_B = [head_features(p) for p in parts_B]
-    pairs: dict[tuple[int, int], GroupPair] = {}
-    group_cost = torch.empty((G, G), dtype=torch.float64)
-    for a in range(G):
-        for b in range(G):
-            where = f"KV group {a} -> {b}"
-            v_cost = cost_matrix(v_feats_A[a], v_feats_B[b], kind)  # (d, d)
-            vd = solve(v_cost, settings, f"attention value dims, {where}")
-            o_moved = vd.map.apply(parts_A[a]["o"], 1)
-            head_cost = cost_matrix(head_features({**parts_A[a], "o": o_moved}), head_feats_B[b], kind)  # (r, r)
-            hd = solve(head_cost, settings, f"attention query heads, {where}")
-            pairs[a, b] = GroupPair(vd, hd, v_cost, head_cost)
-            group_cost[a, b] = parts_cost(align_group(parts_A[a], hd.map, vd.map, o_moved), parts_B[b], kind)
-    cost_before = sum(parts_cost(parts_A[g], parts_B[g], kind) for g in range(G)) / G
-    group = solve(group_cost.to(ctx.device), settings, "attention KV groups")
+    parts_B = {k: torch.stack([B.group(g)[k] for g in range(G)]) for k in B.group(0)}  # (G, ...) each
+    v_feats_A = torch.stack([A.v_features(g) for g in range(G)])  # (G, d, 2h [+1])
+    v_feats_B = torch.stack([B.v_features(g) for g in range(G)])
+    v_cost = batched_cost(v_feats_A[:, None], v_feats_B[None], kind)  # (G, G, d, d)
+    v_dims = solve_batch(v_cost.flatten(0, 1), settings, "attention value dims")
+    v_maps = [s.map for s in v_dims]
+    head_feats_B = head_features(parts_B)  # (G, r, D)
+
+    def o_moved(a: int) -> torch.Tensor:  # (G, r, d, h): group a's o columns under the (a, b) v-dim maps
+        return move_each(v_maps[a * G : (a + 1) * G], parts_A[a]["o"].expand(G, *parts_A[a]["o"].shape), 1)
+
+    head_cost = torch.stack([
+        batched_cost(head_features({**{k: t.expand(G, *t.shape) for k, t in parts_A[a].items()}, "o": o_moved(a)}),
+                     head_feats_B, kind)
+        for a in range(G)
+    ])  # (G, G, r, r)
+    heads = solve_batch(head_cost.flatten(0, 1), settings, "attention query heads")
+    head_maps = [s.map for s in heads]
+    group_cost = torch.stack([
+        stacked_parts_cost(align_group(parts_A[a], head_maps[a * G : (a + 1) * G], v_maps[a * G : (a + 1) * G], o_moved(a)),
+                           parts_B, kind)
+        for a in range(G)
+    ]).cpu()  # (G, G) float64
+    own = {k: torch.stack([p[k] for p in parts_A]) for k in parts_A[0]}
+    cost_before = float(stacked_parts_cost(own, parts_B, kind).mean())
+    group = solve(group_cost, settings, "attention KV groups")  # (G, G) on the CPU: too small for a device
     used = {(a, b): w / G for b in range(G) for a, w in group.map.sources(b)}  # mass of the KV-group plan
+    pairs = {(a, b): GroupPair(v_dims[a * G + b], heads[a * G + b], v_cost[a, b], head_cost[a, b])
+             for a in range(G) for b in range(G)}
 
     def level(inner: dict[tuple[int, int], Solved]) -> dict:
         """The many small inner plans of one level: worst case over all of them, and their
@@ -174,8 +217,8 @@ def fuse_attention(al: AttentionAlignment, upper: Block, ctx: BuildContext, alph
         aligned = None
         for a, w in al.group.map.sources(b):
             pair = al.pairs[a, b]
-            moved = align_group(al.A.group(a), pair.heads.map, pair.v_dims.map)
-            weighted = {k: w * t for k, t in moved.items()}
+            moved = align_group(al.A.group(a), [pair.heads.map], [pair.v_dims.map])
+            weighted = {k: w * t[0] for k, t in moved.items()}
             aligned = weighted if aligned is None else {k: aligned[k] + weighted[k] for k in weighted}
         fused_groups.append({k: mix(alpha, aligned[k], target[k]) for k in target})
     stacked = {k: torch.stack([g[k] for g in fused_groups]) for k in fused_groups[0]}

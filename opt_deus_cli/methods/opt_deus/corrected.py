@@ -8,12 +8,15 @@ from ..base import Block, BuildContext
 from .attention import align_attention, fuse_attention
 from .blocks import average_rest
 from .experts import build_experts
-from .mlp import align_mlp, fuse_mlp
+from .mlp import align_mlp_later, fuse_mlp
 from .settings import AlignmentSettings
 
 
 def build_corrected(lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings, alpha: float) -> tuple[Block, dict]:
     notes: list[str] = []
+    # A dense MLP's cost first: its exact assignment (one core, seconds) then runs in a child
+    # process while attention is aligned and fused here.
+    pending_mlp = None if ctx.arch.experts else align_mlp_later(lower, upper, ctx, settings)
     attention = align_attention(lower, upper, ctx, settings)
     out = fuse_attention(attention, upper, ctx, alpha)
     report = {"attention": attention.figures}
@@ -23,7 +26,8 @@ def build_corrected(lower: Block, upper: Block, ctx: BuildContext, settings: Ali
         out.update(fused)
         report.update(figures)
     else:
-        mlp = align_mlp(lower, upper, ctx, settings)
+        mlp = pending_mlp()
+        del pending_mlp  # frees the n x n cost before the fusion's float32 copies
         out.update(fuse_mlp([(1.0, None, mlp)], lower, upper, ctx, alpha))
         report["mlp"] = mlp.figures
         del mlp

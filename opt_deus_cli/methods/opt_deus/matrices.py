@@ -90,4 +90,4 @@ def _reference(lower: Block, upper: Block, ctx: BuildContext, group: str, solver
             tensors[name] = {"cost": C.cpu(), "plan": T.cpu()}
 
     _, figs, _ = reference_pass(lower, upper, ctx, 0.5, solver, keep)
-    return {**tensors[names[0]], "tensors": tensors, "report": group_report(figs, ctx, group)}
+    return {**tensors[names[0]], "tensors": tensors, "report": group_report(figs, ctx, group, 0.5)}

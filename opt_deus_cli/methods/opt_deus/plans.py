@@ -4,12 +4,20 @@ plans."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
-from ...ot import PlanReport, assignment_plan, barycentric_map, exact_assignment, permutation_likeness, sinkhorn_plan
+from ...ot import assignment_plan, barycentric_map, permutation_likeness
+from ...solvers import PlanReport, exact_assignments, exact_assignments_in_background, sinkhorn_plans
 from .settings import AlignmentSettings
+
+# An entropic plan less permutation-like than this moves averages of several units rather than
+# units: said in the plan's warnings (the figure itself is in the report).
+LOW_LIKENESS = 0.5
+BLURRED = (f"plan is blurred: permutation likeness below {LOW_LIKENESS} (each new unit averages several of the "
+           "lower layer's); lower alignment.epsilon or use solver: exact")
 
 
 class Map:
@@ -58,15 +66,42 @@ class Solved:
 
 def solve(cost: torch.Tensor, settings: AlignmentSettings, what: str) -> Solved:
     """Plan for `cost` (n, m) with the configured solver, as a map plus figures."""
+    return solve_batch(cost[None], settings, what)[0]
+
+
+def solve_later(cost: torch.Tensor, settings: AlignmentSettings, what: str) -> Callable[[], Solved]:
+    """solve(), started now and finished when the returned function is called: the exact solver
+    runs in a child process meanwhile (ot.exact_assignments_in_background); Sinkhorn, which uses
+    every core itself, runs at once."""
+    if settings.solver != "exact":
+        solved = solve(cost, settings, what)
+        return lambda: solved
+    pending = exact_assignments_in_background(cost[None], what)
+
+    def result() -> Solved:
+        cols, reports, matched = pending()
+        return Solved(Map(index=torch.argsort(cols[0])), reports[0], float(matched[0]), 1.0)
+
+    return result
+
+
+def solve_batch(costs: torch.Tensor, settings: AlignmentSettings, what: str) -> list[Solved]:
+    """Plans for a batch of costs (N, n, m), one solver call for all (many small plans cost
+    about what one does): the plans solve() gives one by one."""
+    N = costs.shape[0]
     if settings.solver == "exact":
-        col, report = exact_assignment(cost, what)
-        n = col.numel()
-        cost_after = float(cost[torch.arange(n, device=cost.device), col.to(cost.device)].mean())
+        cols, reports, matched = exact_assignments(costs, what)
         # col[i] = B unit of A unit i; the map needs the inverse: A unit landing on B unit j
-        return Solved(Map(index=torch.argsort(col)), report, cost_after, 1.0)
-    T, report = sinkhorn_plan(cost, settings.epsilon, settings.max_iter, settings.tol, what)
-    cost_after = float(torch.dot(T.reshape(-1), cost.reshape(-1).to(T.dtype)) / T.sum())
-    return Solved(Map(P=barycentric_map(T), colsum=T.sum(0)), report, cost_after, permutation_likeness(T))
+        return [Solved(Map(index=torch.argsort(cols[k])), reports[k], float(matched[k]), 1.0) for k in range(N)]
+    T, reports = sinkhorn_plans(costs, settings.epsilon, settings.max_iter, settings.tol, what)
+    # mean cost under each plan, mass-normalised; a batched dot product makes no n x m temporary
+    after = (torch.bmm(T.reshape(N, 1, -1), costs.to(T.dtype).reshape(N, -1, 1)).reshape(N) / T.sum((1, 2))).double().cpu()
+    solved = []
+    for k in range(N):
+        likeness = permutation_likeness(T[k])
+        report = reports[k] if likeness >= LOW_LIKENESS else replace(reports[k], warnings=reports[k].warnings + (BLURRED,))
+        solved.append(Solved(Map(P=barycentric_map(T[k]), colsum=T[k].sum(0)), report, float(after[k]), likeness))
+    return solved
 
 
 def figures(report: PlanReport, cost_before: float, cost_after: float | None, likeness: float, seconds: float) -> dict:

@@ -9,7 +9,8 @@ from typing import Callable
 
 import torch
 
-from ...ot import barycentric_map, cost_matrix, permutation_likeness, sinkhorn_reference
+from ...ot import barycentric_map, cost_matrix, permutation_likeness
+from ...solvers import sinkhorn_reference
 from ..base import Block, BuildContext
 from .blocks import F32, average_rest, mix
 from .plans import figures, worst_of
@@ -17,6 +18,16 @@ from .settings import ReferenceSolver
 
 # on_plan(tensor name, cost C, plan T): what the inspection path keeps; both (n_A, n_B)
 OnPlan = Callable[[str, torch.Tensor, torch.Tensor], None]
+# A plan with less total mass than this moved (almost) nothing: its Gibbs kernel exp(-C / reg)
+# underflowed in float32 (raw costs of a few units with reg 0.06), so T^T W_A is ~0.
+NO_MASS = 1e-6
+
+
+def underflow_warning(roles: list[str], alpha: float) -> str:
+    """What an underflowed plan means for the fused tensors, in one line."""
+    names = "/".join(roles)
+    return (f"the {names} plan{'s have' if len(roles) > 1 else ' has'} no mass (kernel underflow); with the published "
+            f"semantics the fused {names} {'are' if len(roles) > 1 else 'is'} {1 - alpha:g} x the upper layer")
 
 
 def reference_plan(WA: torch.Tensor, WB: torch.Tensor, solver: ReferenceSolver, what: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -26,21 +37,30 @@ def reference_plan(WA: torch.Tensor, WB: torch.Tensor, solver: ReferenceSolver, 
     C = cost_matrix(WA, WB, "euclidean")
     T, report = sinkhorn_reference(C, solver.reg, solver.max_iter, solver.stop_thr, what)
     mass = float(T.sum())  # 1 unless the kernel underflowed
-    cost_after = float(torch.dot(T.reshape(-1), C.reshape(-1)) / mass) if mass > 0 else None
+    cost_after = float(torch.dot(T.reshape(-1), C.reshape(-1)) / mass) if mass >= NO_MASS else None
     seconds = time.perf_counter() - start
     figs = figures(report, float(C.diagonal().mean()), cost_after, permutation_likeness(T), seconds)
     figs["mass"] = mass
+    figs["underflow"] = mass < NO_MASS
     return C, T, figs
 
 
-def reference_summary(plans: dict[str, dict]) -> dict:
-    """Worst case over a group's per-tensor plans (costs: mean, as they are in different units)."""
+def reference_summary(plans: dict[str, dict], roles: dict[str, str], alpha: float) -> dict:
+    """Worst case over a group's per-tensor plans (costs: mean, as they are in different units).
+    roles: tensor name -> its role (q, k, ...). Plans without mass are said first, with what they
+    mean for the fused tensors (`underflow` lists their roles); the solver's own words about them
+    ("numerical errors at iteration 0") are then noise and are left in the per-plan figures."""
     figs = list(plans.values())
     after = [f["cost_after"] for f in figs]
+    empty = [roles[name] for name, f in plans.items() if f.get("underflow")]
+    summary = worst_of(figs)
+    others = sorted({w for name, f in plans.items() if not f.get("underflow") for w in f["warnings"]})
+    summary["warnings"] = ([underflow_warning(empty, alpha)] if empty else []) + others
     return {
         "solver": figs[0]["solver"],
         "epsilon": figs[0]["epsilon"],
-        **worst_of(figs),
+        **summary,
+        "underflow": empty,
         "cost_before": sum(f["cost_before"] for f in figs) / len(figs),
         "cost_after": None if None in after else sum(after) / len(after),
         "permutation_likeness": min(f["permutation_likeness"] for f in figs),
@@ -100,11 +120,13 @@ def reference_pass(lower: Block, upper: Block, ctx: BuildContext, alpha: float, 
     return out, figs, notes
 
 
-def group_report(figs: dict[str, dict], ctx: BuildContext, group: str) -> dict:
+def group_report(figs: dict[str, dict], ctx: BuildContext, group: str, alpha: float) -> dict:
     roles = ("q", "k", "v", "o") if group == "attention" else ("gate", "up", "down")
-    return reference_summary({ctx.arch.weight(r): figs[ctx.arch.weight(r)] for r in roles})
+    names = {ctx.arch.weight(r): r for r in roles}
+    return reference_summary({name: figs[name] for name in names}, names, alpha)
 
 
 def build_reference(lower: Block, upper: Block, ctx: BuildContext, alpha: float, solver: ReferenceSolver) -> tuple[Block, dict]:
     out, figs, notes = reference_pass(lower, upper, ctx, alpha, solver)
-    return out, {"attention": group_report(figs, ctx, "attention"), "mlp": group_report(figs, ctx, "mlp"), "notes": notes}
+    return out, {"attention": group_report(figs, ctx, "attention", alpha), "mlp": group_report(figs, ctx, "mlp", alpha),
+                 "notes": notes}
