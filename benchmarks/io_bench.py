@@ -3,10 +3,13 @@ in the same run (issue: streaming up-scaler core).
 
 The checkpoint has LLaMA-3.2-1B shapes (hidden 2048, intermediate 8192, 16 layers, 32 heads,
 8 KV heads, vocab 128256, tied embeddings), random bf16 weights, saved by transformers in 1 GB
-shards: about 2.5 GB. Each measured command runs as its own child process; its peak RSS comes
+shards: about 3 GB. Each measured command runs as its own child process; its peak RSS comes
 from the kernel's rusage of that child (os.wait4), so nothing of this script is counted.
 
-    python -m benchmarks.io_bench [--work bench-out] [--recipes llama-pro solar] [--json]
+    python -m benchmarks.io_bench [--work bench-out] [--recipes llama-pro solar] [--rounds 3] [--hub] [--json]
+
+--hub also reads the same checkpoint from a Hugging Face cache layout (blobs named by their sha256,
+hard-linked to the checkpoint's files), where opt-deus takes the base's checksums from the names.
 """
 
 from __future__ import annotations
@@ -65,55 +68,100 @@ def measure(cmd: list[str]) -> dict:
     proc.stderr.close()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err}")
-    return {"command": " ".join(cmd), "seconds": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    return {"command": " ".join(cmd), "seconds": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2)}
 
 
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
 
+def hub_layout(base: Path, cache: Path) -> Path:
+    """`base` laid out as huggingface_hub's cache holds a download: blobs named by the sha256 of
+    the content for the weights (LFS) and by the git blob sha1 for the other files, relative
+    links snapshots/<revision>/<file> -> ../../blobs/<name>. Blobs are hard links of base's
+    files where the filesystem allows (no second copy of the weights). Returns the snapshot."""
+    import hashlib
+
+    from opt_deus_cli.hashing import sha256_file
+
+    repo = cache / "models--bench--llama-1b-shape"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    if snapshot.is_dir():
+        return snapshot
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True)
+    for file in sorted(base.iterdir()):
+        if file.name.endswith(".safetensors"):
+            name = sha256_file(file)
+        else:
+            data = file.read_bytes()
+            name = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        blob = repo / "blobs" / name
+        if not blob.exists():
+            try:
+                os.link(file, blob)
+            except OSError:
+                shutil.copyfile(file, blob)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    return snapshot
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("bench-out"))
     parser.add_argument("--recipes", nargs="+", default=["llama-pro"])
+    parser.add_argument("--rounds", type=int, default=3, help="cp -r and upscale alternately, this many times each")
+    parser.add_argument("--hub", action="store_true", help="also read the checkpoint from a Hub cache layout")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     base = make_checkpoint(args.work / "llama-1b-shape", LLAMA_1B)
+    sources = {"directory": base}
+    if args.hub:
+        sources["hub cache"] = hub_layout(base, args.work / "hub-cache")
     opt_deus = str(Path(sys.executable).with_name("opt-deus"))
     rows = []
-    copy_dir = args.work / "cp-copy"
+    copy_dir, out = args.work / "cp-copy", args.work / "io-out"
     for recipe in args.recipes:
-        out = args.work / f"out-{recipe}"
-        cps = []
-        for _ in range(2):  # cp before and after, averaged: page cache and writeback vary
-            shutil.rmtree(copy_dir, ignore_errors=True)
-            cps.append(measure(["cp", "-r", str(base), str(copy_dir)]))
-            if not (out / "config.json").exists():
+        for where, source in sources.items():
+            load = [os.getloadavg()[0]]
+            cps, ups, splits = [], [], []
+            for _ in range(args.rounds):  # interleaved: page cache and writeback drift during a run
+                shutil.rmtree(copy_dir, ignore_errors=True)
+                cps.append(measure(["cp", "-rL", str(source), str(copy_dir)]))
+                shutil.rmtree(copy_dir)
                 shutil.rmtree(out, ignore_errors=True)
-                up = measure([opt_deus, "upscale", str(base), "--recipe", recipe, "--out", str(out), "--device", "cpu"])
-        cp = {"command": cps[0]["command"], "seconds": round(sum(c["seconds"] for c in cps) / 2, 2),
-              "peak_rss_mb": max(c["peak_rss_mb"] for c in cps)}
-        manifest = json.loads((out / "opt-deus-manifest.json").read_text())
-        rows.append({
-            "recipe": recipe,
-            "layers": f"{manifest['base']['num_layers']} -> {manifest['output']['num_layers']}",
-            "input_gb": round(dir_bytes(base) / 1e9, 3),
-            "output_gb": round(dir_bytes(out) / 1e9, 3),
-            "cp": cp, "upscale": up,
-            "time_ratio_vs_cp": round(up["seconds"] / cp["seconds"], 2),
-        })
-        shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(copy_dir, ignore_errors=True)
+                ups.append(measure([opt_deus, "upscale", str(source), "--recipe", recipe, "--out", str(out), "--device", "cpu"]))
+                manifest = json.loads((out / "opt-deus-manifest.json").read_text())
+                splits.append(manifest["timings"])
+            load.append(os.getloadavg()[0])
+            cp_s, up_s = median([c["seconds"] for c in cps]), median([u["seconds"] for u in ups])
+            rows.append({
+                "recipe": recipe, "source": where,
+                "layers": f"{manifest['base']['num_layers']} -> {manifest['output']['num_layers']}",
+                "input_gb": round(dir_bytes(base) / 1e9, 3), "output_gb": round(dir_bytes(out) / 1e9, 3),
+                "cp_seconds": [c["seconds"] for c in cps], "upscale_seconds": [u["seconds"] for u in ups],
+                "upscale_cpu_seconds": [u["cpu_seconds"] for u in ups], "peak_rss_mb": max(u["peak_rss_mb"] for u in ups),
+                "time_ratio_vs_cp": round(up_s / cp_s, 2), "load_avg": load,
+                # the job's own time and its split (median over the rounds), from the manifest
+                "timings": {k: round(median([t[k] for t in splits]), 2) for k in splits[0]},
+            })
+            shutil.rmtree(out, ignore_errors=True)
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     if args.json:
         print(json.dumps({"machine": machine, "rows": rows}, indent=2))
         return
     print(f"machine: {machine}")
-    print(f"{'recipe':<12} {'layers':<9} {'in GB':>6} {'out GB':>7} {'cp s':>6} {'cp MB':>7} {'upscale s':>9} {'upscale MB':>10} {'ratio':>6}")
     for r in rows:
-        print(f"{r['recipe']:<12} {r['layers']:<9} {r['input_gb']:>6} {r['output_gb']:>7} {r['cp']['seconds']:>6} "
-              f"{r['cp']['peak_rss_mb']:>7} {r['upscale']['seconds']:>9} {r['upscale']['peak_rss_mb']:>10} {r['time_ratio_vs_cp']:>6}")
+        print(f"{r['recipe']} from a {r['source']} ({r['layers']}, {r['input_gb']} -> {r['output_gb']} GB): cp -r {r['cp_seconds']} s, "
+              f"upscale {r['upscale_seconds']} s (CPU {r['upscale_cpu_seconds']} s, peak {r['peak_rss_mb']} MB), "
+              f"median ratio {r['time_ratio_vs_cp']}, load {r['load_avg']}; job split {r['timings']}")
 
 
 if __name__ == "__main__":

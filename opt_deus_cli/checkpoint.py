@@ -11,18 +11,17 @@ default shard). Because every output shape and dtype is known from the plan befo
 written, the header of each shard is written first and tensors are then streamed into it in
 order; the file format (8-byte little-endian header length, JSON header, raw data) is fixed by
 the safetensors spec, and every written shard is re-opened with safetensors to check it.
-Checksums are computed from the bytes as they are written (copied ranges through a read-only
-memory map of the source, unmapped chunk by chunk, so memory does not grow with the model).
+Each shard's sha256 is computed on a hashing thread while the next bytes are written (hashing.py:
+ranges of files on disk read back through memory maps, so memory does not grow with the model).
 """
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import json
-import mmap
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import OptDeusError
+from .hashing import Hashing, sha256_file  # noqa: F401  (sha256_file: readers of checksums import it from here)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -285,21 +285,28 @@ class ShardWriter:
     """Streams tensors, in the planned order, into Hugging Face-named shards in `directory`.
 
     Call write(name, tensor) or copy_raw(...) for every planned tensor in order, then finish().
-    Each file's sha256 is computed from the bytes as they are written, on a thread of its own
-    (hashlib releases the GIL) so hashing overlaps the copying; one worker keeps the order."""
+    Bytes go to the file at explicit offsets (pwrite, or copy_file_range from the source); each
+    shard is a HashStream of the byte ranges written, hashed (and fsynced) on the `hashing` pool
+    while the next shard is written. io_seconds: time spent writing and copying."""
 
-    def __init__(self, directory: Path, entries: list[tuple[str, TensorMeta]], max_shard_bytes: int):
+    def __init__(self, directory: Path, entries: list[tuple[str, TensorMeta]], max_shard_bytes: int,
+                 hashing: Hashing | None = None):
         self.dir = Path(directory)
         self.shards = plan_shards(entries, max_shard_bytes)
         self.file_names = shard_file_names(len(self.shards))
         self._order = [(i, name, meta) for i, shard in enumerate(self.shards) for name, meta in shard]
         self._pos = 0
-        self._file = None
-        self._hash = None
+        self._fd: int | None = None  # the open shard, written at self._offset
+        self._read_fd = -1  # the same file read-only, for hashing it back
+        self._offset = 0
+        self._stream = None
         self._shard = -1
-        self._hasher = ThreadPoolExecutor(max_workers=1)
-        self._pending = []  # futures of hashing work, checked for errors at finish()
-        self.digests: dict[str, tuple[int, str]] = {}  # file -> (bytes, sha256)
+        self._owns_hashing = hashing is None
+        self.hashing = hashing if hashing is not None else Hashing()
+        self._futures: dict[str, object] = {}  # file -> future of (bytes, sha256)
+        self.digests: dict[str, tuple[int, str]] = {}  # file -> (bytes, sha256), filled by finish()
+        self.io_seconds = 0.0
+        self.hash_wait_seconds = 0.0  # waiting, after the last byte, for the output's checksums
 
     def _open_shard(self, i: int) -> None:
         header: dict = {"__metadata__": {"format": "pt"}}
@@ -309,22 +316,27 @@ class ShardWriter:
             offset += meta.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors does
-        self._file = open(self.dir / self.file_names[i], "wb")
-        self._hash = hashlib.sha256()
-        self._shard = i
+        path = self.dir / self.file_names[i]
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        self._read_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._stream = self.hashing.stream(owned_fds=(self._read_fd,), fsync_fd=self._read_fd)
+        self._offset, self._shard = 0, i
         self._put(len(raw).to_bytes(8, "little") + raw)
 
     def _put(self, data) -> None:
-        self._file.write(data)
-        self._pending.append(self._hasher.submit(self._hash.update, data))  # holds `data` until hashed
+        start = time.perf_counter()
+        view, done = memoryview(data).cast("B"), 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], self._offset + done)
+        self._stream.add(self._read_fd, self._offset, done)
+        self._offset += done
+        self.io_seconds += time.perf_counter() - start
 
     def _close_shard(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        size, name, hasher = self._file.tell(), self.file_names[self._shard], self._hash
-        self._file.close()
-        self._file = None
-        self._pending.append(self._hasher.submit(lambda: self.digests.__setitem__(name, (size, hasher.hexdigest()))))
+        fd, self._fd = self._fd, None
+        os.close(fd)
+        self._futures[self.file_names[self._shard]] = self._stream.close()
+        self._stream = None
 
     def _next(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
         """Check that `name` is the next planned tensor and open its shard if needed."""
@@ -332,7 +344,7 @@ class ShardWriter:
         if name != expected or dtype != meta.dtype or shape != meta.shape:
             raise RuntimeError(f"writer expected {expected} {meta}, got {name} {dtype} {shape}")
         if shard != self._shard:
-            if self._file is not None:
+            if self._fd is not None:
                 self._close_shard()
             self._open_shard(shard)
         self._pos += 1
@@ -340,31 +352,27 @@ class ShardWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self._next(name, tensor.dtype, tuple(tensor.shape))
         # raw little-endian bytes of the tensor, without a copy when it is contiguous
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._put(memoryview(data))
+        self._put(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
     def copy_raw(self, name: str, meta: TensorMeta, fd: int, offset: int, nbytes: int) -> None:
-        """Append bytes of an input file unchanged: copied by the kernel, hashed through a map."""
+        """Append bytes of an input file unchanged: copied by the kernel, hashed from the source."""
         self._next(name, meta.dtype, meta.shape)
-        self._file.flush()
-        out_fd, done = self._file.fileno(), 0
-        while done < nbytes:
-            n = os.copy_file_range(fd, out_fd, nbytes - done, offset + done)
-            if n <= 0:
-                raise OSError(f"copy of {name} stopped at {done} of {nbytes} bytes")
-            done += n
-        self._file.seek(0, os.SEEK_END)
-        self._pending.append(self._hasher.submit(hash_range, self._hash, fd, offset, nbytes))
+        start = time.perf_counter()
+        _copy_range(fd, offset, self._fd, self._offset, nbytes, name)
+        self._stream.add(fd, offset, nbytes)  # the same bytes: hashed from the source's pages
+        self._offset += nbytes
+        self.io_seconds += time.perf_counter() - start
 
     def finish(self) -> dict[str, str]:
-        """Close the last shard, check every shard reads back, write the index; returns weight_map."""
+        """Close the last shard, wait for the checksums, check every shard reads back, write the
+        index; returns weight_map."""
         if self._pos != len(self._order):
             raise RuntimeError(f"writer got {self._pos} of {len(self._order)} tensors")
-        if self._file is not None:
+        if self._fd is not None:
             self._close_shard()
-        for future in self._pending:
-            future.result()  # re-raises a hashing error
-        self._pending.clear()
+        start = time.perf_counter()
+        self.digests = {name: future.result() for name, future in self._futures.items()}  # re-raises a hashing error
+        self.hash_wait_seconds = time.perf_counter() - start
         weight_map = {}
         for file_name, shard in zip(self.file_names, self.shards):
             with safe_open(str(self.dir / file_name), framework="pt") as f:
@@ -378,13 +386,44 @@ class ShardWriter:
         return weight_map
 
     def abort(self) -> None:
-        """Stop: close the open file and the hashing thread (finish() or not)."""
+        """Stop: close the open file and end its hashing (finish() or not)."""
         try:
-            if self._file is not None:
-                self._file, file = None, self._file
-                file.close()
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                os.close(fd)
+            if self._stream is not None:
+                self._stream, stream = None, self._stream
+                stream.close()
         finally:
-            self._hasher.shutdown(wait=True, cancel_futures=True)
+            if self._owns_hashing:
+                self.hashing.shutdown(wait=True)
+
+
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
+
+
+def _copy_range(src: int, src_offset: int, dst: int, dst_offset: int, nbytes: int, name: str) -> None:
+    """Bytes [src_offset, +nbytes) of one file to dst_offset of another: by the kernel
+    (copy_file_range, as `cp` does), or through user space where the kernel cannot."""
+    done = 0
+    try:
+        while done < nbytes:
+            n = os.copy_file_range(src, dst, nbytes - done, src_offset + done, dst_offset + done)
+            if n <= 0:
+                raise OSError(f"copy of {name} stopped at {done} of {nbytes} bytes")
+            done += n
+        return
+    except OSError as e:
+        if e.errno not in _NO_KERNEL_COPY:
+            raise
+    while done < nbytes:  # another filesystem, an old kernel: 16 MiB at a time
+        chunk = os.pread(src, min(1 << 24, nbytes - done), src_offset + done)
+        if not chunk:
+            raise OSError(f"copy of {name} stopped at {done} of {nbytes} bytes: the source ends early")
+        written = 0
+        while written < len(chunk):
+            written += os.pwrite(dst, memoryview(chunk)[written:], dst_offset + done + written)
+        done += len(chunk)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -393,32 +432,3 @@ def write_json(path: Path, data: dict) -> None:
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-HASH_CHUNK = 1 << 26  # 64 MiB of a file mapped at a time
-
-
-def hash_range(hasher, fd: int, offset: int, nbytes: int) -> None:
-    """Feed bytes [offset, offset + nbytes) of a file to `hasher` through read-only maps of
-    HASH_CHUNK bytes, each unmapped at once: no copy to user space, and no growth of memory."""
-    end = offset + nbytes
-    while offset < end:
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY  # maps start page-aligned
-        length = min(end, start + HASH_CHUNK) - start
-        with mmap.mmap(fd, length, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                       prot=mmap.PROT_READ, offset=start) as mapped:
-            with memoryview(mapped) as view:
-                hasher.update(view[offset - start:length])
-        offset = start + length
-
-
-def sha256_file(path: Path) -> str:
-    hasher = hashlib.sha256()
-    size = path.stat().st_size
-    if size:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            hash_range(hasher, fd, 0, size)
-        finally:
-            os.close(fd)
-    return hasher.hexdigest()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from . import __version__
 from .checkpoint import INDEX_FILE, PICKLE_SUFFIXES, ShardWriter, parse_size, sha256_file, write_json
 from .card import CARD_FILE, model_card
 from .configs import rewrite_config
+from .hashing import Hashing
 from .hub import ResolvedModel, resolve_model
 from .job import Job, Options, resolve_job
 from .layers import OutputLayer
@@ -63,19 +63,21 @@ def upscale(model: Model, recipe: Recipe, out_dir: Path | str, options: Options 
     t0 = time.perf_counter()
     method_warnings = job.method.prepare(job, progress)  # methods that learn from the whole stack work here
     timings["prepare"] = time.perf_counter() - t0
-    hasher = ThreadPoolExecutor(max_workers=1)  # base checksums overlap the writing
-    base_files = hasher.submit(lambda: [_file_entry(p) for p in source.files()])
+    hashing = Hashing()  # one thread per core: base and output checksums overlap the writing
+    base_files = [(p.name, hashing.file(p)) for p in source.files()]
     layer_entries: list[LayerEntry] = []
     try:
         with transaction as tmp:
             t0 = time.perf_counter()
-            writer = ShardWriter(tmp, job.entries(), shard_bytes)
+            writer = ShardWriter(tmp, job.entries(), shard_bytes, hashing)
             try:
                 _write_tensors(job, writer, layer_entries, options, progress)
                 writer.finish()
             finally:
                 writer.abort()
             timings["tensors"] = time.perf_counter() - t0
+            timings["tensors_write_copy"] = writer.io_seconds  # of which in pwrite / copy_file_range
+            timings["tensors_checksum_wait"] = writer.hash_wait_seconds  # of which waiting for the output's sha256
             config, config_notes, config_warnings = rewrite_config(source.raw_config, source.hf_config, source.arch,
                                                                    job.layers, job.dtype)
             write_json(tmp / "config.json", config)
@@ -87,8 +89,9 @@ def upscale(model: Model, recipe: Recipe, out_dir: Path | str, options: Options 
                        function_preserving=job.function_preserving, out_name=Path(out_dir).name,
                        tool_version=__version__).save(tmp / CARD_FILE)
             t0 = time.perf_counter()
-            base = base_files.result()
+            base = [FileEntry(name, *future.result()) for name, future in base_files]
             timings["base_checksums_wait"] = time.perf_counter() - t0
+            timings["checksums_cpu"] = hashing.cpu_seconds  # on the hashing threads, in and out (Hub blob names: free)
             output_files = [_file_entry(p, writer.digests.get(p.name)) for p in sorted(tmp.iterdir())]
             timings["total"] = time.perf_counter() - started
             parent = read_manifest(source.dir)
@@ -113,7 +116,7 @@ def upscale(model: Model, recipe: Recipe, out_dir: Path | str, options: Options 
             manifest.write(tmp / MANIFEST_FILE)
             transaction.commit()
     finally:
-        hasher.shutdown(wait=False, cancel_futures=True)
+        hashing.shutdown(wait=False)
     return manifest
 
 
