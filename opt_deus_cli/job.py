@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 
 from .architectures import PROJECTION_ROLES, RESIDUAL_WRITERS
-from .checkpoint import TensorMeta
+from .checkpoint import TensorMeta, parse_size
 from .devices import resolve_device, resolve_dtype
-from .errors import UsageError
+from .errors import OptDeusError, UsageError
 from .layers import OutputLayer, recipe_layers
 from .methods.base import Method
 from .methods.registry import method_class
@@ -27,6 +27,7 @@ class Options:
     shard_size: str = "5GB"
     overwrite: bool = False
     allow_nonfinite: bool = False
+    memory_budget: str | None = None  # "4GB": refuse a job whose layers would need more (None: the free RAM)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Job:
     zero_roles: tuple[str, ...]
     dtype: torch.dtype | None  # the output's floating dtype; None keeps each tensor's own
     device: torch.device
+    memory_budget: int | None = None  # bytes a new layer may use (--memory-budget); None: what is free
 
     @property
     def base_layers(self) -> int:
@@ -130,4 +132,14 @@ def resolve_job(source: SourceModel, recipe: Recipe, options: Options) -> Job:
         zero_roles.append(role)
     dtype = resolve_dtype(options.dtype)
     layers = recipe_layers(recipe, source.depth)
-    return Job(source, recipe, method, layers, tuple(zero_roles), dtype, resolve_device(options.device))
+    return Job(source, recipe, method, layers, tuple(zero_roles), dtype, resolve_device(options.device),
+               _memory_budget(options.memory_budget))
+
+
+def _memory_budget(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return parse_size(text)
+    except OptDeusError:
+        raise UsageError(f"--memory-budget {text!r} not understood; write e.g. 4GB, 500MB or 16GiB") from None

@@ -23,6 +23,7 @@ def upscale(
     overwrite: bool = typer.Option(False, help="Replace an existing output (only once the new one is complete)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved layer plan; write nothing."),
     allow_nonfinite: bool = typer.Option(False, help="Do not refuse NaN/Inf in source tensors."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Refuse, before any work, a job whose new layers would need more memory than this, e.g. 4GB (default: the RAM free now)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ):
     """Build a deeper checkpoint from MODEL with a recipe, and a manifest of what was done."""
@@ -39,7 +40,7 @@ def upscale(
     if target is None and not dry_run:
         fail(UsageError("no output: give --out OUT_DIR or set `output:` in the recipe"))
     options = Options(device=device, dtype=dtype, shard_size=shard_size, overwrite=overwrite,
-                      allow_nonfinite=allow_nonfinite)
+                      allow_nonfinite=allow_nonfinite, memory_budget=memory_budget)
     model = run(resolve_model, model, revision)
     if dry_run:
         result = run(run_dry_run, model, parsed, target, options)

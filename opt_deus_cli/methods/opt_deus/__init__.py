@@ -46,6 +46,10 @@ class OptDeusMethod(Method):
     def prepare(self, job, progress=None) -> list[str]:
         """Refuse what build() would refuse on the first new layer, before anything is written."""
         refuse_reference_experts(self.alignment, job.source.arch)
+        from .memory import guard
+
+        # the published solver holds dense float32 plans, as the entropic one does
+        guard(job, "sinkhorn" if self.alignment.mode == "reference" else self.alignment.solver)
         return [REFERENCE_WARNING] if self.alignment.mode == "reference" else []
 
     def build(self, lower: Block, upper: Block | None, ctx: BuildContext) -> tuple[Block, dict]:
