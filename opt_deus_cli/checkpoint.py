@@ -249,13 +249,13 @@ class Checkpoint:
 # ---- writing -----------------------------------------------------------------------------
 
 def parse_size(text: str) -> int:
-    """'5GB' -> 5e9 bytes (Hugging Face's decimal units; GiB/MiB are binary)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(text), re.IGNORECASE)
+    """'5GB' or '5G' -> 5e9 bytes (Hugging Face's decimal units); '2GiB' or '2Gi' are binary;
+    a bare number is bytes. Any case."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(I)?)?(B)?\s*", str(text), re.IGNORECASE)
     if not m:
-        raise OptDeusError(f"shard size {text!r} not understood; write e.g. 5GB, 500MB or 2GiB", exit_code=2)
-    unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+        raise OptDeusError(f"shard size {text!r} not understood; write e.g. 5GB (or 5G), 500MB (or 500M) or 2GiB", exit_code=2)
+    prefix, binary = (m.group(2) or "").upper(), m.group(3) is not None
+    scale = (1024 if binary else 1000) ** " KMGT".index(prefix or " ")
     size = int(float(m.group(1)) * scale)
     if size <= 0:
         raise OptDeusError(f"shard size {text!r} must be positive", exit_code=2)

@@ -10,6 +10,7 @@ from .errors import UsageError
 
 DTYPES = {"keep": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+DTYPE_SPELLINGS = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -27,7 +28,9 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def resolve_dtype(spec: str) -> torch.dtype | None:
-    """None for "keep" (every tensor keeps its stored dtype)."""
-    if spec not in DTYPES:
-        raise UsageError(f"--dtype {spec!r} not understood; use {', '.join(DTYPES)}")
-    return DTYPES[spec]
+    """None for "keep" (every tensor keeps its stored dtype); the usual short spellings
+    (bf16, fp16, fp32) name the same dtypes, in any case."""
+    name = DTYPE_SPELLINGS.get(spec.lower(), spec.lower())
+    if name not in DTYPES:
+        raise UsageError(f"--dtype {spec!r} not understood; use {', '.join(DTYPES)} (or bf16, fp16, fp32)")
+    return DTYPES[name]

@@ -78,7 +78,8 @@ def matching_order(plan: np.ndarray) -> np.ndarray:
 def settings_from_manifest(manifest: Manifest) -> AlignmentSettings:
     if manifest.method != "opt-deus":
         raise OptDeusError(f"this model was built with method {manifest.method!r}; only opt-deus layers have an alignment to show")
-    return parse_settings(AlignmentSettings, manifest.recipe.get("alignment"), "manifest recipe", "alignment")
+    # manifests before settings.unused() recorded every field, used or not
+    return parse_settings(AlignmentSettings, manifest.recipe.get("alignment"), "manifest recipe", "alignment", allow_unused=True)
 
 
 def alignment_of(recipe: Recipe) -> AlignmentSettings:

@@ -7,7 +7,7 @@ positions or slices), zero_init, model/output, and the settings blocks the metho
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .errors import UsageError
+from .hub import REPO_ID
 from .methods.registry import method_class, method_names
 from .settings import check_keys, closest, parse_settings, settings_dict
 
@@ -183,7 +184,8 @@ def shipped_recipes() -> dict[str, Path]:
 
 
 def load_recipe(name_or_path: str) -> Recipe:
-    """A path to a YAML file, or the name of a shipped recipe (`top8`, `solar`, ...)."""
+    """A path to a YAML file, or the name of a shipped recipe (`top8`, `solar`, ...). Its relative
+    `model:` and `output:` are resolved against the file's directory."""
     path = Path(name_or_path)
     if not path.is_file():
         shipped = shipped_recipes()
@@ -202,4 +204,18 @@ def load_recipe(name_or_path: str) -> Recipe:
         raise UsageError(f"recipe {path} is not valid YAML{at}: {' '.join(str(problem).split())}")  # one line
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read recipe {path}: {e}")
-    return parse_recipe(data, source=str(path))
+    recipe = parse_recipe(data, source=str(path))
+    return replace(recipe, model=_beside(path, recipe.model, may_be_repo_id=True), output=_beside(path, recipe.output))
+
+
+
+def _beside(recipe_path: Path, value: str | None, may_be_repo_id: bool = False) -> str | None:
+    """A relative `model:` or `output:` is relative to the recipe file's directory (as paths in a
+    config file usually are), not to wherever the command runs. A relative `model:` that names
+    nothing there but reads as a Hub repo id (org/name) stays a repo id."""
+    if value is None or Path(value).expanduser().is_absolute():
+        return str(Path(value).expanduser()) if value is not None else None
+    beside = recipe_path.absolute().parent / value
+    if may_be_repo_id and not beside.exists() and REPO_ID.fullmatch(value):
+        return value
+    return str(beside)

@@ -4,7 +4,10 @@ A settings dataclass declares each field with `setting(default, ...)`: its type 
 annotation (int, float, str, or one of them `| None`), its bounds and choices from the field's
 metadata. `check_settings` (called by the dataclass's __post_init__) and `parse_settings` (for a
 recipe block) are the only code that validates a setting, so a method adds a setting by adding
-a field. Imports no torch: parsing a recipe must stay cheap.
+a field. A dataclass may also say which of its fields its other choices make unused
+(`unused() -> {field: why}`, e.g. the solver's settings under OpT-DeUS's reference mode): a recipe
+that sets one is refused, since it would be recorded but change nothing, and the manifest records
+only the fields in use. Imports no torch: parsing a recipe must stay cheap.
 """
 
 from __future__ import annotations
@@ -115,9 +118,16 @@ def check_keys(where: str, given: dict, allowed) -> None:
             raise UsageError(f"{where}: unknown key {key!r}{closest(str(key), allowed)}")
 
 
-def parse_settings(cls: type, data: Any, where: str, key: str):
+def unused_fields(obj: Any) -> dict[str, str]:
+    """Field -> why it is unused, as the settings dataclass declares (none by default)."""
+    unused = getattr(obj, "unused", None)
+    return dict(unused()) if callable(unused) else {}
+
+
+def parse_settings(cls: type, data: Any, where: str, key: str, allow_unused: bool = False):
     """The recipe block `key:` (a mapping, or null for the defaults) as a `cls` instance; errors
-    read `<where>: <key>.<field> must be ..., got ...` on one line."""
+    read `<where>: <key>.<field> must be ..., got ...` on one line. A field the other choices make
+    unused is refused too, unless allow_unused (reading an older manifest, which recorded them)."""
     if data is None:
         data = {}
     names = [f.name for f in dataclasses.fields(cls)]
@@ -125,11 +135,17 @@ def parse_settings(cls: type, data: Any, where: str, key: str):
         raise UsageError(f"{where}: {key} must be a mapping ({', '.join(names)})")
     check_keys(f"{where}: {key}", data, names)
     try:
-        return cls(**data)
+        obj = cls(**data)
     except SettingError as e:
         raise UsageError(f"{where}: {key}.{e.field} {e.problem}") from None
+    if not allow_unused:
+        for name, why in unused_fields(obj).items():
+            if name in data:
+                raise UsageError(f"{where}: {key}.{name} is not used: {why}; remove it")
+    return obj
 
 
 def settings_dict(obj: Any) -> dict:
-    """A settings dataclass as JSON types (for the manifest)."""
-    return dataclasses.asdict(obj)
+    """A settings dataclass as JSON types (for the manifest): the fields in use."""
+    unused = unused_fields(obj)
+    return {name: value for name, value in dataclasses.asdict(obj).items() if name not in unused}

@@ -80,7 +80,32 @@ def test_parse_is_a_recipe_or_a_usage_error(data):
         if "fusion" in recipe.settings:
             assert 0.0 <= recipe.settings["fusion"].alpha <= 1.0
         if "alignment" in recipe.settings:
-            assert isinstance(recipe.settings["alignment"], AlignmentSettings) and recipe.settings["alignment"].epsilon > 0
+            alignment = recipe.settings["alignment"]
+            assert isinstance(alignment, AlignmentSettings) and alignment.epsilon > 0
+            # nothing the mode or solver ignores was given, and the manifest records only what is used
+            used = set(recipe.to_dict()["alignment"])
+            assert set(data.get("alignment") or {}) <= used
+            if alignment.mode == "reference":
+                assert used == {"mode"}
+            elif alignment.solver == "exact":
+                assert not used & {"epsilon", "max_iter", "tol"}
+
+
+@PROPERTY
+@given(alignments)
+def test_alignment_records_only_what_it_uses(alignment):
+    """A setting the mode or solver ignores is refused, never recorded as if it had been used."""
+    recipe = parsed_or_usage_error({"method": "opt-deus", "positions": "top", "count": 1, "alignment": alignment})
+    if recipe is None:
+        return
+    settings, recorded = recipe.settings["alignment"], recipe.to_dict()["alignment"]
+    assert set(alignment) <= set(recorded)
+    if settings.mode == "reference":
+        assert recorded == {"mode": "reference"}
+    elif settings.solver == "exact":
+        assert {"mode", "solver", "cost"} <= set(recorded) and not {"epsilon", "max_iter", "tol"} & set(recorded)
+    else:
+        assert {"mode", "solver", "cost", "epsilon", "max_iter", "tol"} <= set(recorded)
 
 
 @PROPERTY

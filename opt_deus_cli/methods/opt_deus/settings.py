@@ -3,7 +3,7 @@ Imports no torch (the recipe parser reads these)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from ...errors import UsageError
 from ...settings import check_settings, setting
@@ -41,6 +41,17 @@ class AlignmentSettings:
 
     def __post_init__(self):
         check_settings(self)
+
+    def unused(self) -> dict[str, str]:
+        """Fields this mode and solver ignore -> why (settings.parse_settings refuses them in a recipe)."""
+        if self.mode == "reference":
+            why = (f"mode reference runs the published solver with its fixed settings (POT Sinkhorn on the raw "
+                   f"Euclidean cost, reg {PUBLISHED.reg}, {PUBLISHED.max_iter} iterations, stop {PUBLISHED.stop_thr:g})")
+            return {f.name: why for f in fields(self) if f.name != "mode"}
+        if self.solver == "exact":
+            why = "solver exact (an assignment) has no regularisation or iterations (they are for solver: sinkhorn)"
+            return {name: why for name in ("epsilon", "max_iter", "tol")}
+        return {}
 
 
 @dataclass(frozen=True)
