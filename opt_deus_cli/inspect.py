@@ -19,6 +19,7 @@ from .devices import resolve_device
 from .errors import OptDeusError, UsageError
 from .layers import recipe_layers
 from .manifest import Manifest, read_manifest
+from .output import current_umask
 from .methods.opt_deus import OptDeusMethod
 from .methods.opt_deus.matrices import alignment_matrices
 from .methods.opt_deus.settings import AlignmentSettings
@@ -42,6 +43,17 @@ def layer_rows(manifest: Manifest) -> list[dict]:
                 row[group] = {k: figures.get(k) for k in ("solver", "cost_before", "cost_after", "permutation_likeness", "iterations", "converged")}
         rows.append(row)
     return rows
+
+
+def output_profile(manifest: Manifest) -> dict:
+    """The new layers' alignment figures (cost before/after per group), the whole model's
+    counterpart of pair_distances for `inspect OUT --png`."""
+    rows = [row for row in layer_rows(manifest) if row["origin"] == "new" and all(row.get(g) for g in GROUPS)]
+    if not rows or any(row[g].get("cost_after") is None for row in rows for g in GROUPS):
+        raise UsageError(f"this model was built with method {manifest.method!r}: its new layers have no alignment "
+                         "figures to draw (only opt-deus outputs do); --png draws a base model's adjacent layers too")
+    return {"labels": [f"{row['index']} ({row['sources'][0]},{row['sources'][1]})" for row in rows],
+            "costs": {g: ([row[g]["cost_before"] for row in rows], [row[g]["cost_after"] for row in rows]) for g in GROUPS}}
 
 
 # ---- one new layer: matrices ----------------------------------------------------------------
@@ -147,11 +159,34 @@ def shipped_positions(base_layers: int) -> dict[str, list[int] | str]:
         try:
             picks[name] = [layer.sources[0] for layer in recipe_layers(recipe, base_layers) if layer.is_new]
         except OptDeusError as e:
-            picks[name] = f"not applicable: {e}"
+            picks[name] = f"does not fit: {str(e).removeprefix(f'recipe {recipe.source}: ')}"
     return picks
 
 
-# ---- pictures --------------------------------------------------------------------------------
+# ---- pictures and files --------------------------------------------------------------------
+
+def write_file(path: Path, write) -> None:
+    """write(file object) into a temporary file beside `path`, renamed into place when complete:
+    an interrupted or failed write leaves nothing half-written, and the name is exactly `path`."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.absolute().parent)
+    except OSError as e:
+        raise OptDeusError(f"cannot write {path}: {e.strerror or e}")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600; a file gets what open() gives
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OptDeusError(f"cannot write {path}: {e.strerror or e}")
+        raise
+
 
 def downsample(matrix: np.ndarray, size: int) -> np.ndarray:
     """Block means down to at most size x size cells (keeps the diagonal a diagonal)."""
@@ -169,12 +204,17 @@ def heatmap_panels(m: LayerMatrices) -> list[tuple[str, np.ndarray, str]]:
     ]
 
 
-def save_png(path: Path, panels: list[tuple[str, np.ndarray, str]], title: str) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_png(path: Path, panels: list[tuple[str, np.ndarray, str]], title: str) -> None:
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.6), dpi=100)
     for ax, (name, matrix, cmap) in zip(np.atleast_1d(axes), panels):
         image = ax.imshow(matrix, cmap=cmap, interpolation="nearest", aspect="auto")
@@ -184,56 +224,78 @@ def save_png(path: Path, panels: list[tuple[str, np.ndarray, str]], title: str) 
         fig.colorbar(image, ax=ax, fraction=0.046)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        write_file(path, lambda fh: fig.savefig(fh, format="png"))
+    finally:
+        plt.close(fig)
 
 
-def save_pair_png(path: Path, survey: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pairs = [f"{p['pair'][0]}-{p['pair'][1]}" for p in survey["pairs"]]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4), dpi=100)
+def save_cost_png(path: Path, labels: list[str], costs: dict, what: str, xlabel: str) -> None:
+    """One panel per group: the mean matched cost before and after alignment, per item (an
+    adjacent pair of a base model, or a new layer of an output)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(GROUPS), figsize=(12, 4), dpi=100)
     for ax, group in zip(axes, GROUPS):
-        before = [p[group]["cost_before"] for p in survey["pairs"]]
-        after = [p[group]["cost_after"] for p in survey["pairs"]]
-        ax.plot(pairs, before, marker="o", label="before alignment")
-        ax.plot(pairs, after, marker="o", label="after alignment")
-        ax.set_title(f"{group}: mean matched cost between adjacent layers", fontsize=9)
-        ax.set_xlabel("layer pair (k, k+1)")
+        before, after = costs[group]
+        ax.plot(labels, before, marker="o", label="before alignment")
+        ax.plot(labels, after, marker="o", label="after alignment")
+        ax.set_title(f"{group}: mean matched cost {what}", fontsize=9)
+        ax.set_xlabel(xlabel)
         ax.tick_params(axis="x", labelrotation=90, labelsize=7)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        write_file(path, lambda fh: fig.savefig(fh, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def save_pair_png(path: Path, survey: dict) -> None:
+    labels = [f"{p['pair'][0]}-{p['pair'][1]}" for p in survey["pairs"]]
+    costs = {g: ([p[g]["cost_before"] for p in survey["pairs"]], [p[g]["cost_after"] for p in survey["pairs"]]) for g in GROUPS}
+    save_cost_png(path, labels, costs, "between adjacent layers", "layer pair (k, k+1)")
+
+
+def save_profile_png(path: Path, profile: dict) -> None:
+    save_cost_png(path, profile["labels"], profile["costs"], "of the two layers each new layer fuses",
+                  "new layer (its base sources)")
 
 
 def save_npz(path: Path, m: LayerMatrices) -> None:
-    np.savez_compressed(path, cost=m.cost, plan=m.plan, order=m.order, sources=np.array(m.sources),
-                        **{k: v for k, v in m.extra.items()})
+    write_file(path, lambda fh: np.savez_compressed(fh, cost=m.cost, plan=m.plan, order=m.order, sources=np.array(m.sources),
+                                                    **{k: v for k, v in m.extra.items()}))
 
 
-def terminal_heatmap(matrix: np.ndarray, title: str, cmap: str, size: int = 32):
-    """A rich renderable: the matrix downsampled to size x size coloured cells, with a legend."""
+RAMP = " .:-=+*#%@"  # plain characters from dark to bright, for a terminal without colours or a pipe
+
+
+def terminal_heatmap(matrix: np.ndarray, title: str, cmap: str, size: int = 32, plain: bool = False):
+    """A rich renderable: the matrix downsampled to size x size cells, with a legend. Coloured
+    cells on a colour terminal; with `plain`, characters whose density follows the colour's
+    brightness (so a good alignment still reads as a bright diagonal when piped or logged)."""
     import matplotlib
     from rich.text import Text
 
     small = downsample(matrix, size)
     lo, hi = float(small.min()), float(small.max())
     colours = matplotlib.colormaps[cmap]
-    text = Text(f"{title}  [{matrix.shape[0]}x{matrix.shape[1]} shown as {small.shape[0]}x{small.shape[1]}]\n")
     scale = (hi - lo) or 1.0
+
+    def cell(fraction: float) -> tuple[str, str]:
+        r, g, b, _ = colours(fraction)
+        if plain:  # relative luminance of the colour -> a character of the ramp
+            brightness = 0.2126 * r + 0.7152 * g + 0.0722 * b
+            return RAMP[min(len(RAMP) - 1, int(brightness * len(RAMP)))] * 2, ""
+        return "  ", f"on #{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}"
+
+    text = Text(f"{title}  [{matrix.shape[0]}x{matrix.shape[1]} shown as {small.shape[0]}x{small.shape[1]}]\n")
     for row in small:
         for value in row:
-            r, g, b, _ = colours((value - lo) / scale)
-            text.append("  ", style=f"on #{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}")
+            text.append(*cell((value - lo) / scale))
         text.append("\n")
-    text.append("legend: ")
+    text.append("legend (low -> high): ")
     for step in range(9):
-        r, g, b, _ = colours(step / 8)
-        text.append("  ", style=f"on #{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}")
+        text.append(*cell(step / 8))
     text.append(f"  {lo:.4g} .. {hi:.4g}\n")
     return text
 

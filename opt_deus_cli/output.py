@@ -21,6 +21,19 @@ from .errors import OptDeusError, UsageError
 from .manifest import MANIFEST_FILE
 
 
+def current_umask() -> int:
+    """The process's umask (read without changing it where Linux tells it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but nothing else runs yet)
+    os.umask(mask)
+    return mask
+
+
 class Terminated(BaseException):
     """Raised in the main thread on SIGTERM, so cleanup runs as for Ctrl-C."""
 
@@ -89,6 +102,8 @@ class OutputTransaction:
             self._recover()
             self.check()  # again: another run may have finished while we waited for the lock
             self.tmp = Path(tempfile.mkdtemp(prefix=self._prefix("partial"), dir=self.out.parent))
+            # mkdtemp makes it 0700, which the rename would keep: give it what mkdir gives
+            os.chmod(self.tmp, 0o777 & ~current_umask())
         except BaseException as e:
             self._cleanup()
             if isinstance(e, OSError):
@@ -162,6 +177,13 @@ class OutputTransaction:
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
 
+    def _state_after_interrupt(self, committed: bool) -> str:
+        if committed:
+            return f"the new output {self.out} was already complete"
+        if self.out.exists():
+            return f"nothing was written; the previous output {self.out} is intact"
+        return f"nothing was written; {self.out} was not created"
+
     def _cleanup(self) -> None:
         with _signals_held():  # a second Ctrl-C must not stop the cleanup half-way
             if self.tmp is not None:
@@ -176,6 +198,9 @@ class OutputTransaction:
         self._old_handlers.clear()
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        committed = self.tmp is None
         self._cleanup()
+        if isinstance(exc, (KeyboardInterrupt, Terminated)):  # what the CLI says about it (cli.common.run)
+            exc.output_state = self._state_after_interrupt(committed)
         if isinstance(exc, OSError):
             raise OptDeusError(f"writing {self.out} failed: {exc.strerror or exc}; the output location was left as it was") from exc

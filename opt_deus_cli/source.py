@@ -152,8 +152,8 @@ def _group_tensors(ckpt: Checkpoint, arch: Architecture, n: int):
     return blocks, sorted(pre), sorted(post)
 
 
-def check_finite(block: Block, prefix: str, what: str) -> None:
+def check_finite(block: Block, prefix: str, what: str, fix: str = "fix the checkpoint or pass --allow-nonfinite") -> None:
     for rel, t in block.items():
         # min and max are finite iff every entry is (NaN propagates through both); one cheap pass
         if t.is_floating_point() and t.numel() and not torch.isfinite(torch.stack(torch.aminmax(t))).all():
-            raise OptDeusError(f"{what} tensor {prefix}{rel} contains NaN or Inf; fix the checkpoint or pass --allow-nonfinite")
+            raise OptDeusError(f"{what} tensor {prefix}{rel} contains NaN or Inf; {fix}")

@@ -6,6 +6,7 @@ layer in order: read its source blocks, build, zero-init, write -> config, side 
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from . import __version__
 from .checkpoint import INDEX_FILE, PICKLE_SUFFIXES, ShardWriter, parse_size, sha256_file, write_json
 from .card import CARD_FILE, model_card
 from .configs import rewrite_config
+from .errors import UsageError
 from .hashing import Hashing
 from .hub import ResolvedModel, resolve_model
 from .job import Job, Options, resolve_job
@@ -36,7 +38,11 @@ Model = Path | str | ResolvedModel  # a directory, a Hub repo id, or one already
 
 def prepare(model: Model, recipe: Recipe, options: Options) -> Job:
     """Read metadata, validate the checkpoint against its architecture, resolve the job."""
-    return resolve_job(SourceModel.open(resolve_model(model).path), recipe, options)
+    job = resolve_job(SourceModel.open(resolve_model(model).path), recipe, options)
+    if options.allow_nonfinite and job.method.needs_finite:
+        raise UsageError(f"--allow-nonfinite cannot help method {recipe.method}: it aligns or learns from the source "
+                         "weights, which must be finite; fix the checkpoint (copy, average and stack pass NaN/Inf through)")
+    return job
 
 
 def dry_run(model: Model, recipe: Recipe, out_dir: Path | str | None, options: Options = Options()) -> dict:
@@ -107,7 +113,7 @@ def upscale(model: Model, recipe: Recipe, out_dir: Path | str, options: Options 
                 new_layers=job.new_layers,
                 trainable_parameter_regex=job.trainable_regex(),
                 config_notes=config_notes,
-                warnings=config_warnings + method_warnings + [f"layer {e.index}: {w}" for e in layer_entries for w in report_warnings(e.report or {})],
+                warnings=config_warnings + method_warnings + layer_warnings(layer_entries),
                 output=OutputInfo(str(Path(out_dir).absolute()), len(job.layers), output_files),
                 timings={k: round(v, 4) for k, v in timings.items()},
                 parent=parent.to_dict() if parent else None,
@@ -123,8 +129,10 @@ def upscale(model: Model, recipe: Recipe, out_dir: Path | str, options: Options 
 def build_new_layer(job: Job, layer: OutputLayer, allow_nonfinite: bool) -> tuple[Block, dict]:
     source = job.source
     if not allow_nonfinite:
+        fix = (f"fix the checkpoint (method {job.recipe.method} needs finite weights)" if job.method.needs_finite
+               else "fix the checkpoint or pass --allow-nonfinite")
         for k in layer.sources:
-            check_finite(source.block(k), source.arch.layer_prefix(k), "source")
+            check_finite(source.block(k), source.arch.layer_prefix(k), "source", fix)
     block, report = job.method.build(*source.canonical_pair(layer.sources, job.device, job.dtype))
     block = source.arch.from_canonical(block, source.layout)
     for rel in job.zeroed_names(layer):
@@ -178,6 +186,32 @@ def _write_tensors(job: Job, writer: ShardWriter, layer_entries: list[LayerEntry
         copy_tensor(name, name)
     if progress:
         progress("done", total, total)
+
+
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+def layer_warnings(entries: list[LayerEntry]) -> list[str]:
+    """What the new layers' reports warn about, one line for the layers that warn alike rather
+    than a copy per layer: "layers 4, 6, 8, 10: mlp plan did not converge (iterations 10000,
+    marginal error 2.6e-07..2.8e-07)": warnings that differ only in their figures are one line,
+    with each figure's range. Each layer's own figures stay in its report in the manifest."""
+    found: dict[tuple[str, ...], list[tuple[int, str]]] = {}  # warnings with figures masked -> (layer, text)
+    for entry in entries:
+        text = "; ".join(report_warnings(entry.report or {}))
+        if text:
+            found.setdefault(tuple(NUMBER.split(text)), []).append((entry.index, text))
+    lines = []
+    for skeleton, members in found.items():
+        figures = [NUMBER.findall(text) for _, text in members]  # (layers, figures in the text)
+        merged = []
+        for column in zip(*figures):
+            low, high = min(column, key=float), max(column, key=float)
+            merged.append(low if float(low) == float(high) else f"{low}..{high}")
+        text = "".join(part + (merged[i] if i < len(merged) else "") for i, part in enumerate(skeleton))
+        indices = ", ".join(str(index) for index, _ in members)
+        lines.append(f"layer{'s' if len(members) > 1 else ''} {indices}: {text}")
+    return lines
 
 
 def _file_entry(path: Path, digest: tuple[int, str] | None = None) -> FileEntry:

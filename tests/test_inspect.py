@@ -97,3 +97,71 @@ def test_inspect_base_text(model_factory):
     text = invoke("inspect", model_factory("mistral"), "--device", "cpu")
     assert "adjacent layers" in text
     assert "recipe top-half" in text and "inserts after base layers [2, 3, 4]" in text
+
+
+# ---- options that must not silently do nothing; files it writes (issue 15) ----------------------
+
+def refused(*args) -> str:
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    return lines[0]
+
+
+def test_png_of_an_output_draws_its_new_layers(upscaled, tmp_path):
+    _, out = upscaled("llama")
+    png = tmp_path / "profile.png"
+    text = invoke("inspect", out, "--png", png)
+    assert f"wrote {png}" in text
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == (1200, 400)
+    assert json.loads(invoke("inspect", out, "--json", "--png", png))["png"] == str(png)
+
+
+def test_png_of_an_output_without_alignment_is_refused(model_factory, tmp_path):
+    invoke("upscale", model_factory("llama"), "--recipe", "llama-pro", "--out", tmp_path / "o")
+    assert "no alignment figures" in refused("inspect", tmp_path / "o", "--png", tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("option, value", [("--save", "x.npz"), ("--group", "attention"), ("--base", "b")])
+def test_layer_options_without_layer_are_refused(upscaled, model_factory, tmp_path, option, value):
+    _, out = upscaled("llama")
+    assert f"{option} applies with --layer N (new layers: 2, 4)" in refused("inspect", out, option, tmp_path / value)
+    assert f"{option} applies with --layer" in refused("inspect", model_factory("llama"), option, tmp_path / value)
+    assert not (tmp_path / value).exists()
+
+
+def test_recipe_on_an_output_is_refused(upscaled):
+    _, out = upscaled("llama")
+    assert "--recipe applies to a base model" in refused("inspect", out, "--recipe", "top-half")
+
+
+@pytest.mark.parametrize("option", ["--png", "--save"])
+def test_a_file_in_a_missing_directory_is_one_line(upscaled, tmp_path, option):
+    _, out = upscaled("llama")
+    line = refused("inspect", out, "--layer", 2, option, tmp_path / "no" / "such" / "x", "--device", "cpu")
+    assert f"directory {tmp_path / 'no' / 'such'} does not exist" in line
+    line = refused("inspect", out, "--layer", 2, option, tmp_path, "--device", "cpu")
+    assert "is a directory" in line
+
+
+def test_files_are_written_whole_under_the_name_given(upscaled, tmp_path):
+    _, out = upscaled("llama")
+    invoke("inspect", out, "--layer", 2, "--save", tmp_path / "raw", "--png", tmp_path / "picture", "--device", "cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["picture", "raw"]  # no .npz added, no temporary left
+    assert "plan" in np.load(tmp_path / "raw")
+    with Image.open(tmp_path / "picture") as image:
+        assert image.format == "PNG"
+
+
+def test_heatmaps_survive_a_pipe(upscaled):
+    """Coloured cells are blank without colours; piped, the cells are characters by brightness."""
+    from opt_deus_cli.inspect import RAMP
+
+    _, out = upscaled("llama")
+    text = invoke("inspect", out, "--layer", 2, "--group", "mlp", "--device", "cpu")
+    block = text.split("transport plan")[1].splitlines()[1:33]  # the 32 rows of the plan (48 neurons -> 32 cells)
+    assert len(block) == 32 and all(len(row) == 64 and set(row) <= set(RAMP) for row in block)
+    assert len({c for row in block for c in row}) >= 2  # not blank: mass on the matching, none elsewhere

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -29,6 +30,7 @@ from opt_deus_cli.cli import app
 runner = CliRunner()
 OPT_DEUS = str(Path(sys.executable).parent / "opt-deus")
 INDEX = "model.safetensors.index.json"
+MANIFEST = "opt-deus-manifest.json"
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -41,11 +43,20 @@ def upscale(model, out, *extra, recipe="llama-pro"):
     return cli("upscale", model, "--recipe", recipe, "--out", out, "--device", "cpu", *extra)
 
 
+# a plain progress line (stderr is not a terminal here): "[5/12 3s] layer 4 (new: ...)"
+PROGRESS_LINE = re.compile(r"\[(\d+/\d+ )?\d+s\] ")
+
+
+def messages(stderr: str) -> list[str]:
+    """stderr without its progress lines: what the run had to say."""
+    return [line for line in stderr.splitlines() if not PROGRESS_LINE.match(line)]
+
+
 def refused(result, code: int, *fragments: str) -> str:
-    """The run failed with exit `code` and exactly one line on stderr, `error: ...`."""
+    """The run failed with exit `code` and exactly one line on stderr besides progress, `error: ...`."""
     assert not (result.exception and not isinstance(result.exception, SystemExit)), result.exception
     assert result.exit_code == code, (result.exit_code, result.output)
-    lines = result.stderr.splitlines()
+    lines = messages(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
@@ -274,6 +285,19 @@ def test_nonfinite_source_is_refused_unless_allowed(model, tmp_path, value, reci
     assert upscale(model, out, "--allow-nonfinite", recipe=recipe).exit_code == 0
 
 
+@pytest.mark.parametrize("recipe", ["top-half", "lesa"])
+def test_nonfinite_is_never_suggested_where_it_cannot_help(model, tmp_path, recipe):
+    """OpT-DeUS aligns and LESA learns from the source weights: NaN there cannot be passed
+    through, so the error does not suggest --allow-nonfinite, and the flag is refused up front."""
+    bad = "model.layers.4.mlp.up_proj.weight"  # a source of the top half's first new layer
+    edit_tensors(model, lambda n, t: torch.full_like(t, float("nan")) if n == bad else t)
+    out = tmp_path / "out"
+    line = refused(upscale(model, out, recipe=recipe), 1, bad, "NaN or Inf")
+    assert "pass --allow-nonfinite" not in line
+    line = refused(upscale(model, out, "--allow-nonfinite", recipe=recipe), 2, "--allow-nonfinite cannot help")
+    assert "fix the checkpoint" in line and leftovers(out) == []
+
+
 def test_nonfinite_outside_the_sources_is_not_a_problem(model, tmp_path):
     edit_tensors(model, lambda n, t: torch.full_like(t, float("nan")) if n == "model.layers.0.mlp.up_proj.weight" else t)
     result = upscale(model, tmp_path / "out", recipe=write_recipe(tmp_path, "method: average\npositions: top\ncount: 1\n"))
@@ -325,6 +349,13 @@ BAD_RECIPES = [
     ("method: average\npositions: top\ncount: 1\nfusion: {alpha: 1.5}\n", "alpha must be a number in [0, 1]"),
     ("method: opt-deus\npositions: top\ncount: 1\nfusion: {alpha: .nan}\n", "alpha must be a number in [0, 1]"),
     ("method: average\npositions: top\ncount: 1\nfusion: {alpha: half}\n", "alpha must be a number in [0, 1]"),
+    # settings the chosen mode or solver would ignore (and the manifest would record as if used)
+    *[(f"method: opt-deus\npositions: top\ncount: 1\nalignment: {{mode: reference, {key}: {value}}}\n",
+       f"alignment.{key} is not used: mode reference runs the published solver")
+      for key, value in (("solver", "sinkhorn"), ("max_iter", 10), ("tol", 0.1), ("cost", "cosine"), ("epsilon", 0.5))],
+    *[(f"method: opt-deus\npositions: top\ncount: 1\nalignment: {{solver: exact, {key}: {value}}}\n",
+       f"alignment.{key} is not used: solver exact") for key, value in (("max_iter", 10), ("tol", 0.1), ("epsilon", 0.5))],
+    ("method: opt-deus\npositions: top\ncount: 1\nalignment: {epsilon: 0.5}\n", "alignment.epsilon is not used: solver exact"),
 ]
 
 
@@ -409,6 +440,22 @@ def test_output_not_writable(model_factory, tmp_path):
         parent.chmod(0o700)
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o027, 0o750), (0o077, 0o700)])
+def test_output_dir_gets_the_mode_mkdir_would(model_factory, tmp_path, umask, mode):
+    """Not the temporary directory's 0700 (kept through the rename): on a shared machine others
+    must be able to read the checkpoint when the umask says so."""
+    previous = os.umask(umask)
+    try:
+        assert upscale(model_factory("llama"), tmp_path / "out").exit_code == 0
+        (tmp_path / "by-mkdir").mkdir()
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == mode == (tmp_path / "by-mkdir").stat().st_mode & 0o777
+    written = [f for f in (tmp_path / "out").iterdir() if f.suffix == ".safetensors" or f.name in ("config.json", MANIFEST)]
+    for file in written:  # the files opt-deus writes, as open() makes them (side files keep the base's mode)
+        assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file.name
+
+
 # ---- faults during a run (real processes) --------------------------------------------------
 
 def spawn(*args, limit_file_size: int | None = None) -> subprocess.Popen:
@@ -422,7 +469,7 @@ def spawn(*args, limit_file_size: int | None = None) -> subprocess.Popen:
 
 
 def one_line(stderr: str, start: str) -> str:
-    lines = stderr.splitlines()
+    lines = messages(stderr)
     assert len(lines) == 1 and lines[0].startswith(start), stderr
     return lines[0]
 
@@ -505,7 +552,8 @@ def test_interrupted_run_keeps_the_old_output(big_model, tmp_path):
         _, stderr = run.communicate(timeout=60)
         sigterm = signals[out] == signal.SIGTERM
         assert run.returncode == (143 if sigterm else 130), stderr
-        one_line(stderr, "terminated:" if sigterm else "interrupted:")
+        line = one_line(stderr, "terminated:" if sigterm else "interrupted:")
+        assert f"the previous output {out} is intact" in line, line  # not "nothing was left" there
         assert snapshot(out) == before[out] and leftovers(out) == [out.name]
     # the same command again succeeds
     out = tmp_path / "term"

@@ -9,17 +9,19 @@ import typer
 from rich.table import Table
 
 from ..errors import UsageError
-from .common import app, console, fail, out, progress_bar, run
+from .common import app, fail, out, progress_bar, run, warn, writable_file
 
-@app.command()
+
+@app.command(short_help="An output's layers and alignment figures, or a base model's adjacent layers.")
 def inspect(
-    model_dir: Path = typer.Argument(..., help="An opt-deus output (with its manifest) or a base model."),
-    layer: Optional[int] = typer.Option(None, "--layer", help="A new layer: recompute and show its cost matrix and plan."),
-    group: str = typer.Option("mlp", "--group", help="attention | mlp (with --layer)."),
-    png: Optional[Path] = typer.Option(None, "--png", help="Also write the pictures to this PNG file."),
+    model_dir: Path = typer.Argument(..., metavar="DIR", help="An opt-deus output (with its manifest) or a base model."),
+    layer: Optional[int] = typer.Option(None, "--layer", help="On an output: a new layer; recompute and show its cost matrix and plan."),
+    group: Optional[str] = typer.Option(None, "--group", help="With --layer: attention | mlp (default mlp)."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Also draw to this PNG file: the layer's matrices (--layer), "
+                                       "the new layers' alignment figures (an output), or the adjacent-layer survey (a base model)."),
     save: Optional[Path] = typer.Option(None, "--save", help="With --layer: write the raw matrices to this .npz file."),
-    base: Optional[Path] = typer.Option(None, "--base", help="The base model, if it moved since the manifest was written."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="On a base model: the alignment settings to use (default corrected/exact)."),
+    base: Optional[Path] = typer.Option(None, "--base", help="With --layer: the base model, if it moved since the manifest was written."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="On a base model: the alignment settings to survey with (default corrected/exact)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ):
@@ -30,16 +32,18 @@ def inspect(
     from ..recipe import load_recipe
 
     manifest = run(read_manifest, model_dir)
+    _refuse_what_does_not_apply(model_dir, manifest, layer, group, save, base, recipe)
+    writable_file(png, "--png")
+    writable_file(save, "--save")
     if layer is not None:
-        if manifest is None:
-            fail(UsageError(f"{model_dir} has no opt-deus manifest; --layer needs an up-scaled model"))
+        group = group or "mlp"
         m = run(ins.layer_matrices, model_dir, layer, group, base, device)
         panels = ins.heatmap_panels(m)
         title = f"layer {m.layer} ({group}): aligning base layer {m.sources[0]} onto {m.sources[1]}"
         if save:
-            ins.save_npz(save, m)
+            run(ins.save_npz, save, m)
         if png:
-            ins.save_png(png, panels, title)
+            run(ins.save_png, png, panels, title)
         if as_json:
             out.print_json(data={"layer": m.layer, "group": group, "sources": list(m.sources), "shape": list(m.cost.shape),
                                  "report": m.report, "png": str(png) if png else None, "npz": str(save) if save else None})
@@ -49,33 +53,24 @@ def inspect(
         out.print(f"cost before {figures.get('cost_before', float('nan')):.4g} -> after {figures.get('cost_after') or float('nan'):.4g}, "
                   f"permutation-likeness {figures.get('permutation_likeness', float('nan')):.3f}, "
                   f"solver {figures.get('solver')}, iterations {figures.get('iterations')}, converged {figures.get('converged')}")
+        plain = out.color_system is None or out.no_color  # piped or NO_COLOR: coloured cells would be blank
         for name, matrix, cmap in panels:
-            out.print(ins.terminal_heatmap(matrix, name, cmap))
+            out.print(ins.terminal_heatmap(matrix, name, cmap, plain=plain))
+        _said_written(as_json, save, png)
         return
     if manifest is not None:
+        if png:
+            run(ins.save_profile_png, png, run(ins.output_profile, manifest))
         rows = ins.layer_rows(manifest)
         if as_json:
             out.print_json(data={"function_preserving": manifest.function_preserving, "layers": rows,
-                                 "new_layers": manifest.new_layers, "warnings": manifest.warnings})
+                                 "new_layers": manifest.new_layers, "warnings": manifest.warnings,
+                                 "png": str(png) if png else None})
             return
-        out.print(f"{manifest.base.model_type}: {manifest.base.num_layers} -> {manifest.output.num_layers} layers, "
-                  f"recipe {manifest.method}, function-preserving: {'yes' if manifest.function_preserving else 'no'}")
-        table = Table("out", "origin", "src", "method", "zeroed", "attn cost", "mlp cost", "perm-like", "iters", "conv",
-                      box=None, caption="cost: mean matched cost before -> after alignment; figures per group (attention, mlp)")
-        for row in rows:
-            cells = []
-            for g in ins.GROUPS:
-                f = row.get(g)
-                cells.append(f"{f['cost_before']:.3g}→{f['cost_after']:.3g}" if f and f.get("cost_after") is not None else "")
-            figs = [row[g] for g in ins.GROUPS if row.get(g)]
-            likeness = ",".join(f"{f['permutation_likeness']:.2f}" for f in figs if f.get("permutation_likeness") is not None)
-            iters = ",".join(str(f["iterations"]) for f in figs if f.get("iterations") is not None)
-            converged = ",".join("yes" if f["converged"] else "NO" for f in figs if f.get("converged") is not None)
-            table.add_row(str(row["index"]), row["origin"], ",".join(map(str, row["sources"])), row["method"],
-                          str(row["zeroed"]), *cells, likeness, iters, converged)
-        out.print(table)
+        _print_layer_table(manifest, rows)
         for warning in manifest.warnings:
-            console.print(f"[yellow]warning:[/] {warning}")
+            warn(warning)
+        _said_written(as_json, png)
         return
     settings = run(ins.alignment_of, run(load_recipe, recipe)) if recipe else ins.AlignmentSettings()
     with progress_bar(enabled=not as_json) as bar:
@@ -83,7 +78,7 @@ def inspect(
         survey = run(ins.pair_distances, model_dir, settings, device,
                      lambda d, done, total: bar.update(task, description=d, completed=done, total=total))
     if png:
-        ins.save_pair_png(png, survey)
+        run(ins.save_pair_png, png, survey)
     if as_json:
         out.print_json(data=survey)
         return
@@ -91,4 +86,53 @@ def inspect(
               f"(█ after alignment, ░ what alignment removed)")
     out.print(ins.terminal_bars(survey))
     for name, picks in survey["recipes"].items():
-        out.print(f"recipe {name:<20} inserts after base layers {picks}")
+        out.print(f"recipe {name:<20} " + (f"inserts after base layers {picks}" if isinstance(picks, list) else picks), markup=False)
+    _said_written(as_json, png)
+
+
+def _refuse_what_does_not_apply(model_dir, manifest, layer, group, save, base, recipe) -> None:
+    """An option that would change nothing is refused, naming where it applies."""
+    if manifest is None:
+        if layer is not None:
+            fail(UsageError(f"{model_dir} has no opt-deus manifest; --layer needs an up-scaled model"))
+        for option, given in (("--group", group), ("--save", save), ("--base", base)):
+            if given is not None:
+                fail(UsageError(f"{option} applies with --layer on an up-scaled model; {model_dir} is a base model "
+                                "(its survey takes --png, --recipe and --json)"))
+        return
+    if recipe is not None:
+        fail(UsageError(f"--recipe applies to a base model (the alignment to survey with); {model_dir} is an "
+                        "output, whose alignment settings are in its manifest"))
+    if layer is None:
+        example = f" (new layers: {', '.join(map(str, manifest.new_layers))})" if manifest.new_layers else ""
+        for option, given in (("--group", group), ("--save", save), ("--base", base)):
+            if given is not None:
+                fail(UsageError(f"{option} applies with --layer N{example}"))
+
+
+def _print_layer_table(manifest, rows: list[dict]) -> None:
+    from .. import inspect as ins
+
+    out.print(f"{manifest.base.model_type}: {manifest.base.num_layers} -> {manifest.output.num_layers} layers, "
+              f"recipe {manifest.method}, function-preserving: {'yes' if manifest.function_preserving else 'no'}")
+    table = Table("out", "origin", "src", "method", "zeroed", "attn cost", "mlp cost", "perm-like", "iters", "conv",
+                  box=None, caption="cost: mean matched cost before -> after alignment; figures per group (attention, mlp)")
+    for row in rows:
+        cells = []
+        for g in ins.GROUPS:
+            f = row.get(g)
+            cells.append(f"{f['cost_before']:.3g}→{f['cost_after']:.3g}" if f and f.get("cost_after") is not None else "")
+        figs = [row[g] for g in ins.GROUPS if row.get(g)]
+        likeness = ",".join(f"{f['permutation_likeness']:.2f}" for f in figs if f.get("permutation_likeness") is not None)
+        iters = ",".join(str(f["iterations"]) for f in figs if f.get("iterations") is not None)
+        converged = ",".join("yes" if f["converged"] else "NO" for f in figs if f.get("converged") is not None)
+        table.add_row(str(row["index"]), row["origin"], ",".join(map(str, row["sources"])), row["method"],
+                      str(row["zeroed"]), *cells, likeness, iters, converged)
+    out.print(table)
+
+
+def _said_written(as_json: bool, *paths: Path | None) -> None:
+    if not as_json:
+        for path in paths:
+            if path is not None:
+                out.print(f"wrote {path}")

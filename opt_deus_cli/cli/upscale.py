@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import UsageError
-from .common import app, console, fail, out, progress_bar, run
+from .common import app, fail, out, progress_bar, run, warn
 
 @app.command()
 def upscale(
@@ -18,11 +18,11 @@ def upscale(
     recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe YAML path or shipped recipe name (see `opt-deus recipes`)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory; or `output:` in the recipe."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
-    dtype: str = typer.Option("keep", help="keep | bfloat16 | float16 | float32"),
-    shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB, 500MB."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output (only once the new one is complete)."),
+    dtype: str = typer.Option("keep", help="keep | bfloat16 | float16 | float32 (or bf16, fp16, fp32)"),
+    shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB (or 5G), 500MB (or 500M), 2GiB."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (only once the new one is complete)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved layer plan; write nothing."),
-    allow_nonfinite: bool = typer.Option(False, help="Do not refuse NaN/Inf in source tensors."),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Copy NaN/Inf in source tensors through (copy, average, stack)."),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Refuse, before any work, a job whose new layers would need more memory than this, e.g. 4GB (default: the RAM free now)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ):
@@ -57,7 +57,7 @@ def upscale(
 
         manifest = run(run_upscale, model, parsed, target, options, on_progress)
     for warning in manifest.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        warn(warning)
     summary = {
         "output": manifest.output.path,
         "base_layers": manifest.base.num_layers,

@@ -1,4 +1,5 @@
-"""`opt-deus verify`: does the deeper checkpoint do what its manifest promises?"""
+"""`opt-deus verify`: does the deeper checkpoint do what its manifest promises?
+Exit 0: yes; 1: checked and failed; 2: could not check (bad arguments), as for every command."""
 
 from __future__ import annotations
 
@@ -9,16 +10,18 @@ import typer
 
 from .common import app, console, out, run
 
-@app.command()
+
+@app.command(short_help="Check a result against its manifest: files, loading, logits, perplexity.")
 def verify(
-    base_dir: Path = typer.Argument(..., help="The base model directory."),
-    out_dir: Path = typer.Argument(..., help="The up-scaled model directory (with its manifest)."),
+    base_dir: Path = typer.Argument(..., metavar="BASE_DIR", help="The base model directory."),
+    out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="The up-scaled model directory (with its manifest)."),
     text: Optional[Path] = typer.Option(None, "--text", help="Also compute both models' perplexity on this text file."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
-    """Check the result: files match the manifest, both models load and run, and logits agree
-    where the recipe is function-preserving. Exit 0 when the result is what the manifest promises."""
+    """Check the result: the output's and the base's files match the sha256s in the manifest, both
+    models load and run, and logits agree where the recipe is function-preserving. Exit 0 when the
+    result is what the manifest promises, 1 when a check failed, 2 when the arguments are wrong."""
     from ..devices import resolve_device
     from ..verify import verify as run_verify
 
@@ -27,17 +30,34 @@ def verify(
     if as_json:
         out.print_json(data=report)
     else:
-        out.print(f"base {report['base_layers']} layers, output {report['output_layers']} layers; "
-                  f"function-preserving recipe: {'yes' if report['function_preserving'] else 'no'}")
-        out.print(f"logits on {report['tokens'][0]}x{report['tokens'][1]} fixed token ids: "
-                  f"max |diff| {report['max_abs_logit_diff']:.3g}, mean |diff| {report['mean_abs_logit_diff']:.3g} "
-                  f"(tolerance {report['tolerance']:.3g})")
-        if "perplexity" in report:
-            ppl = report["perplexity"]
-            out.print(f"perplexity on {text} ({report['text_tokens']} tokens): base {ppl['base']:.3f}, output {ppl['output']:.3f}")
-    if report["ok"]:
-        if not as_json:
-            out.print("ok: the result is what the manifest promises")
-    else:
-        console.print(f"[bold red]failed:[/] {'; '.join(report['problems'])}")
+        _print_report(report, text)
+    if not report["ok"]:
+        console.print(f"[bold red]failed:[/] {'; '.join(report['problems'])}", markup=True)
         raise typer.Exit(1)
+
+
+def _print_report(report: dict, text: Path | None) -> None:
+    preserving = report["function_preserving"]
+    files = report["files_checked"]
+    out.print(f"recipe {report['method']}, function-preserving: {'yes' if preserving else 'no'}; "
+              f"compared {files['output']} output and {files['base']} base files with the sha256s in the manifest")
+    if "max_abs_logit_diff" not in report:
+        return  # a model did not load: the problems say which
+    out.print(f"base {report['base_layers']} layers, output {report['output_layers']} layers; both loaded and ran")
+    measured = (f"logits of both models on {report['tokens'][0]}x{report['tokens'][1]} fixed token ids: "
+                f"max |diff| {report['max_abs_logit_diff']:.3g}, mean |diff| {report['mean_abs_logit_diff']:.3g}")
+    if preserving:
+        out.print(f"{measured} (tolerance {report['tolerance']:.3g}): the recipe is function-preserving, so they must agree")
+    else:
+        out.print(f"{measured}: how far the up-scaling moved the output, a measurement, not a check: this "
+                  "recipe is not function-preserving (its new layers write to the residual stream, or base "
+                  "layers were dropped or repeated), so the output is not meant to compute what the base does")
+    if "perplexity" in report:
+        ppl = report["perplexity"]
+        out.print(f"perplexity on {text} ({report['text_tokens']} tokens): base {ppl['base']:.3f}, output {ppl['output']:.3f}")
+    if report["ok"]:
+        if preserving:
+            out.print("ok: the result is what the manifest promises (same files, same function as the base)")
+        else:
+            out.print("ok: the result is what the manifest promises (same files, loads and runs, finite logits; "
+                      "a recipe that is not function-preserving promises no more)")

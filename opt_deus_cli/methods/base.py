@@ -57,6 +57,8 @@ class Method(ABC):
     needs_upper: ClassVar[bool] = True
     default_zero_init: ClassVar[tuple[str, ...]] = ()  # used when the recipe names none
     supports_experts: ClassVar[bool] = False  # build() handles mixture-of-experts blocks
+    # build() needs finite source tensors (it aligns or learns from them): --allow-nonfinite cannot help
+    needs_finite: ClassVar[bool] = False
     # True: a new layer is its lower source byte for byte (but zeroed tensors), so the pipeline
     # copies the bytes file to file instead of calling build()
     copies_lower: ClassVar[bool] = False

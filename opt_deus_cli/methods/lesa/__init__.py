@@ -56,6 +56,7 @@ class LesaMethod(Method):
     name = "lesa"
     needs_upper = True
     default_zero_init = ()  # the paper zero-inits nothing
+    needs_finite = True  # one SVD of the whole stack: a NaN anywhere spoils every layer
     settings = {"lesa": LesaSettings}
 
     def __init__(self, lesa: LesaSettings = LesaSettings()):
@@ -94,10 +95,9 @@ class LesaMethod(Method):
         # An undertrained predictor (e.g. the authors' 10 epochs on a small model: few steps)
         # predicts noise; say so in the manifest rather than let the numbers hide it.
         weak = [short for short, f in self._figures.items() if f["rank"] and f["train_mse_last"] >= f["train_mse_zero"]]
-        if weak:
-            self._figures["warnings"] = [
-                f"predictor no better than predicting zero for {', '.join(weak)} (training MSE >= the "
-                "targets' mean square): those weights are mostly noise; raise lesa.steps or lesa.epochs"]
+        if weak:  # one predictor per weight type serves every new layer: said once, not per layer
+            return [f"lesa: predictor no better than predicting zero for {', '.join(weak)} (training MSE >= the "
+                    "targets' mean square): those weights are mostly noise; raise lesa.steps or lesa.epochs"]
         return []
 
     def build(self, lower: Block, upper: Block | None, ctx: BuildContext) -> tuple[Block, dict]:
