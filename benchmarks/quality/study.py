@@ -151,5 +151,5 @@ PARTS = {p.name: p for p in (
          tuple(RunSpec("tiny-llama", "new-domain", Variant("opt-deus-exact", p).name, 30, r, train=t, evaluate=False)
                for r in SEEDS for p in POSITIONS for t in ("new", "all")), workers=1),
     Part("smollm2", "SmolLM2-135M-Instruct, 4 new layers at the top, the main arms, new domain, 2 seeds",
-         _runs("smollm2-135m", "new-domain", MAIN_ARMS, 100, (0, 1))),
+         _runs("smollm2-135m", "new-domain", MAIN_ARMS, 90, (0, 1))),  # evaluated at 0, 30, 60, 90
 )}
