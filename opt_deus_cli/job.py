@@ -132,8 +132,10 @@ def resolve_job(source: SourceModel, recipe: Recipe, options: Options) -> Job:
         zero_roles.append(role)
     dtype = resolve_dtype(options.dtype)
     layers = recipe_layers(recipe, source.depth)
-    return Job(source, recipe, method, layers, tuple(zero_roles), dtype, resolve_device(options.device),
-               _memory_budget(options.memory_budget))
+    job = Job(source, recipe, method, layers, tuple(zero_roles), dtype, resolve_device(options.device),
+              _memory_budget(options.memory_budget))
+    method.check(job)
+    return job
 
 
 def _memory_budget(text: str | None) -> int | None:

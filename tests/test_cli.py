@@ -251,3 +251,14 @@ def test_lesa_predictor_warning_is_said_once(model_factory, tmp_path):
     assert len(warnings) == 1 and "predictor no better than predicting zero" in warnings[0], output
     manifest = json.loads((tmp_path / "o" / "opt-deus-manifest.json").read_text())
     assert manifest["warnings"] == [warnings[0].removeprefix("warning: ")]
+
+
+def test_recipes_apply_method_refusals_from_metadata(model_factory):
+    """A method's own cheap refusals (LESA: fused projections, fewer than 3 layers) are known
+    before any weight is read: `recipes MODEL` and --dry-run say so."""
+    code, output = invoke("recipes", str(model_factory("phi3", layers=4)), "--json")
+    rows = {r["name"]: r for r in json.loads(output)}
+    assert code == 0 and not rows["lesa"]["fits"] and "fused projections" in rows["lesa"]["why"]
+    assert rows["top-half"]["fits"]
+    code, output = invoke("upscale", str(model_factory("llama", layers=2)), "--recipe", "lesa", "--dry-run")
+    assert code == 2 and "at least 3 base layers" in output

@@ -66,6 +66,10 @@ class Method(ABC):
     # argument of the same name of __init__
     settings: ClassVar[dict[str, type]] = {}
 
+    def check(self, job) -> None:
+        """Cheap refusals from metadata alone (family, depth, settings), before any weight is read:
+        runs when the job is resolved, so --dry-run and `opt-deus recipes MODEL` see them too."""
+
     def prepare(self, job, progress: Progress | None = None) -> list[str]:
         """Runs once before any layer is written: refuse what build() would refuse, or learn from
         the whole stack (LESA; it may read any base tensor through job.source, a job.Job). Returns warnings

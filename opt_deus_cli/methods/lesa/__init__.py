@@ -65,17 +65,20 @@ class LesaMethod(Method):
         self._first: Block = {}  # base layer 0's other tensors, for copy_from "first"
         self._figures: dict = {}  # short projection name -> training figures; "warnings"
 
+    def check(self, job) -> None:
+        arch = job.source.arch
+        if arch.fused:  # LESA reads one weight type across all layers; fused tensors would need splitting first
+            raise UsageError(f"method lesa does not support {arch.model_type}'s fused projections yet; "
+                             "use copy, average, stack or opt-deus")
+        if job.base_layers < 3:
+            raise UsageError(f"recipe {job.recipe.source}: LESA learns from layer triples (l-1, l, l+1) and needs "
+                             f"at least 3 base layers; this model has {job.base_layers}")
+
     def prepare(self, job, progress: Progress | None = None) -> list[str]:
         from .predictor import predict_role
 
         s, source, arch = self.lesa, job.source, job.source.arch
-        if arch.fused:  # LESA reads one weight type across all layers; fused tensors would need splitting first
-            raise UsageError(f"method lesa does not support {arch.model_type}'s fused projections yet; "
-                             "use copy, average, stack or opt-deus")
         L = job.base_layers
-        if L < 3:
-            raise UsageError(f"recipe {job.recipe.source}: LESA learns from layer triples (l-1, l, l+1) and needs "
-                             f"at least 3 base layers; this model has {L}")
         positions = sorted({layer.sources[0] for layer in job.layers if layer.is_new})
         self._weights, self._figures = {k: {} for k in positions}, {}
         weight_names = {arch.weight(role) for role in PROJECTION_ROLES}

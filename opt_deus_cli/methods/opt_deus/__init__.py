@@ -44,9 +44,11 @@ class OptDeusMethod(Method):
         self.alpha = fusion.alpha
         self.reference_solver = reference_solver
 
+    def check(self, job) -> None:
+        refuse_reference_experts(self.alignment, job.source.arch)
+
     def prepare(self, job, progress=None) -> list[str]:
         """Refuse what build() would refuse on the first new layer, before anything is written."""
-        refuse_reference_experts(self.alignment, job.source.arch)
         from .memory import guard
 
         # the published solver holds dense float32 plans, as the entropic one does
