@@ -1,25 +1,41 @@
-"""One figure per regime (base model x domain): a column per training budget; the top row is the
-held-out loss against the step (mean over seeds, shaded min..max), the bottom row the paired
-difference from copy (LLaMA-Pro) at every eval step, where differences of thousandths of a nat
-are visible next to a loss that falls by whole nats."""
+"""One figure per regime (base model x domain): a column per training budget (and one for the
+positions, when a budget has them); the top row is the held-out loss against the step (mean over
+seeds, shaded min..max), the bottom row the paired difference from a reference variant at every
+eval step (copy, LLaMA-Pro; for positions, opt-deus exact at the top), where differences of
+thousandths of a nat are visible next to a loss that falls by whole nats."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .stats import Table
-from .study import ALL_ARMS
+from .stats import Row, Table
+from .study import ALL_ARMS, Variant
 
-REFERENCE = "copy"
+POSITION_COLOURS = {"top": "C3", "bottom": "k", "middle": "#17becf", "top-bottom": "#e377c2"}
 
 
-def colour_of(variant: str, taken: dict[str, str]) -> str:
-    """The same colour for an arm in every figure; other variants (alphas, positions) take the next free ones."""
-    if variant not in taken:
-        fixed = {arm: f"C{i}" for i, arm in enumerate(ALL_ARMS)}  # 9 arms: C0..C8
-        free = [c for c in ("C9", "#555555", "#b8860b", "#2e8b57", "#8a2be2", "#dc143c", "#00ced1") if c not in taken.values()]
-        taken[variant] = fixed.get(variant) or (free[0] if free else "k")
-    return taken[variant]
+def colour_of(variant: str) -> str:
+    """An arm has one colour in every figure; fusion weights run along a colour map (0: yellow,
+    1: purple; 0.5 is the arm's own colour); positions have their own."""
+    v = Variant.parse(variant)
+    if v.alpha is not None:
+        import matplotlib
+
+        return matplotlib.colormaps["viridis"](1 - v.alpha)
+    if v.position != "top":
+        return POSITION_COLOURS[v.position]
+    return f"C{ALL_ARMS.index(v.arm) % 10}"
+
+
+def panels(table: Table) -> list[tuple[str, list[Row], str]]:
+    """(title, rows, reference) of each column one table needs."""
+    budget = f"{table.steps} steps, {'new layers' if table.train == 'new' else 'all layers'} trained"
+    arms = [r for r in table.ordered() if Variant.parse(r.variant).position == "top"]
+    placed = [r for r in table.ordered() if Variant.parse(r.variant).arm == "opt-deus-exact" and Variant.parse(r.variant).alpha is None]
+    out = [(budget, arms, "copy")]
+    if any(Variant.parse(r.variant).position != "top" for r in placed):
+        out.append((f"{budget}: opt-deus exact by position", placed, "opt-deus-exact"))
+    return out
 
 
 def regime_figure(tables: list[Table], path: Path) -> None:
@@ -28,36 +44,36 @@ def regime_figure(tables: list[Table], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tables = [t for t in tables if t.evaluate]
-    fig, axes = plt.subplots(2, len(tables), figsize=(5.8 * len(tables), 8), squeeze=False, sharex="col")
-    colours: dict[str, str] = {}
-    for col, table in enumerate(tables):
+    columns = [(t, *panel) for t in tables if t.evaluate for panel in panels(t)]
+    fig, axes = plt.subplots(2, len(columns), figsize=(5.8 * len(columns), 8), squeeze=False, sharex="col")
+    for col, (table, title, rows, reference) in enumerate(columns):
         loss_ax, gap_ax = axes[0][col], axes[1][col]
-        for row in table.ordered():
-            hue = colour_of(row.variant, colours)
+        for row in rows:
+            hue = colour_of(row.variant)
             c = row.curve()
             loss_ax.plot(c["steps"], c["mean"], color=hue, lw=1.5, label=row.variant)
             loss_ax.fill_between(c["steps"], c["min"], c["max"], color=hue, alpha=0.2, lw=0)
-            gap = table.paired_curve(row.variant, REFERENCE)
-            if gap is not None and row.variant != REFERENCE:
+            gap = table.paired_curve(row.variant, reference)
+            if gap is not None and row.variant != reference:
                 gap_ax.plot(gap["steps"], gap["mean"], color=hue, lw=1.5, label=row.variant)
                 gap_ax.fill_between(gap["steps"], gap["min"], gap["max"], color=hue, alpha=0.2, lw=0)
-        # the curves fall fast at first: show the second half, where the variants separate
-        tail = [v for row in table.rows.values() for v in row.curve()["max"][len(row.curve()["max"]) // 3:]]
-        low = min(v for row in table.rows.values() for v in row.curve()["min"])
+        # the curves fall fast at first: show the last two thirds, where the variants separate
+        tail = [v for row in rows for v in row.curve()["max"][len(row.curve()["max"]) // 3:]]
+        low = min(v for row in rows for v in row.curve()["min"])
         loss_ax.set_ylim(low - 0.05 * (max(tail) - low) - 1e-4, max(tail) + 0.05 * (max(tail) - low) + 1e-4)
-        loss_ax.set_title(f"{table.steps} steps, {'new layers' if table.train == 'new' else 'all layers'} trained", fontsize=10)
+        loss_ax.set_title(title, fontsize=10)
         loss_ax.grid(alpha=0.3)
         loss_ax.legend(fontsize=7)
         gap_ax.axhline(0, color="k", lw=0.8)
         gap_ax.set_xlabel("training step")
+        gap_ax.set_ylabel(f"paired Δ vs {reference} (nats/token)", fontsize=9)
         gap_ax.grid(alpha=0.3)
-        if REFERENCE in table.rows:
+        if reference in table.rows and len(rows) > 1:
             gap_ax.legend(fontsize=7)
     axes[0][0].set_ylabel("held-out loss (nats/token; y clipped)")
-    axes[1][0].set_ylabel(f"paired Δ vs {REFERENCE} (nats/token)")
-    seeds = sorted({s for t in tables for row in t.rows.values() for s in row.seeds})
-    fig.suptitle(f"{tables[0].model}, {tables[0].domain}: mean over seeds {seeds}, shaded min..max", fontsize=11)
+    seeds = sorted({s for t, *_ in columns for row in t.rows.values() for s in row.seeds})
+    fig.suptitle(f"{columns[0][0].model}, {columns[0][0].domain}: mean over seeds {seeds}, shaded min..max "
+                 "(identical curves overlap)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
