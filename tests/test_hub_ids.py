@@ -95,3 +95,16 @@ def test_model_card_is_the_outputs_own(cache, tmp_path):
     assert f"New layers: {manifest['new_layers']}" in card.text and "opt-deus verify" in card.text
     assert "the base model's own card" not in card.text
     assert "README.md" in {f["name"] for f in manifest["output"]["files"]}  # checksummed like every file
+
+
+def test_verify_and_inspect_take_the_repo_id(cache, tmp_path):
+    """The card's `opt-deus verify <repo id> OUT` runs as written: the base resolves to the commit
+    the manifest records; inspect surveys a base given by repo id."""
+    root, _, _ = cache
+    assert cli(root, tmp_path, "upscale", REPO, "--recipe", "llama-pro", "--out", "deeper", "--device", "cpu").returncode == 0
+    checked = cli(root, tmp_path, "verify", REPO, "deeper", "--device", "cpu", "--json")
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["ok"]
+    surveyed = cli(root, tmp_path, "inspect", REPO, "--json", "--device", "cpu")
+    assert surveyed.returncode == 0, surveyed.stderr
+    assert json.loads(surveyed.stdout)["layers"] == 4

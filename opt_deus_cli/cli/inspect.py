@@ -14,7 +14,7 @@ from .common import app, fail, out, progress_bar, run, warn, writable_file
 
 @app.command(short_help="An output's layers and alignment figures, or a base model's adjacent layers.")
 def inspect(
-    model_dir: Path = typer.Argument(..., metavar="DIR", help="An opt-deus output (with its manifest) or a base model."),
+    model_dir: str = typer.Argument(..., metavar="DIR", help="An opt-deus output (with its manifest) or a base model (a directory or a Hub repo id)."),
     layer: Optional[int] = typer.Option(None, "--layer", help="On an output: a new layer; recompute and show its cost matrix and plan."),
     group: Optional[str] = typer.Option(None, "--group", help="With --layer: attention | mlp (default mlp)."),
     png: Optional[Path] = typer.Option(None, "--png", help="Also draw to this PNG file: the layer's matrices (--layer), "
@@ -31,6 +31,9 @@ def inspect(
     from ..manifest import read_manifest
     from ..recipe import load_recipe
 
+    from ..hub import resolve_model
+
+    model_dir = run(resolve_model, model_dir).path
     manifest = run(read_manifest, model_dir)
     _refuse_what_does_not_apply(model_dir, manifest, layer, group, save, base, recipe)
     writable_file(png, "--png")

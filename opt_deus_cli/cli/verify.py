@@ -13,7 +13,7 @@ from .common import app, console, out, run
 
 @app.command(short_help="Check a result against its manifest: files, loading, logits, perplexity.")
 def verify(
-    base_dir: Path = typer.Argument(..., metavar="BASE_DIR", help="The base model directory."),
+    base_dir: str = typer.Argument(..., metavar="BASE", help="The base model: its directory, or its Hub repo id (the commit the manifest records)."),
     out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="The up-scaled model directory (with its manifest)."),
     text: Optional[Path] = typer.Option(None, "--text", help="Also compute both models' perplexity on this text file."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
@@ -26,7 +26,7 @@ def verify(
     from ..verify import verify as run_verify
 
     dev = run(resolve_device, device)
-    report = run(run_verify, base_dir, out_dir, dev, text)
+    report = run(run_verify, run(_base_path, base_dir, out_dir), out_dir, dev, text)
     if as_json:
         out.print_json(data=report)
     else:
@@ -34,6 +34,16 @@ def verify(
     if not report["ok"]:
         console.print(f"[bold red]failed:[/] {'; '.join(report['problems'])}", markup=True)
         raise typer.Exit(1)
+
+
+def _base_path(spec: str, out_dir: Path) -> Path:
+    """A directory as given, or a Hub repo id at the commit the output's manifest records."""
+    from ..hub import resolve_model
+    from ..manifest import read_manifest
+
+    manifest = read_manifest(out_dir) if Path(out_dir).is_dir() else None
+    recorded = manifest.base.revision if manifest is not None and manifest.base.repo_id == spec else None
+    return resolve_model(spec, None if Path(spec).exists() else recorded).path
 
 
 def _print_report(report: dict, text: Path | None) -> None:
