@@ -4,12 +4,15 @@ shards) up-scaled with `opt-deus upscale ... --recipe top-half` (32 -> 48 layers
 OpT-DeUS layers), next to `cp -r` of the same checkpoint in the same run.
 
 Each command runs as a child process (os.wait4): wall time, CPU time (user + sys) and peak RSS
-are that child's; `sync` runs first. The checkpoint's layers are independent random draws: the
+are that child's (the CLI's own peak RSS, and the kernel's figure, which also covers its forked
+assignment process: that one maps the CLI's pages, shared copy-on-write, so it over-counts);
+`sync` runs first. The checkpoint's layers are independent random draws: the
 exact solver's hardest case. The checkpoint is written here tensor by tensor (never more than one
 1 GB shard in memory) and, with the output, deleted afterwards unless --keep. It needs ~16 GB of
 disk for the checkpoint and ~24 GB for the output.
 
     python -m benchmarks.eight_b [--work bench-out/eight-b] [--recipe top-half] [--sketch K] [--keep] [--json]
+    python -m benchmarks.eight_b --shapes 1b [--sketch K]     # the same measure on io_bench's 1B-shape checkpoint (kept)
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.io_bench import dir_bytes, measure
+from benchmarks.io_bench import dir_bytes, measure, opt_deus_command
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -78,6 +81,7 @@ def write_checkpoint(path: Path, shapes: dict, shard: str = "1GB", seed: int = 0
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", choices=("8b", "1b"), default="8b")
     p.add_argument("--work", type=Path, default=ROOT / "bench-out" / "eight-b")
     p.add_argument("--recipe", default="top-half")
     p.add_argument("--sketch", type=int, help="alignment.sketch for the recipe (default: the recipe's own)")
@@ -85,10 +89,16 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    base, copy, out = args.work / "llama-8b-shape", args.work / "cp-copy", args.work / "out"
+    copy, out = args.work / "cp-copy", args.work / "out"
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", f"from benchmarks.eight_b import write_checkpoint, LLAMA_8B; "
-                    f"from pathlib import Path; write_checkpoint(Path({str(base)!r}), LLAMA_8B)"], check=True, cwd=ROOT)
+    if args.shapes == "8b":
+        base = args.work / "llama-8b-shape"
+        subprocess.run([sys.executable, "-c", f"from benchmarks.eight_b import write_checkpoint, LLAMA_8B; "
+                        f"from pathlib import Path; write_checkpoint(Path({str(base)!r}), LLAMA_8B)"], check=True, cwd=ROOT)
+    else:
+        from benchmarks.io_bench import LLAMA_1B, make_checkpoint
+
+        base = make_checkpoint(ROOT / "bench-out" / "llama-1b-shape", LLAMA_1B)
     built = time.perf_counter() - started
     recipe = args.recipe
     if args.sketch:
@@ -105,8 +115,7 @@ def main() -> None:
     cp = measure(["cp", "-r", str(base), str(copy)])
     shutil.rmtree(copy)
     shutil.rmtree(out, ignore_errors=True)
-    opt_deus = str(Path(sys.executable).with_name("opt-deus"))
-    up = measure([opt_deus, "upscale", str(base), "--recipe", recipe, "--out", str(out), "--device", "cpu", "--json"])
+    up = measure(opt_deus_command("upscale", str(base), "--recipe", recipe, "--out", str(out), "--device", "cpu", "--json"))
     load.append(os.getloadavg()[0])
     manifest = json.loads((out / "opt-deus-manifest.json").read_text())
     new = [layer for layer in manifest["layers"] if layer["origin"] == "new"]
@@ -121,13 +130,15 @@ def main() -> None:
     }
     if not args.keep:
         shutil.rmtree(out)
-        shutil.rmtree(base)
+        if args.shapes == "8b":  # 16 GB; the 1B-shape checkpoint is io_bench's, kept
+            shutil.rmtree(base)
     if args.json:
         print(json.dumps(result, indent=1))
         return
     per_layer = result["new_layer_seconds"]
     print(f"{result['layers']} layers, {result['input_gb']} -> {result['output_gb']} GB: wall {up['seconds']} s, "
-          f"CPU {up['cpu_seconds']} s, peak RSS {up['peak_rss_mb']} MB; cp -r {cp['seconds']} s; "
+          f"CPU {up['cpu_seconds']} s, peak RSS {up.get('own_peak_rss_mb')} MB (with its children {up['peak_rss_mb']} MB); "
+          f"cp -r {cp['seconds']} s; "
           f"new layers {min(per_layer):.1f}-{max(per_layer):.1f} s (mean {sum(per_layer) / len(per_layer):.1f}); load {load}")
 
 

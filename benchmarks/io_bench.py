@@ -56,9 +56,22 @@ def _save(path: str, shapes: dict, shard: str) -> None:
     tmp.rename(path)
 
 
+SELF_RSS = "peak RSS of the process itself, kB:"
+
+
+def opt_deus_command(*args: str) -> list[str]:
+    """`opt-deus ARGS` run so that it reports its own peak RSS on exit (measure() reads it): the
+    kernel's figure for a child (os.wait4) is the largest of it and ITS children, and OpT-DeUS
+    solves an assignment in a forked child, which maps the parent's pages (shared, copy-on-write)."""
+    code = ("import atexit, resource, sys; atexit.register(lambda: print(%r, resource.getrusage(resource.RUSAGE_SELF)"
+            ".ru_maxrss, file=sys.stderr)); from opt_deus_cli.cli import app; sys.argv[0] = 'opt-deus'; app()" % SELF_RSS)
+    return [sys.executable, "-c", code, *args]
+
+
 def measure(cmd: list[str]) -> dict:
-    """Run cmd as a child; wall seconds and the child's peak RSS in MB. Dirty pages of earlier
-    commands are flushed first so one command's writeback does not slow the next."""
+    """Run cmd as a child; wall seconds, CPU seconds and peak RSS in MB: the kernel's (the largest
+    of the child and its own children) and, for opt_deus_command, the process's own. Dirty pages
+    of earlier commands are flushed first so one command's writeback does not slow the next."""
     os.sync()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -68,8 +81,12 @@ def measure(cmd: list[str]) -> dict:
     proc.stderr.close()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err}")
-    return {"command": " ".join(cmd), "seconds": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2)}
+    row = {"command": " ".join(cmd), "seconds": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+           "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2)}
+    own = [line for line in err.splitlines() if line.startswith(SELF_RSS)]
+    if own:
+        row["own_peak_rss_mb"] = round(int(own[-1].split(":")[1]) / 1024, 1)
+    return row
 
 
 def dir_bytes(path: Path) -> int:
@@ -125,7 +142,6 @@ def main() -> None:
     sources = {"directory": base}
     if args.hub:
         sources["hub cache"] = hub_layout(base, args.work / "hub-cache")
-    opt_deus = str(Path(sys.executable).with_name("opt-deus"))
     rows = []
     copy_dir, out = args.work / "cp-copy", args.work / "io-out"
     for recipe in args.recipes:
@@ -137,7 +153,7 @@ def main() -> None:
                 cps.append(measure(["cp", "-rL", str(source), str(copy_dir)]))
                 shutil.rmtree(copy_dir)
                 shutil.rmtree(out, ignore_errors=True)
-                ups.append(measure([opt_deus, "upscale", str(source), "--recipe", recipe, "--out", str(out), "--device", "cpu"]))
+                ups.append(measure(opt_deus_command("upscale", str(source), "--recipe", recipe, "--out", str(out), "--device", "cpu")))
                 manifest = json.loads((out / "opt-deus-manifest.json").read_text())
                 splits.append(manifest["timings"])
             load.append(os.getloadavg()[0])

@@ -100,10 +100,11 @@ def train_study(ks: list[int], steps: int, seeds: list[int], work: Path) -> list
     from benchmarks import training as T
     from opt_deus_cli.recipe import parse_recipe
     from opt_deus_cli.upscale import Options, upscale
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-    tok = AutoTokenizer.from_pretrained(TINY)
+    tok = Tokenizer.from_file(str(TINY / "tokenizer.json"))  # the base's own, as the quality study reads it
     corpus = T.load_corpus(max_bytes=T.DEFAULT_MAX_BYTES)
     train_blocks = T.make_blocks(T.encode_documents(tok, corpus.train_texts), 128)
     held = T.make_blocks(T.encode_documents(tok, corpus.heldout_texts), 128)

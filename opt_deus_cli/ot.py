@@ -115,12 +115,12 @@ def cost_matrix_blocks(
                 dot = xs[0] @ ys[0].T  # (tile_n, tile_m)
                 for xt, yt in zip(xs[1:], ys[1:]):
                     dot.addmm_(xt, yt.T)
-                block = _finish(dot, x_norm, y_norm[j : j + dot.shape[1]], kind)
+                block = finish_cost(dot, x_norm, y_norm[j : j + dot.shape[1]], kind)
                 out[i : i + block.shape[0], j : j + block.shape[1]] = block
     return out
 
 
-def _finish(dot: torch.Tensor, x_norm: torch.Tensor, y_norm: torch.Tensor, kind: str) -> torch.Tensor:
+def finish_cost(dot: torch.Tensor, x_norm: torch.Tensor, y_norm: torch.Tensor, kind: str) -> torch.Tensor:
     """The cost of a tile (..., n, m) from the dot products and the squared norms (..., n), (..., m)."""
     if kind == "cosine":
         denom = (x_norm.sqrt()[..., :, None] * y_norm.sqrt()[..., None, :]).clamp_min_(torch.finfo(dot.dtype).tiny)
@@ -136,7 +136,7 @@ def batched_cost(X: torch.Tensor, Y: torch.Tensor, kind: str) -> torch.Tensor:
     if kind not in COST_KINDS:
         raise OptDeusError(f"unknown cost {kind!r}; expected one of {', '.join(COST_KINDS)}")
     dot = X @ Y.transpose(-1, -2)
-    return _finish(dot, X.square().sum(-1).expand(dot.shape[:-1]), Y.square().sum(-1).expand(dot.shape[:-2] + dot.shape[-1:]), kind)
+    return finish_cost(dot, X.square().sum(-1).expand(dot.shape[:-1]), Y.square().sum(-1).expand(dot.shape[:-2] + dot.shape[-1:]), kind)
 
 
 SKETCH_SEED = 0  # one fixed projection: a pair of layers always gets the same plan

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ...architectures import Architecture, HeadLayout
-from ...ot import batched_cost
+from ...ot import batched_cost, finish_cost
 from ..base import Block, BuildContext
 from .blocks import F32, mix
 from .plans import Map, Solved, solve, solve_batch, worst_of
@@ -50,10 +50,14 @@ class Heads:
             vb=get(arch.bias("v"), G, d),
         )
 
+    def groups(self) -> dict[str, torch.Tensor]:
+        """The tensors of all KV groups: q, o (G, r, d, h), k, v (G, d, h), qb (G, r, d), kb, vb (G, d)."""
+        parts = {"q": self.q, "qb": self.qb, "k": self.k, "kb": self.kb, "v": self.v, "vb": self.vb, "o": self.o}
+        return {k: t for k, t in parts.items() if t is not None}
+
     def group(self, g: int) -> dict[str, torch.Tensor]:
         """The tensors of KV group g (views): q, o (r, d, h), k, v (d, h), qb (r, d), kb, vb (d,)."""
-        parts = {"q": self.q, "qb": self.qb, "k": self.k, "kb": self.kb, "v": self.v, "vb": self.vb, "o": self.o}
-        return {k: t[g] for k, t in parts.items() if t is not None}
+        return {k: t[g] for k, t in self.groups().items()}
 
     def v_features(self, g: int) -> torch.Tensor:
         """(d, 2h [+1]): per value dim, its v row, its bias, and the sum over the group's query heads
@@ -62,13 +66,24 @@ class Heads:
         return torch.cat(cols, 1)
 
 
-def head_features(parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(..., r, D): per query head, its q rows (in order: RoPE pairs are not permuted), q bias, o
-    columns; parts as Heads.group gives them, optionally with leading batch dimensions."""
-    q = parts["q"]
-    lead = q.shape[:-2]  # (..., r)
-    cols = [q.reshape(*lead, -1)] + ([parts["qb"]] if "qb" in parts else []) + [parts["o"].reshape(*lead, -1)]
-    return torch.cat(cols, -1)
+def head_costs(a: dict[str, torch.Tensor], o_moved: torch.Tensor, B: "Heads", kind: str) -> torch.Tensor:
+    """(G, r, r): the cost between the query heads of group a (its parts, o columns moved by each
+    of the G v-dim maps: o_moved (G, r, d, h)) and those of every group b of B. A head's features
+    are its q rows (in order: RoPE pairs are not permuted), q bias and o columns; they are never
+    concatenated: the dot products are summed part by part, A's q part against all of B's groups
+    in one product."""
+    G, r = o_moved.shape[:2]
+
+    def shared(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # x (r, K) . y (G, r, K) -> (G, r, r)
+        return (x.reshape(r, -1) @ y.reshape(G * r, -1).T).reshape(r, G, r).transpose(0, 1)
+
+    dot = shared(a["q"], B.q) + torch.bmm(o_moved.reshape(G, r, -1), B.o.reshape(G, r, -1).transpose(1, 2))
+    a_norm = a["q"].reshape(r, -1).square().sum(1) + o_moved.reshape(G, r, -1).square().sum(2)  # (G, r)
+    b_norm = B.q.reshape(G, r, -1).square().sum(2) + B.o.reshape(G, r, -1).square().sum(2)
+    if "qb" in a:
+        dot = dot + shared(a["qb"], B.qb)
+        a_norm, b_norm = a_norm + a["qb"].square().sum(1), b_norm + B.qb.square().sum(2)
+    return finish_cost(dot, a_norm, b_norm, kind)
 
 
 def stacked_parts_cost(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
@@ -154,36 +169,28 @@ def align_attention(lower: Block, upper: Block, ctx: BuildContext, settings: Ali
     A = Heads.of(lower, ctx.arch, ctx.layout, ctx.device)
     B = Heads.of(upper, ctx.arch, ctx.layout, ctx.device)
     G, kind = ctx.layout.num_kv_heads, settings.cost
-    # Inner plans for every pair of groups (a, b), all G^2 of a level in one batch (pair a*G + b):
-    # value dims first (their features do not depend on the head matching), then query heads
-    # with the o columns already moved by the v-dim map. The group cost is the cost of the whole
-    # group a, aligned by those plans, against group b.
-    parts_A = [A.group(g) for g in range(G)]
-    parts_B = {k: torch.stack([B.group(g)[k] for g in range(G)]) for k in B.group(0)}  # (G, ...) each
+    # Inner plans for every pair of groups (a, b), in batches (pair a*G + b): value dims first,
+    # all G^2 at once (their features do not depend on the head matching), then, per group a,
+    # query heads against every group b, with the o columns already moved by the (a, b) v-dim
+    # map. The group cost is the cost of the whole group a, aligned by those plans, against b.
+    parts_A, parts_B = [A.group(g) for g in range(G)], B.groups()  # parts_B: (G, ...) each
     v_feats_A = torch.stack([A.v_features(g) for g in range(G)])  # (G, d, 2h [+1])
     v_feats_B = torch.stack([B.v_features(g) for g in range(G)])
     v_cost = batched_cost(v_feats_A[:, None], v_feats_B[None], kind)  # (G, G, d, d)
     v_dims = solve_batch(v_cost.flatten(0, 1), settings, "attention value dims")
     v_maps = [s.map for s in v_dims]
-    head_feats_B = head_features(parts_B)  # (G, r, D)
-
-    def o_moved(a: int) -> torch.Tensor:  # (G, r, d, h): group a's o columns under the (a, b) v-dim maps
-        return move_each(v_maps[a * G : (a + 1) * G], parts_A[a]["o"].expand(G, *parts_A[a]["o"].shape), 1)
-
-    head_cost = torch.stack([
-        batched_cost(head_features({**{k: t.expand(G, *t.shape) for k, t in parts_A[a].items()}, "o": o_moved(a)}),
-                     head_feats_B, kind)
-        for a in range(G)
-    ])  # (G, G, r, r)
-    heads = solve_batch(head_cost.flatten(0, 1), settings, "attention query heads")
-    head_maps = [s.map for s in heads]
-    group_cost = torch.stack([
-        stacked_parts_cost(align_group(parts_A[a], head_maps[a * G : (a + 1) * G], v_maps[a * G : (a + 1) * G], o_moved(a)),
-                           parts_B, kind)
-        for a in range(G)
-    ]).cpu()  # (G, G) float64
-    own = {k: torch.stack([p[k] for p in parts_A]) for k in parts_A[0]}
-    cost_before = float(stacked_parts_cost(own, parts_B, kind).mean())
+    head_cost, heads, group_cost = [], [], []
+    for a in range(G):  # group a against every group b at once
+        maps = v_maps[a * G : (a + 1) * G]
+        o_moved = move_each(maps, parts_A[a]["o"].expand(G, *parts_A[a]["o"].shape), 1)  # (G, r, d, h)
+        head_cost.append(head_costs(parts_A[a], o_moved, B, kind))  # (G, r, r)
+        solved = solve_batch(head_cost[-1], settings, "attention query heads")
+        heads += solved
+        aligned = align_group(parts_A[a], [s.map for s in solved], maps, o_moved)
+        group_cost.append(stacked_parts_cost(aligned, parts_B, kind))
+        del o_moved, aligned
+    head_cost, group_cost = torch.stack(head_cost), torch.stack(group_cost).cpu()  # (G, G, r, r), (G, G) float64
+    cost_before = float(stacked_parts_cost(A.groups(), parts_B, kind).mean())
     group = solve(group_cost, settings, "attention KV groups")  # (G, G) on the CPU: too small for a device
     used = {(a, b): w / G for b in range(G) for a, w in group.map.sources(b)}  # mass of the KV-group plan
     pairs = {(a, b): GroupPair(v_dims[a * G + b], heads[a * G + b], v_cost[a, b], head_cost[a, b])

@@ -4,6 +4,10 @@ without a rule are averaged (the residual dimension is never transported)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import torch
+
 from ..base import Block, BuildContext
 from .attention import align_attention, fuse_attention
 from .blocks import average_rest
@@ -12,13 +16,27 @@ from .mlp import align_mlp_later, fuse_mlp
 from .settings import AlignmentSettings
 
 
+@contextmanager
+def _one_core_less(enabled: bool):
+    """Inside: torch uses one thread less, leaving a core to the assignment's child process (an
+    OpenMP team with a thread preempted by it waits at every barrier: attention ran 3x slower)."""
+    threads = torch.get_num_threads()
+    if enabled and threads > 1:
+        torch.set_num_threads(threads - 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def build_corrected(lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings, alpha: float) -> tuple[Block, dict]:
     notes: list[str] = []
     # A dense MLP's cost first: its exact assignment (one core, seconds) then runs in a child
     # process while attention is aligned and fused here.
     pending_mlp = None if ctx.arch.experts else align_mlp_later(lower, upper, ctx, settings)
-    attention = align_attention(lower, upper, ctx, settings)
-    out = fuse_attention(attention, upper, ctx, alpha)
+    with _one_core_less(settings.solver == "exact" and pending_mlp is not None):
+        attention = align_attention(lower, upper, ctx, settings)
+        out = fuse_attention(attention, upper, ctx, alpha)
     report = {"attention": attention.figures}
     del attention
     if ctx.arch.experts:
