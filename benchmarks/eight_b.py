@@ -5,7 +5,9 @@ OpT-DeUS layers), next to `cp -r` of the same checkpoint in the same run.
 
 Each command runs as a child process (os.wait4): wall time, CPU time (user + sys) and peak RSS
 are that child's (the CLI's own peak RSS, and the kernel's figure, which also covers its forked
-assignment process: that one maps the CLI's pages, shared copy-on-write, so it over-counts);
+assignment process: that one maps the CLI's pages, shared copy-on-write, so it over-counts;
+and the peak PSS of the process tree, sampled every 0.2 s, which splits shared pages and so
+gives the memory the CLI and its child hold together);
 `sync` runs first. The checkpoint's layers are independent random draws: the
 exact solver's hardest case. The checkpoint is written here tensor by tensor (never more than one
 1 GB shard in memory) and, with the output, deleted afterwards unless --keep. It needs ~16 GB of
@@ -137,7 +139,8 @@ def main() -> None:
         return
     per_layer = result["new_layer_seconds"]
     print(f"{result['layers']} layers, {result['input_gb']} -> {result['output_gb']} GB: wall {up['seconds']} s, "
-          f"CPU {up['cpu_seconds']} s, peak RSS {up.get('own_peak_rss_mb')} MB (with its children {up['peak_rss_mb']} MB); "
+          f"CPU {up['cpu_seconds']} s, peak RSS {up.get('own_peak_rss_mb')} MB (with its children {up['peak_rss_mb']} MB; "
+          f"the process tree's peak PSS {up.get('peak_tree_pss_mb')} MB); "
           f"cp -r {cp['seconds']} s; "
           f"new layers {min(per_layer):.1f}-{max(per_layer):.1f} s (mean {sum(per_layer) / len(per_layer):.1f}); load {load}")
 

@@ -21,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -68,6 +69,37 @@ def opt_deus_command(*args: str) -> list[str]:
     return [sys.executable, "-c", code, *args]
 
 
+def _tree_pss_kb(root: int) -> int:
+    """Proportional set size of root and its descendants, kB: shared pages (a fork's copy-on-write
+    view of its parent) are split between the processes that map them, so the sum is the physical
+    memory the tree holds, not the over-count of adding RSS figures."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        frontier = [p for p, pp in parents.items() if pp in frontier and p not in tree]
+        tree.update(frontier)
+    total = 0
+    for pid in tree:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            continue
+    return total
+
+
+def _sample_peak_pss(pid: int, stop: threading.Event, peak: list[int]) -> None:
+    while not stop.wait(0.2):
+        peak[0] = max(peak[0], _tree_pss_kb(pid))
+
+
 def measure(cmd: list[str]) -> dict:
     """Run cmd as a child; wall seconds, CPU seconds and peak RSS in MB: the kernel's (the largest
     of the child and its own children) and, for opt_deus_command, the process's own. Dirty pages
@@ -75,14 +107,20 @@ def measure(cmd: list[str]) -> dict:
     os.sync()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stop, peak_pss = threading.Event(), [0]
+    sampler = threading.Thread(target=_sample_peak_pss, args=(proc.pid, stop, peak_pss), daemon=True)
+    sampler.start()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
+    stop.set()
+    sampler.join()
     err = proc.stderr.read().decode()
     proc.stderr.close()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err}")
     row = {"command": " ".join(cmd), "seconds": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2)}
+    row["peak_tree_pss_mb"] = round(peak_pss[0] / 1024, 1)  # sampled every 0.2 s: a lower bound
     own = [line for line in err.splitlines() if line.startswith(SELF_RSS)]
     if own:
         row["own_peak_rss_mb"] = round(int(own[-1].split(":")[1]) / 1024, 1)
