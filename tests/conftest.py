@@ -59,6 +59,16 @@ def load_model(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+def checkpoint_tensors(model_dir) -> dict:
+    """Every tensor of a checkpoint directory (all its safetensors shards), by name."""
+    from safetensors.torch import load_file
+
+    found = {}
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        found.update(load_file(shard))
+    return found
+
+
 def logits(model, seed: int = 0) -> torch.Tensor:
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():

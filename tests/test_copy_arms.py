@@ -7,9 +7,8 @@ import warnings
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from conftest import ctx, load_model, logits, random_block
+from conftest import checkpoint_tensors, ctx, load_model, logits, random_block
 from opt_deus_cli.errors import UsageError
 from opt_deus_cli.job import Options
 from opt_deus_cli.layers import recipe_layers
@@ -24,14 +23,6 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 def run(model, out, **recipe):
     return upscale(model, parse_recipe(recipe), out, Options(device="cpu", shard_size="60KB")).to_dict()
-
-
-def tensors(path):
-    found = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            found.update({k: f.get_tensor(k) for k in f.keys()})
-    return found
 
 
 def layer(ts: dict, i: int) -> dict:
@@ -73,7 +64,7 @@ def test_upper_copy_is_layer_k_plus_1(model_factory, tmp_path, zero_init):
                    copy={"neighbour": "upper"})
     assert manifest["new_layers"] == [4, 6]
     assert [l["sources"] for l in manifest["layers"] if l["origin"] == "new"] == [[3, 4], [4, 5]]
-    got, src = tensors(tmp_path / "o"), tensors(base)
+    got, src = checkpoint_tensors(tmp_path / "o"), checkpoint_tensors(base)
     for new, k in ((4, 3), (6, 4)):
         for rel, t in layer(src, k + 1).items():
             if rel.split(".")[1] in zero_init:
@@ -86,7 +77,7 @@ def test_upper_copy_is_layer_k_plus_1(model_factory, tmp_path, zero_init):
 def test_scaled_upper_copy_scales_projections_only_and_preserves_function(model_factory, tmp_path):
     base = model_factory("qwen2")  # q/k/v biases: scaled with their weights
     manifest = run(base, tmp_path / "o", method="copy", positions=[2], copy={"neighbour": "upper", "scale": 0.5})
-    got, src = layer(tensors(tmp_path / "o"), 3), layer(tensors(base), 3)
+    got, src = layer(checkpoint_tensors(tmp_path / "o"), 3), layer(checkpoint_tensors(base), 3)
     scaled = [rel for rel in src if rel.split(".")[1] in PROJECTIONS]
     assert any(rel.endswith("bias") for rel in scaled) and len(scaled) < len(src)
     for rel, t in src.items():
@@ -104,7 +95,7 @@ def test_scaled_copy_without_zero_init_changes_the_function(model_factory, tmp_p
     base = model_factory("llama")
     manifest = run(base, tmp_path / "o", method="copy", positions=[2], zero_init=[], copy={"scale": 2.0})
     assert manifest["function_preserving"] is False
-    got, src = layer(tensors(tmp_path / "o"), 3), layer(tensors(base), 2)  # lower neighbour
+    got, src = layer(checkpoint_tensors(tmp_path / "o"), 3), layer(checkpoint_tensors(base), 2)  # lower neighbour
     assert torch.equal(got["self_attn.o_proj.weight"], src["self_attn.o_proj.weight"] * 2)
     assert not torch.equal(logits(load_model(tmp_path / "o")), logits(load_model(base)))
 

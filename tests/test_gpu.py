@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import EXACT, SINKHORN, ctx, planted_permutation, random_block
+from conftest import EXACT, SINKHORN, checkpoint_tensors, ctx, planted_permutation, random_block
 from opt_deus_cli import solvers
 from opt_deus_cli.methods.opt_deus import OptDeusMethod
 from opt_deus_cli.methods.opt_deus.mlp import align_mlp
@@ -55,13 +54,7 @@ def test_whole_run_on_cuda_writes_what_the_cpu_writes(model_factory, tmp_path):
     upscale(base, recipe, tmp_path / "gpu", Options(device="cuda", shard_size="60KB"))
     upscale(base, recipe, tmp_path / "cpu", Options(device="cpu", shard_size="60KB"))
 
-    def tensors(out):
-        found = {}
-        for shard in sorted(out.glob("*.safetensors")):
-            found.update(load_file(shard))
-        return found
-
-    gpu, cpu = tensors(tmp_path / "gpu"), tensors(tmp_path / "cpu")
+    gpu, cpu = checkpoint_tensors(tmp_path / "gpu"), checkpoint_tensors(tmp_path / "cpu")
     assert gpu.keys() == cpu.keys()
     for name in cpu:
         assert torch.equal(gpu[name], cpu[name]), name

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import FAMILIES, load_model, logits, make_model
+from conftest import FAMILIES, checkpoint_tensors, load_model, logits, make_model
 from opt_deus_cli.architectures import PROJECTION_ROLES, SUPPORTED
 from opt_deus_cli.errors import OptDeusError, UsageError
 from opt_deus_cli.methods.lesa.predictor import stack_svd, train_predictor
@@ -29,13 +29,6 @@ CPU = torch.device("cpu")
 def run(model, out, **recipe):
     recipe = {"method": "lesa", **recipe}
     return upscale(model, parse_recipe(recipe), out, Options(device="cpu", shard_size="60KB")).to_dict()
-
-
-def tensors(path):
-    found = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        found.update(load_file(shard))
-    return found
 
 
 def planted_stack(shape, layers, slope, seed=0):
@@ -96,7 +89,7 @@ def test_output_loads_with_planned_depth(model_factory, tmp_path, family):
     assert manifest["recipe"]["lesa"] == dataclasses.asdict(LesaSettings())
     json.dumps(manifest, allow_nan=False)
 
-    arch, src, dst = SUPPORTED[family], tensors(base), tensors(out)
+    arch, src, dst = SUPPORTED[family], checkpoint_tensors(base), checkpoint_tensors(out)
     weights = {arch.weight(role) for role in PROJECTION_ROLES}
     for index, k in ((4, 3), (6, 4)):
         report = manifest["layers"][index]["report"]
@@ -118,7 +111,7 @@ def test_output_loads_with_planned_depth(model_factory, tmp_path, family):
 def test_copy_from_neighbour(model_factory, tmp_path, copy_from, offset):
     base = model_factory("qwen3")  # q_norm / k_norm
     manifest = run(base, tmp_path / "out", positions=[1], lesa={"copy_from": copy_from, "steps": 5})
-    src, dst = tensors(base), tensors(tmp_path / "out")
+    src, dst = checkpoint_tensors(base), checkpoint_tensors(tmp_path / "out")
     for rel in ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_norm.weight"):
         assert torch.equal(dst[f"model.layers.2.{rel}"], src[f"model.layers.{1 + offset}.{rel}"])
     assert f"base layer {1 + offset}" in manifest["layers"][2]["report"]["notes"][1]
@@ -146,7 +139,7 @@ def test_planted_linear_structure(tmp_path):
     k = 2
     manifest = run(base, tmp_path / "out", positions=[k], lesa={"steps": 200})
     assert manifest["warnings"] == []
-    out = tensors(tmp_path / "out")
+    out = checkpoint_tensors(tmp_path / "out")
     for role, (A, B) in truth.items():
         new = out[arch.layer_prefix(k + 1) + arch.weight(role)]
         midpoint = A + (k + 0.5) * B
@@ -248,5 +241,5 @@ def test_zero_weights_stay_zero(tmp_path):
         state[f"model.layers.{l}.self_attn.o_proj.weight"].zero_()
     save_file(state, base / "model.safetensors", metadata={"format": "pt"})
     manifest = run(base, tmp_path / "out", positions=[2], lesa={"steps": 5})
-    assert tensors(tmp_path / "out")["model.layers.3.self_attn.o_proj.weight"].abs().sum() == 0
+    assert checkpoint_tensors(tmp_path / "out")["model.layers.3.self_attn.o_proj.weight"].abs().sum() == 0
     assert manifest["layers"][3]["report"]["lesa"]["o_proj"]["rank"] == 0

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conftest import load_model
+from conftest import checkpoint_tensors, load_model
 from opt_deus_cli.cli import app
 from opt_deus_cli.errors import OptDeusError, UsageError
 from opt_deus_cli.manifest import MANIFEST_FILE, read_manifest
@@ -29,14 +28,6 @@ from opt_deus_cli.upscale import Options, upscale
 SHIPPED = Path(__file__).resolve().parent.parent / "examples" / "tiny-llama"
 TEXT = (SHIPPED / "heldout.txt").read_text()
 runner = CliRunner()
-
-
-def tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    found = {}
-    for shard in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            found.update({k: f.get_tensor(k) for k in f.keys()})
-    return found
 
 
 def in_layers(name: str, layers) -> bool:
@@ -179,7 +170,7 @@ def trained(upscaled, corpus, tmp_path_factory):
 def test_train_new_keeps_every_base_tensor_bit_identical(upscaled, trained):
     out, record = trained[0]
     new = read_manifest(upscaled).trainable_layers
-    before, after = tensors(upscaled), tensors(out)
+    before, after = checkpoint_tensors(upscaled), checkpoint_tensors(out)
     assert before.keys() == after.keys() and "lm_head.weight" not in after  # tied: stored once, as the input
     for name, tensor in before.items():
         assert after[name].dtype == tensor.dtype == torch.bfloat16, name
@@ -219,7 +210,7 @@ def test_output_loads_and_carries_the_manifest_with_a_training_record(upscaled, 
 def test_same_seed_same_run(trained):
     (out_a, a), (out_b, b) = trained
     assert a["history"] == b["history"]
-    assert all(torch.equal(x, tensors(out_b)[n]) for n, x in tensors(out_a).items())
+    assert all(torch.equal(x, checkpoint_tensors(out_b)[n]) for n, x in checkpoint_tensors(out_a).items())
 
 
 @pytest.mark.slow
@@ -241,12 +232,12 @@ def test_check_fails_loudly_when_a_base_tensor_moved(upscaled, trained, tmp_path
     frozen = lambda name: not in_layers(name, layers)  # noqa: E731
     doctored = tmp_path / "doctored"
     shutil.copytree(out, doctored)
-    weights = tensors(doctored)
+    weights = checkpoint_tensors(doctored)
     weights["model.layers.3.self_attn.q_proj.weight"][0, 0] += 1
     save_file(weights, str(doctored / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(OptDeusError, match="base tensor model.layers.3.self_attn.q_proj.weight .* differs"):
         check_saved(upscaled, doctored, frozen)
-    weights = tensors(out)
+    weights = checkpoint_tensors(out)
     weights["model.norm.weight"] = weights["model.norm.weight"].float()
     save_file(weights, str(doctored / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(OptDeusError, match="model.norm.weight was saved as .*float32"):
@@ -269,7 +260,7 @@ def test_cli_train_new_needs_a_manifest_and_train_all_runs_without(corpus, tmp_p
     assert record["train"] == "all" and record["trainable_parameters"] == record["total_parameters"]
     assert [Path(f["path"]).name for f in record["data"]] == ["train.txt", "eval.txt"]  # --data a b: both, in order
     assert json.loads((tmp_path / "o" / TRAINING_FILE).read_text()) == record
-    before, after = tensors(SHIPPED), tensors(tmp_path / "o")
+    before, after = checkpoint_tensors(SHIPPED), checkpoint_tensors(tmp_path / "o")
     assert before.keys() == after.keys() and all(after[n].dtype == before[n].dtype for n in before)
     assert not torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
 

@@ -13,22 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
+from conftest import checkpoint_tensors
 from opt_deus_cli.manifest import read_manifest
 from opt_deus_cli.recipe import parse_recipe
 from opt_deus_cli.upscale import Options, upscale
 
 SHIPPED = Path(__file__).resolve().parent.parent / "examples" / "tiny-llama"
 BIN = Path(sys.executable).parent
-
-
-def tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    found = {}
-    for shard in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            found.update({k: f.get_tensor(k) for k in f.keys()})
-    return found
 
 
 @pytest.mark.slow
@@ -51,7 +43,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert record["world_size"] == 2 and record["steps"] == 3
     assert record["tokens"] == 3 * 2 * 2 * 32  # steps x processes x batch x seq_len
     assert read_manifest(out).training == record
-    before, after = tensors(deeper), tensors(out)
+    before, after = checkpoint_tensors(deeper), checkpoint_tensors(out)
     assert before.keys() == after.keys()
     for name, tensor in before.items():
         assert after[name].dtype == tensor.dtype, name

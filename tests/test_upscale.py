@@ -7,9 +7,8 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from conftest import FAMILIES, load_model, logits
+from conftest import FAMILIES, checkpoint_tensors, load_model, logits
 from opt_deus_cli.manifest import MANIFEST_FILE
 from opt_deus_cli.recipe import parse_recipe
 from opt_deus_cli.job import Options
@@ -18,15 +17,6 @@ from opt_deus_cli.upscale import dry_run, upscale
 
 def run(model, out, **recipe):
     return upscale(model, parse_recipe(recipe), out, Options(device="cpu", shard_size="60KB")).to_dict()
-
-
-def tensors(path):
-    """All tensors of a checkpoint directory, by name."""
-    found = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            found.update({k: f.get_tensor(k) for k in f.keys()})
-    return found
 
 
 def check_manifest_files(out, manifest):
@@ -59,14 +49,14 @@ def test_copy_is_function_preserving_and_loads(model_factory, tmp_path, family, 
     index = json.loads((out / "model.safetensors.index.json").read_text())
     order = [index["weight_map"][f"model.layers.{i}.mlp.down_proj.weight"] for i in range(8)]
     assert order == sorted(order)
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors(out).values())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in checkpoint_tensors(out).values())
 
 
 def test_copy_tensors_and_zeroed(model_factory, tmp_path):
     base = model_factory("qwen2")  # q/k/v biases
     out = tmp_path / "out"
     manifest = run(base, out, method="copy", positions=[1], zero_init=["o_proj", "down_proj", "q_proj"])
-    src, dst = tensors(base), tensors(out)
+    src, dst = checkpoint_tensors(base), checkpoint_tensors(out)
     assert dst["model.layers.2.self_attn.q_proj.bias"].abs().sum() == 0
     assert dst["model.layers.2.mlp.down_proj.weight"].abs().sum() == 0
     torch.testing.assert_close(dst["model.layers.2.self_attn.k_proj.bias"], src["model.layers.1.self_attn.k_proj.bias"])
@@ -80,7 +70,7 @@ def test_average_is_the_mean_and_not_preserving(model_factory, tmp_path):
     base = model_factory("llama")
     out = tmp_path / "out"
     manifest = run(base, out, method="average", positions="bottom", count=1)
-    src, dst = tensors(base), tensors(out)
+    src, dst = checkpoint_tensors(base), checkpoint_tensors(out)
     for rel in ("self_attn.q_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"):
         mean = (src[f"model.layers.0.{rel}"].float() + src[f"model.layers.1.{rel}"].float()) / 2
         torch.testing.assert_close(dst[f"model.layers.1.{rel}"].float(), mean.bfloat16().float())
@@ -92,7 +82,7 @@ def test_stack_reproduces_slices(model_factory, tmp_path):
     base = model_factory("mistral")
     out = tmp_path / "out"
     manifest = run(base, out, method="stack", slices=[[0, 4], [2, 6]])
-    src, dst = tensors(base), tensors(out)
+    src, dst = checkpoint_tensors(base), checkpoint_tensors(out)
     sources = [0, 1, 2, 3, 2, 3, 4, 5]
     assert [l["sources"][0] for l in manifest["layers"]] == sources
     for i, j in enumerate(sources):
@@ -127,7 +117,7 @@ def test_dtype_conversion_and_single_file(model_factory, tmp_path):
     out = tmp_path / "out"
     upscale(base, parse_recipe({"method": "copy", "positions": "top", "count": 1}), out, Options(device="cpu", dtype="float32"))
     assert (out / "model.safetensors").is_file() and not (out / "model.safetensors.index.json").exists()
-    assert all(t.dtype == torch.float32 for t in tensors(out).values())
+    assert all(t.dtype == torch.float32 for t in checkpoint_tensors(out).values())
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
 
 
@@ -158,7 +148,7 @@ def test_float32_output_keeps_the_float32_computation(model_factory, tmp_path, m
     if method == "opt-deus":
         recipe["zero_init"] = []
     upscale(base, parse_recipe(recipe), tmp_path / "o", Options(device="cpu", dtype="float32"))
-    got, src = tensors(tmp_path / "o"), tensors(base)
+    got, src = checkpoint_tensors(tmp_path / "o"), checkpoint_tensors(base)
     name = "model.layers.3.input_layernorm.weight"  # norms are alpha-mixed in both methods
     a, b = src["model.layers.2.input_layernorm.weight"].float(), src["model.layers.3.input_layernorm.weight"].float()
     assert got[name].dtype == torch.float32
