@@ -78,29 +78,30 @@ def _tokenize(model_dir: Path, text_file: Path) -> list[int]:
     return ids
 
 
-def check_files(out_dir: Path, manifest: Manifest) -> list[str]:
+def _changed_files(directory: Path, entries, missing, differs) -> list[str]:
+    """Each recorded file (name, bytes, sha256) missing from directory or changed, said by
+    missing(name) or differs(name)."""
     problems = []
-    for entry in manifest.output.files:
-        path = out_dir / entry.name
+    for entry in entries:
+        path = directory / entry.name
         if not path.is_file():
-            problems.append(f"{entry.name} is missing")
+            problems.append(missing(entry.name))
         elif path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
-            problems.append(f"{entry.name} differs from the file the manifest recorded")
+            problems.append(differs(entry.name))
     return problems
+
+
+def check_files(out_dir: Path, manifest: Manifest) -> list[str]:
+    return _changed_files(out_dir, manifest.output.files, lambda name: f"{name} is missing",
+                          lambda name: f"{name} differs from the file the manifest recorded")
 
 
 def check_base_files(base_dir: Path, manifest: Manifest) -> list[str]:
     """The base as the up-scaling read it: every file the manifest recorded, same size and sha256
     (a Hub cache's snapshot links are followed to their blobs)."""
-    problems = []
-    for entry in manifest.base.files:
-        path = base_dir / entry.name
-        if not path.is_file():
-            problems.append(f"base file {entry.name} is missing from {base_dir}")
-        elif path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
-            problems.append(f"base file {entry.name} differs from the one the up-scaling read (sha256 in the "
-                            "manifest): the base changed, or this is another model")
-    return problems
+    return _changed_files(base_dir, manifest.base.files, lambda name: f"base file {name} is missing from {base_dir}",
+                          lambda name: f"base file {name} differs from the one the up-scaling read (sha256 in "
+                          "the manifest): the base changed, or this is another model")
 
 
 def _check_arguments(base_dir: Path, out_dir: Path, text: Path | None) -> Manifest:
