@@ -75,6 +75,10 @@ def test_memory_budget_on_the_command_line(model_factory, tmp_path):
     refused = runner.invoke(app, args + ["--memory-budget", "1MB"])
     assert refused.exit_code == 2 and "more than the budget of 1 MB" in refused.output
     assert not (tmp_path / "out").exists()
+    # --dry-run checks everything upscale checks before writing: the budget too
+    dry = runner.invoke(app, args + ["--memory-budget", "1MB", "--dry-run"])
+    assert dry.exit_code == 2 and "more than the budget of 1 MB" in dry.output
+    assert runner.invoke(app, args + ["--memory-budget", "4GB", "--dry-run"]).exit_code == 0
     bad = runner.invoke(app, args + ["--memory-budget", "lots"])
     assert bad.exit_code == 2 and "--memory-budget 'lots' not understood" in bad.output
     assert runner.invoke(app, args + ["--memory-budget", "4GB"]).exit_code == 0

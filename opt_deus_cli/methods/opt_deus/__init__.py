@@ -45,14 +45,15 @@ class OptDeusMethod(Method):
         self.reference_solver = reference_solver
 
     def check(self, job) -> None:
-        refuse_reference_experts(self.alignment, job.source.arch)
-
-    def prepare(self, job, progress=None) -> list[str]:
-        """Refuse what build() would refuse on the first new layer, before anything is written."""
+        """Refusals from metadata alone, so --dry-run and `recipes MODEL` say them too: reference
+        mode on experts, and a job whose new layers would not fit the memory budget."""
         from .memory import guard
 
+        refuse_reference_experts(self.alignment, job.source.arch)
         # the published solver holds dense float32 plans, as the entropic one does
         guard(job, "sinkhorn" if self.alignment.mode == "reference" else self.alignment.solver)
+
+    def prepare(self, job, progress=None) -> list[str]:
         return [REFERENCE_WARNING] if self.alignment.mode == "reference" else []
 
     def build(self, lower: Block, upper: Block | None, ctx: BuildContext) -> tuple[Block, dict]:
