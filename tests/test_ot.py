@@ -251,3 +251,23 @@ def test_exact_assignment_in_a_child_process_is_the_same(monkeypatch):
     pending = solvers.exact_assignments_in_background(costs, "MLP neurons")
     with pytest.raises(OptDeusError, match="MLP neurons: the assignment process failed .*MemoryError: no room"):
         pending()
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_exact_solver_reduces_rows_and_columns_without_changing_the_optimum_or_the_cost(background):
+    """The solver works on the cost minus its row and column minima (faster for LAPJV): it must
+    still find the optimum of the cost as given, report matched costs in its units, and hand
+    the caller's cost tensor back as it was."""
+    from scipy.optimize import linear_sum_assignment
+
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(40, 8, generator=g, dtype=torch.float64), torch.randn(40, 8, generator=g, dtype=torch.float64)
+    a = a * torch.linspace(0.1, 5.0, 40, dtype=torch.float64)[:, None]  # rows of very different norms
+    costs = torch.cdist(a, b)[None] ** 2  # (1, 40, 40) CPU float64: the solver works on it in place
+    original = costs.clone()
+    solve = solvers.exact_assignments_in_background(costs) if background else (lambda: solvers.exact_assignments(costs))
+    cols, _, matched = solve()
+    rows, want = linear_sum_assignment(original[0].numpy())
+    assert torch.equal(cols[0], torch.from_numpy(want)) and list(rows) == list(range(40))
+    assert matched[0].item() == pytest.approx(original[0].numpy()[rows, want].mean(), rel=1e-12)
+    torch.testing.assert_close(costs, original, rtol=1e-13, atol=1e-12)
