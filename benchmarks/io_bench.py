@@ -10,6 +10,8 @@ from the kernel's rusage of that child (os.wait4), so nothing of this script is 
 
 --hub also reads the same checkpoint from a Hugging Face cache layout (blobs named by their sha256,
 hard-linked to the checkpoint's files), where opt-deus takes the base's checksums from the names.
+Each round times `cp -r`, `cp -r && sync` (opt-deus fsyncs what it writes, so this is the copy
+that ends in the same state) and the upscale, one after the other.
 """
 
 from __future__ import annotations
@@ -185,10 +187,14 @@ def main() -> None:
     for recipe in args.recipes:
         for where, source in sources.items():
             load = [os.getloadavg()[0]]
-            cps, ups, splits = [], [], []
+            cps, synced, ups, splits = [], [], [], []
             for _ in range(args.rounds):  # interleaved: page cache and writeback drift during a run
                 shutil.rmtree(copy_dir, ignore_errors=True)
                 cps.append(measure(["cp", "-rL", str(source), str(copy_dir)]))
+                shutil.rmtree(copy_dir)
+                # opt-deus fsyncs every file it writes (an atomic result survives a crash): cp -r
+                # followed by sync is the copy that ends in the same state
+                synced.append(measure(["sh", "-c", f"cp -rL '{source}' '{copy_dir}' && sync"]))
                 shutil.rmtree(copy_dir)
                 shutil.rmtree(out, ignore_errors=True)
                 ups.append(measure(opt_deus_command("upscale", str(source), "--recipe", recipe, "--out", str(out), "--device", "cpu")))
@@ -196,13 +202,15 @@ def main() -> None:
                 splits.append(manifest["timings"])
             load.append(os.getloadavg()[0])
             cp_s, up_s = median([c["seconds"] for c in cps]), median([u["seconds"] for u in ups])
+            sync_s = median([c["seconds"] for c in synced])
             rows.append({
                 "recipe": recipe, "source": where,
                 "layers": f"{manifest['base']['num_layers']} -> {manifest['output']['num_layers']}",
                 "input_gb": round(dir_bytes(base) / 1e9, 3), "output_gb": round(dir_bytes(out) / 1e9, 3),
                 "cp_seconds": [c["seconds"] for c in cps], "upscale_seconds": [u["seconds"] for u in ups],
                 "upscale_cpu_seconds": [u["cpu_seconds"] for u in ups], "peak_rss_mb": max(u["peak_rss_mb"] for u in ups),
-                "time_ratio_vs_cp": round(up_s / cp_s, 2), "load_avg": load,
+                "cp_sync_seconds": [c["seconds"] for c in synced],
+                "time_ratio_vs_cp": round(up_s / cp_s, 2), "time_ratio_vs_cp_sync": round(up_s / sync_s, 2), "load_avg": load,
                 # the job's own time and its split (median over the rounds), from the manifest
                 "timings": {k: round(median([t[k] for t in splits]), 2) for k in splits[0]},
             })
@@ -213,9 +221,9 @@ def main() -> None:
         return
     print(f"machine: {machine}")
     for r in rows:
-        print(f"{r['recipe']} from a {r['source']} ({r['layers']}, {r['input_gb']} -> {r['output_gb']} GB): cp -r {r['cp_seconds']} s, "
+        print(f"{r['recipe']} from a {r['source']} ({r['layers']}, {r['input_gb']} -> {r['output_gb']} GB): cp -r {r['cp_seconds']} s (with sync {r['cp_sync_seconds']} s), "
               f"upscale {r['upscale_seconds']} s (CPU {r['upscale_cpu_seconds']} s, peak {r['peak_rss_mb']} MB), "
-              f"median ratio {r['time_ratio_vs_cp']}, load {r['load_avg']}; job split {r['timings']}")
+              f"median ratio {r['time_ratio_vs_cp']} ({r['time_ratio_vs_cp_sync']} against cp -r && sync), load {r['load_avg']}; job split {r['timings']}")
 
 
 if __name__ == "__main__":
