@@ -82,3 +82,21 @@ def test_memory_budget_on_the_command_line(model_factory, tmp_path):
     bad = runner.invoke(app, args + ["--memory-budget", "lots"])
     assert bad.exit_code == 2 and "--memory-budget 'lots' not understood" in bad.output
     assert runner.invoke(app, args + ["--memory-budget", "4GB"]).exit_code == 0
+
+
+def test_a_budget_under_twice_the_need_solves_in_order_with_the_same_result(model_factory, tmp_path):
+    """The overlapped layer (MLP assignment in a forked child beside attention) may hold up to
+    twice the in-order peak: a budget that does not allow that gets the in-order layer, which
+    must be the same layer."""
+    from opt_deus_cli.upscale import prepare
+
+    base = model_factory("llama", layers=4)
+    recipe = parse_recipe({"method": "opt-deus", "positions": "top", "count": 2})
+    need = layer_memory(prepare(base, recipe, Options(device="cpu")), "exact").cpu_total
+    tight = upscale(base, recipe, tmp_path / "tight", Options(device="cpu", memory_budget=str(int(1.5 * need))))
+    roomy = upscale(base, recipe, tmp_path / "roomy", Options(device="cpu", memory_budget=str(int(2.5 * need))))
+    for manifest, overlapped in ((tight, False), (roomy, True)):
+        new = [layer for layer in manifest.to_dict()["layers"] if layer["origin"] == "new"]
+        assert [layer["report"]["mlp"]["overlapped"] for layer in new] == [overlapped, overlapped]
+    shards = sorted(p.name for p in (tmp_path / "tight").glob("*.safetensors"))
+    assert shards and all((tmp_path / "tight" / s).read_bytes() == (tmp_path / "roomy" / s).read_bytes() for s in shards)

@@ -43,6 +43,7 @@ class OptDeusMethod(Method):
         self.alignment = alignment
         self.alpha = fusion.alpha
         self.reference_solver = reference_solver
+        self.overlap = True  # solve the MLP's assignment beside attention; check() decides for a job
 
     def check(self, job) -> None:
         """Refusals from metadata alone, so --dry-run and `recipes MODEL` say them too: reference
@@ -51,7 +52,7 @@ class OptDeusMethod(Method):
 
         refuse_reference_experts(self.alignment, job.source.arch)
         # the published solver holds dense float32 plans, as the entropic one does
-        guard(job, "sinkhorn" if self.alignment.mode == "reference" else self.alignment.solver)
+        self.overlap = guard(job, "sinkhorn" if self.alignment.mode == "reference" else self.alignment.solver)
 
     def prepare(self, job, progress=None) -> list[str]:
         return [REFERENCE_WARNING] if self.alignment.mode == "reference" else []
@@ -69,4 +70,4 @@ class OptDeusMethod(Method):
             return build_reference(lower, upper, ctx, self.alpha, self.reference_solver)
         from .corrected import build_corrected
 
-        return build_corrected(lower, upper, ctx, self.alignment, self.alpha)
+        return build_corrected(lower, upper, ctx, self.alignment, self.alpha, self.overlap)

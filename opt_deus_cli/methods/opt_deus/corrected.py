@@ -12,7 +12,7 @@ from ..base import Block, BuildContext
 from .attention import align_attention, fuse_attention
 from .blocks import average_rest
 from .experts import build_experts
-from .mlp import align_mlp_later, fuse_mlp
+from .mlp import align_mlp, align_mlp_later, fuse_mlp
 from .settings import AlignmentSettings
 
 
@@ -29,12 +29,16 @@ def _one_core_less(enabled: bool):
         torch.set_num_threads(threads)
 
 
-def build_corrected(lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings, alpha: float) -> tuple[Block, dict]:
+def build_corrected(lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings, alpha: float,
+                    overlap: bool = True) -> tuple[Block, dict]:
+    """overlap: a dense MLP's cost first, its exact assignment (one core, seconds) then solved in
+    a child process while attention is aligned and fused here (faster; attention's buffers join
+    the cost in memory, and pages the fork shares get copied as they are written). Without it,
+    attention first and the MLP after: the lower peak (OptDeusMethod.check chooses)."""
     notes: list[str] = []
-    # A dense MLP's cost first: its exact assignment (one core, seconds) then runs in a child
-    # process while attention is aligned and fused here.
-    pending_mlp = None if ctx.arch.experts else align_mlp_later(lower, upper, ctx, settings)
-    with _one_core_less(settings.solver == "exact" and pending_mlp is not None):
+    background = overlap and settings.solver == "exact" and not ctx.arch.experts
+    pending_mlp = align_mlp_later(lower, upper, ctx, settings) if background else None
+    with _one_core_less(background):
         attention = align_attention(lower, upper, ctx, settings)
         out = fuse_attention(attention, upper, ctx, alpha)
     report = {"attention": attention.figures}
@@ -44,8 +48,9 @@ def build_corrected(lower: Block, upper: Block, ctx: BuildContext, settings: Ali
         out.update(fused)
         report.update(figures)
     else:
-        mlp = pending_mlp()
+        mlp = pending_mlp() if background else align_mlp(lower, upper, ctx, settings)
         del pending_mlp  # frees the n x n cost before the fusion's float32 copies
+        mlp.figures["overlapped"] = background  # solved beside attention, or after it
         out.update(fuse_mlp([(1.0, None, mlp)], lower, upper, ctx, alpha))
         report["mlp"] = mlp.figures
         del mlp
