@@ -13,7 +13,7 @@ exact solver's hardest case. The checkpoint is written here tensor by tensor (ne
 1 GB shard in memory) and, with the output, deleted afterwards unless --keep. It needs ~16 GB of
 disk for the checkpoint and ~24 GB for the output.
 
-    python -m benchmarks.eight_b [--work bench-out/eight-b] [--recipe top-half] [--sketch K] [--keep] [--json]
+    python -m benchmarks.eight_b [--work bench-out/eight-b] [--recipe top-half] [--sketch K] [--memory-budget 4GB] [--keep] [--json]
     python -m benchmarks.eight_b --shapes 1b [--sketch K]     # the same measure on io_bench's 1B-shape checkpoint (kept)
 """
 
@@ -87,6 +87,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / "bench-out" / "eight-b")
     p.add_argument("--recipe", default="top-half")
     p.add_argument("--sketch", type=int, help="alignment.sketch for the recipe (default: the recipe's own)")
+    p.add_argument("--memory-budget", help="passed to upscale (e.g. 4GB: layers built in order, the lower peak)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint and the output")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -117,7 +118,8 @@ def main() -> None:
     cp = measure(["cp", "-r", str(base), str(copy)])
     shutil.rmtree(copy)
     shutil.rmtree(out, ignore_errors=True)
-    up = measure(opt_deus_command("upscale", str(base), "--recipe", recipe, "--out", str(out), "--device", "cpu", "--json"))
+    budget = ["--memory-budget", args.memory_budget] if args.memory_budget else []
+    up = measure(opt_deus_command("upscale", str(base), "--recipe", recipe, "--out", str(out), "--device", "cpu", "--json", *budget))
     load.append(os.getloadavg()[0])
     manifest = json.loads((out / "opt-deus-manifest.json").read_text())
     new = [layer for layer in manifest["layers"] if layer["origin"] == "new"]
@@ -125,7 +127,8 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "checkpoint_seconds": round(built, 1), "input_gb": round(dir_bytes(base) / 1e9, 2),
         "output_gb": round(dir_bytes(out) / 1e9, 2), "layers": f"{manifest['base']['num_layers']} -> {manifest['output']['num_layers']}",
-        "recipe": manifest["recipe"], "cp": cp, "upscale": up, "load_avg": load,
+        "recipe": manifest["recipe"], "memory_budget": args.memory_budget, "cp": cp, "upscale": up, "load_avg": load,
+        "overlapped": sorted({layer["report"]["mlp"].get("overlapped") for layer in new}, key=str),
         "new_layer_seconds": [layer["seconds"] for layer in new],
         "new_layer_groups": [{g: round(layer["report"][g]["seconds"], 2) for g in ("attention", "mlp")} for layer in new],
         "timings": manifest["timings"], "warnings": manifest["warnings"],
