@@ -122,3 +122,14 @@ def test_half_upper_copy_is_what_reference_mode_gives_when_its_plans_underflow()
             assert torch.equal(reference[name], arm[name]) and torch.equal(arm[name], B[name] * 0.5), name
         else:
             assert torch.equal(arm[name], B[name]) and not torch.equal(reference[name], B[name]), name
+
+
+def test_the_shipped_upper_copy_recipe_is_the_studys_arm():
+    """`--recipe upper-copy` (the README's recommendation for new data) is the quality study's
+    upper-copy arm at the top half."""
+    from benchmarks.quality.study import ARMS
+    from opt_deus_cli.recipe import load_recipe
+
+    shipped = load_recipe("upper-copy").to_dict()
+    arm = parse_recipe({**ARMS["upper-copy"], "positions": "top", "count": "50%"}).to_dict()
+    assert {k: v for k, v in shipped.items() if k != "description"} == {k: v for k, v in arm.items() if k != "description"}
