@@ -72,7 +72,8 @@ def regime_figure(tables: list[Table], path: Path) -> None:
             gap_ax.legend(fontsize=7)
     axes[0][0].set_ylabel("held-out loss (nats/token; y clipped)")
     seeds = sorted({s for t, *_ in columns for row in t.rows.values() for s in row.seeds})
-    fig.suptitle(f"{columns[0][0].model}, {columns[0][0].domain}: mean over seeds {seeds}, shaded min..max "
+    sep = ", " if len(columns) > 1 else "\n"  # one panel is too narrow for the title on one line
+    fig.suptitle(f"{columns[0][0].model}, {columns[0][0].domain}: mean over seeds {seeds}{sep}shaded min..max "
                  "(identical curves overlap)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
