@@ -73,11 +73,11 @@ class SourceModel:
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]
+        while len(self._cache) >= self.cache_size:  # evicted before reading: never cache_size + 1 blocks
+            self._cache.popitem(last=False)
         prefix = self.arch.layer_prefix(index)
         block = {rel: self.ckpt.read(prefix + rel) for rel in self.blocks[index]}
         self._cache[index] = block
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
         return block
 
     def canonical(self, block: Block | None) -> Block | None:

@@ -169,6 +169,7 @@ def _write_tensors(job: Job, writer: ShardWriter, layer_entries: list[LayerEntry
             block, report = build_new_layer(job, layer, options.allow_nonfinite)
             for rel in source.blocks[k]:
                 writer.write(prefix + rel, block[rel].to(job.out_dtype(ckpt.meta(src_prefix + rel))))
+            del block  # written (hashed from the file): not held while the next layer is built
             entry.report = report or None
         else:  # a base layer, or a copy of one (LLaMA-Pro, SOLAR): bytes copied, zeroed tensors written
             if layer.is_new and not options.allow_nonfinite:

@@ -154,3 +154,23 @@ def test_float32_output_keeps_the_float32_computation(model_factory, tmp_path, m
     assert got[name].dtype == torch.float32
     torch.testing.assert_close(got[name], 0.3 * a + 0.7 * b, rtol=0, atol=1e-7)
     assert not torch.equal(got[name], got[name].bfloat16().float())  # not a bf16 value widened
+
+
+def test_source_blocks_are_evicted_before_the_next_is_read(model_factory):
+    """Memory: a new layer needs its two neighbours; reading a third must not happen while two are
+    still held (the memory guard counts two source blocks)."""
+    from opt_deus_cli.source import SourceModel
+
+    source = SourceModel.open(model_factory("llama"))
+    held_at_read = []
+    read = source.ckpt.read
+
+    def counting(name):
+        held_at_read.append(len(source._cache))
+        return read(name)
+
+    source.ckpt.read = counting
+    for k in (0, 1, 1, 2, 3, 2):
+        block = source.block(k)
+        assert set(block) == set(source.blocks[k])
+    assert max(held_at_read) < source.cache_size and len(source._cache) == source.cache_size
