@@ -36,9 +36,9 @@ def test_the_mlp_cost_is_what_grows_with_the_model():
     cost = {size: layer_memory(llama_job(size), "exact").cpu["MLP cost (float64, for LAPJV)"] for size in SHAPES}
     assert [round(c / 1e9, 1) for c in cost.values()] == [1.6, 6.6, 22.7]
     eight = layer_memory(llama_job("8b"), "exact")
-    # two bf16 8B blocks (436 MB each) + a new one + the cost + runtime + two blocks around the
-    # layer: the whole CLI measured 4.32 GB at 8B shapes with layers built in order (BENCHMARKS.md)
-    assert 4.1e9 < eight.cpu_total < 4.5e9 and eight.device == {}
+    # two bf16 8B blocks (436 MB each) + a new one + the cost + runtime + the CLI's I/O: the whole
+    # CLI measured 3.42 GB at 8B shapes with layers built in order (BENCHMARKS.md)
+    assert 3.4e9 < eight.cpu_total < 3.8e9 and eight.device == {}
     gpu = layer_memory(llama_job("405b", "cuda"), "sinkhorn")
     assert gpu.device["MLP cost and Sinkhorn buffers (float32)"] == 5 * 4 * 53248**2
     assert "MLP cost and Sinkhorn buffers (float32)" not in gpu.cpu
@@ -54,13 +54,13 @@ def test_what_fits_this_machine_and_what_is_refused():
     assert "\n" not in message and "MLP width 53248" in message and "22.7 GB" in message
     assert "solver: sinkhorn" in message and "--device cuda" in message
     # 405B Sinkhorn: the float32 cost and its buffers (57 GB) need an 80 GB GPU, and the host
-    # holds the blocks (6.4 GB each) around it: more than this machine's 24 GB, a GPU server's 64 GB
+    # holds the blocks (6.4 GB each, 20 GB in all): not a 16 GB machine
     host = 64 * 10**9
     check_memory(llama_job("405b", "cuda"), "sinkhorn", host, 80 * 10**9)
     with pytest.raises(UsageError, match="cuda memory"):
         check_memory(llama_job("405b", "cuda"), "sinkhorn", host, 40 * 10**9)
     with pytest.raises(UsageError, match="of memory per new layer"):
-        check_memory(llama_job("405b", "cuda"), "sinkhorn", budget, 80 * 10**9)
+        check_memory(llama_job("405b", "cuda"), "sinkhorn", 16 * 10**9, 80 * 10**9)
 
 
 def test_memory_budget_refuses_before_anything_is_written(model_factory, tmp_path):

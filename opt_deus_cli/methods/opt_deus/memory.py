@@ -8,8 +8,8 @@ holds it in float32 with about three more n x n buffers of its size (the scaled 
 log-sum-exp temporary, the plan) plus the barycentric map, on the compute device. A sketch
 (alignment.sketch) makes the cost cheaper to compute, not smaller. Next to it: the two source
 blocks, the new block, one float32 tensor of the block being fused (three copies at most), the
-interpreter with torch, and what the CLI's reading and writing hold around the layer (about two
-more blocks, measured: benchmarks/eight_b.py, BENCHMARKS.md). That is the peak of a layer built
+interpreter with torch, and what the CLI's reading, writing and checksums hold around the layer
+(measured: benchmarks/eight_b.py, BENCHMARKS.md). That is the peak of a layer built
 in order (attention, then the MLP); the faster overlapped layer (the MLP's assignment solved in
 a forked child while attention runs) can hold up to twice as much, and is chosen only when the
 budget allows that (guard).
@@ -26,7 +26,7 @@ GB = 1e9
 RUNTIME = 400_000_000  # the interpreter, torch and transformers, measured ~350 MB on the CPU
 SINKHORN_BUFFERS = 5  # cost, scaled cost, log-sum-exp temporary, plan, barycentric map (each n x n float32)
 FUSION_COPIES = 4  # a fused tensor in float32: A's, moved, B's, the mix
-PIPELINE_BLOCKS = 2  # blocks held by the CLI's reading and writing beside the layer being built
+PIPELINE = 250_000_000  # the CLI around a layer: checksum mappings (2 x 64 MiB), config and I/O modules
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,8 @@ def layer_memory(job, solver: str) -> LayerMemory:
     else:
         cost_cpu = cost_device = ("MLP cost and Sinkhorn buffers (float32)", SINKHORN_BUFFERS * 4 * n * n)
     cpu = {"runtime": RUNTIME, "two source blocks": 2 * stored, "new block": new,
-           # measured, the whole CLI against one layer built alone: 1.1 GB more at 8B shapes
-           # (4.3 against 3.2 GB), 0.23 GB at 1B: the pipeline's reading and writing around a layer
-           "reading and writing (about two blocks)": PIPELINE_BLOCKS * stored}
+           # measured, the whole CLI against one layer built alone: ~0.2 GB more at 1B and 8B shapes
+           "reading, writing and checksums": PIPELINE}
     device: dict[str, int] = {}
     if not gpu:
         cpu.update([max(cost_cpu, fusing, key=lambda part: part[1])])
