@@ -73,7 +73,8 @@ def _reduce(dense: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     the optimal assignment is unchanged (a constant per row or column adds the same to every
     perfect matching), but LAPJV's column-reduction start no longer piles onto the rows of small
     norm that a squared-Euclidean cost (|a_i|^2 + |b_j|^2 - 2 a_i.b_j) favours: 2x faster on
-    unrelated 1B-shape layers (4.8 -> 2.4 s; benchmarks/probes.py). Returns the offsets (N, n, 1) and (N, 1, n) for _restore."""
+    unrelated 1B-shape layers (4.8 -> 2.4 s; benchmarks/probes.py). Returns the offsets (N, n, 1)
+    and (N, 1, n) for _restore."""
     rows = dense.min(axis=2, keepdims=True)
     dense -= rows
     cols = dense.min(axis=1, keepdims=True)

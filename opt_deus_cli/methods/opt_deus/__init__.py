@@ -34,7 +34,7 @@ class OptDeusMethod(Method):
     name = "opt-deus"
     needs_upper = True
     default_zero_init = ("o_proj", "down_proj")
-    supports_experts = True  # corrected mode only; reference mode refuses them (see prepare)
+    supports_experts = True  # corrected mode only; reference mode refuses them (see check)
     needs_finite = True  # a cost matrix with NaN has no alignment
     settings = {"fusion": Fusion, "alignment": AlignmentSettings}
 

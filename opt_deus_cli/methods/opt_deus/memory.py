@@ -133,8 +133,8 @@ def guard(job, solver: str) -> bool:
     budget also allows the faster overlapped layer (True): the exact assignment solved in a
     forked child beside attention. Its peak is bounded by twice the in-order one: the child
     shares every page the CLI holds at the fork, and each that either side writes afterwards
-    (attention's buffers reuse freed memory) exists twice. Measured at 8B shapes: 4.9 GB in the
-    CLI and 6.3 GB with its child, against about 3.7 GB in order."""
+    (attention's buffers reuse freed memory) exists twice. Measured at 8B shapes: 6.3 GB for the
+    CLI and its child together, against 3.4 GB in order (BENCHMARKS.md)."""
     budget = job.memory_budget if job.memory_budget is not None else free_memory()
     need = check_memory(job, solver, budget, free_device_memory(job.device))
     return budget is None or 2 * need.cpu_total <= budget
