@@ -7,7 +7,7 @@ gemma3's sliding_window_pattern, qwen2's use_sliding_window/max_window_layers) a
 transformers itself uses.
 
 Writing: the base's config.json with the new depth and every per-layer attribute explicit for the
-output layers (each one behaves like the base layer it inherits: layers.base_position), checked
+output layers (each one behaves like the base layer it inherits: base_position), checked
 by reading the result back through the same config class."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from .architectures import Architecture
+from .block import OutputLayer
 from .devices import DTYPE_NAMES
 from .errors import OptDeusError
-from .layers import OutputLayer, base_position
 
 # The first transformers release whose modeling code reads `config.layer_types` for gemma2,
 # gemma3, qwen2 and qwen3 (4.52.4 still chose sliding/full by layer index: gemma2
@@ -55,6 +55,12 @@ def per_layer(hf_config) -> dict[str, list]:
         if isinstance(value, (list, tuple)):
             found[key] = list(value)
     return found
+
+
+def base_position(layer: OutputLayer) -> int:
+    """The base layer whose per-layer config (layer type, window) an output layer inherits:
+    its lower source, so a new layer between k and k+1 behaves like layer k."""
+    return layer.sources[0]
 
 
 def rewrite_config(raw: dict, hf_config, arch: Architecture, layers: list[OutputLayer],

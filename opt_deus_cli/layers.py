@@ -6,22 +6,10 @@ neighbour alone may also use k = N-1: after the top layer, as LLaMA-Pro does).""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
+from .block import OutputLayer
 from .errors import UsageError
 from .recipe import Positions, Recipe, Slices, resolve_amount
-
-
-@dataclass(frozen=True)
-class OutputLayer:
-    index: int  # output layer index
-    origin: str  # "base" (first use of a base layer) or "new"
-    sources: tuple[int, ...]  # base layer indices it is built from
-    method: str  # "base" for kept layers; the recipe's method for new ones
-
-    @property
-    def is_new(self) -> bool:
-        return self.origin == "new"
 
 
 def resolve_positions(placement: Positions, base_layers: int, needs_upper: bool, where: str) -> list[int]:
@@ -98,12 +86,6 @@ def output_layers(placement: Positions | Slices, base_layers: int, method: str, 
             sources = (k, k + 1) if needs_upper else (k,)
             layers.append(OutputLayer(len(layers), "new", sources, method))
     return layers
-
-
-def base_position(layer: OutputLayer) -> int:
-    """The base layer whose per-layer config (layer type, window) an output layer inherits:
-    its lower source, so a new layer between k and k+1 behaves like layer k."""
-    return layer.sources[0]
 
 
 def recipe_layers(recipe: Recipe, base_layers: int) -> list[OutputLayer]:

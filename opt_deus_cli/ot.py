@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 
 from .errors import OptDeusError
-from .methods.opt_deus.settings import COST_KINDS
+from .ot_names import COST_KINDS
 
 # Cost matrices are built tile by tile so that bf16 inputs are converted to the compute dtype
 # one tile at a time: at LLaMA-8B shapes the MLP features are 14336 x 12288 (700 MB in fp32

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from .architectures import Architecture, HeadLayout, architecture_for, expected_block_shapes
+from .block import Block, BuildContext
 from .checkpoint import Checkpoint
 from .configs import load_hf_config
 from .errors import OptDeusError
-from .methods.base import Block, BuildContext
 
 
 @dataclass

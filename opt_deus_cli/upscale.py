@@ -7,14 +7,13 @@ layer in order: read its source blocks, build, zero-init, write -> config, side 
 from __future__ import annotations
 
 import re
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .checkpoint import INDEX_FILE, PICKLE_SUFFIXES, ShardWriter, parse_size, sha256_file, write_json
+from .checkpoint import INDEX_FILE, ShardWriter, copy_side_files, parse_size, sha256_file, write_json
 from .card import CARD_FILE, model_card
 from .configs import rewrite_config
 from .errors import UsageError
@@ -28,8 +27,7 @@ from .output import OutputTransaction
 from .recipe import Recipe
 from .source import SourceModel, check_finite
 
-# files of the base directory that are weights or are rewritten, hence not copied as they are
-NOT_COPIED_SUFFIXES = (".safetensors", ".h5", ".msgpack", ".gguf", ".onnx") + PICKLE_SUFFIXES
+# files of the base directory that are rewritten, hence not copied as they are (nor are weights)
 NOT_COPIED_NAMES = {"config.json", INDEX_FILE, MANIFEST_FILE, CARD_FILE}  # the base's card describes the base
 
 
@@ -87,9 +85,7 @@ def upscale(model: Model, recipe: Recipe, out_dir: Path | str, options: Options 
             config, config_notes, config_warnings = rewrite_config(source.raw_config, source.hf_config, source.arch,
                                                                    job.layers, job.dtype)
             write_json(tmp / "config.json", config)
-            for path in source.files():
-                if path.name not in NOT_COPIED_NAMES and not path.name.endswith(NOT_COPIED_SUFFIXES):
-                    shutil.copy2(path, tmp / path.name)
+            copy_side_files(source.files(), tmp, NOT_COPIED_NAMES)
             model_card(base_name=model.name, base_dir=source.dir, model_type=source.arch.model_type,
                        recipe=recipe.to_dict(), layers=layer_entries, new_layers=job.new_layers,
                        function_preserving=job.function_preserving, out_name=Path(out_dir).name,

@@ -1,6 +1,7 @@
 """What every layer-building method is. A method describes itself (name, where its layers go,
 its settings, what it can build) and builds one new block from the tensors of its source base
-layers. Reading, zero-init, dtype and writing are the pipeline's job.
+layers. Reading, zero-init, dtype and writing are the pipeline's job. Also here: the plain
+average of two blocks, which fusing methods share (a method never imports another method).
 
 Imports no torch at module level: the recipe parser reads these descriptions."""
 
@@ -8,32 +9,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
+from ..block import Block as Block, BuildContext as BuildContext  # re-exported: methods build with them
+from ..errors import OptDeusError
 from ..settings import check_settings, setting
 
-if TYPE_CHECKING:
-    import torch
-
-    from ..architectures import Architecture, HeadLayout
-
-Block = dict  # tensor name relative to the block prefix -> torch.Tensor
 Progress = Callable[[str, int, int], None]  # (description, done, total)
-
-
-@dataclass(frozen=True)
-class BuildContext:
-    arch: "Architecture"
-    layout: "HeadLayout"
-    device: "torch.device"
-    sources: tuple[int, ...] = ()  # base indices of the layers being fused (lower first)
-    out_dtype: "torch.dtype | None" = None  # --dtype of the output; None: each tensor keeps its source dtype
-
-    def result(self, t, like):
-        """A computed tensor as the pipeline wants it: CPU, contiguous, in the dtype it will be
-        stored in (so a float32 output keeps the float32 computation, not a bf16 rounding of it)."""
-        dtype = self.out_dtype if self.out_dtype is not None and like.is_floating_point() else like.dtype
-        return t.to(device="cpu", dtype=dtype).contiguous()
 
 
 @dataclass(frozen=True)
@@ -84,3 +66,17 @@ class Method(ABC):
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> "Method":
         return cls(**settings)
+
+
+def average_blocks(lower: Block, upper: Block, alpha: float, ctx: BuildContext) -> Block:
+    """alpha * lower + (1 - alpha) * upper, tensor by tensor, computed in float32."""
+    import torch
+
+    if lower.keys() != upper.keys():
+        raise OptDeusError(f"layers to average have different tensors: {sorted(lower.keys() ^ upper.keys())}")
+    out = {}
+    for name, a in lower.items():
+        b = upper[name]
+        mixed = alpha * a.to(ctx.device, torch.float32) + (1 - alpha) * b.to(ctx.device, torch.float32)
+        out[name] = ctx.result(mixed, b)
+    return out

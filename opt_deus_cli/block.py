@@ -1,0 +1,43 @@
+"""What building one layer involves, below the methods: a block (one decoder layer's tensors),
+where an output layer comes from, and the context a method builds a new block in. The base
+model's reader (source.py) hands blocks over and the planner (layers.py) lists output layers
+with these types; methods/ builds with them. Imports no torch at module level."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from .architectures import Architecture, HeadLayout
+
+Block = dict  # tensor name relative to the block prefix -> torch.Tensor
+
+
+@dataclass(frozen=True)
+class OutputLayer:
+    index: int  # output layer index
+    origin: str  # "base" (first use of a base layer) or "new"
+    sources: tuple[int, ...]  # base layer indices it is built from
+    method: str  # "base" for kept layers; the recipe's method for new ones
+
+    @property
+    def is_new(self) -> bool:
+        return self.origin == "new"
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    arch: "Architecture"
+    layout: "HeadLayout"
+    device: "torch.device"
+    sources: tuple[int, ...] = ()  # base indices of the layers being fused (lower first)
+    out_dtype: "torch.dtype | None" = None  # --dtype of the output; None: each tensor keeps its source dtype
+
+    def result(self, t, like):
+        """A computed tensor as the pipeline wants it: CPU, contiguous, in the dtype it will be
+        stored in (so a float32 output keeps the float32 computation, not a bf16 rounding of it)."""
+        dtype = self.out_dtype if self.out_dtype is not None and like.is_floating_point() else like.dtype
+        return t.to(device="cpu", dtype=dtype).contiguous()
