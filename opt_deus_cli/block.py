@@ -1,5 +1,6 @@
 """What building one layer involves, below the methods: a block (one decoder layer's tensors),
-where an output layer comes from, and the context a method builds a new block in. The base
+where an output layer comes from, and the context a method builds a new block in (with what its
+check() decided for the job). The base
 model's reader (source.py) hands blocks over and the planner (layers.py) lists output layers
 with these types; methods/ builds with them. Imports no torch at module level."""
 
@@ -29,12 +30,23 @@ class OutputLayer:
 
 
 @dataclass(frozen=True)
+class Decisions:
+    """What a method's check() decided for a job from its metadata. The pipeline hands it to
+    build() in every BuildContext: a method keeps no state between the two calls."""
+
+    # independent work inside one layer may run side by side (OpT-DeUS: a dense MLP's assignment
+    # solved in a child process beside attention); False: in order, at the lower memory peak
+    overlap: bool = True
+
+
+@dataclass(frozen=True)
 class BuildContext:
     arch: "Architecture"
     layout: "HeadLayout"
     device: "torch.device"
     sources: tuple[int, ...] = ()  # base indices of the layers being fused (lower first)
     out_dtype: "torch.dtype | None" = None  # --dtype of the output; None: each tensor keeps its source dtype
+    decisions: Decisions = Decisions()  # what the method's check() decided for this job
 
     def result(self, t, like):
         """A computed tensor as the pipeline wants it: CPU, contiguous, in the dtype it will be

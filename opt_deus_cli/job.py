@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .architectures import PROJECTION_ROLES, RESIDUAL_WRITERS
+from .block import Decisions
 from .checkpoint import TensorMeta, parse_size
 from .devices import resolve_device, resolve_dtype
 from .errors import OptDeusError, UsageError
@@ -40,6 +41,7 @@ class Job:
     dtype: torch.dtype | None  # the output's floating dtype; None keeps each tensor's own
     device: torch.device
     memory_budget: int | None = None  # bytes a new layer may use (--memory-budget); None: what is free
+    decisions: Decisions = Decisions()  # what the method's check() decided; every BuildContext carries it
 
     @property
     def base_layers(self) -> int:
@@ -134,7 +136,7 @@ def resolve_job(source: SourceModel, recipe: Recipe, options: Options) -> Job:
     layers = recipe_layers(recipe, source.depth)
     job = Job(source, recipe, method, layers, tuple(zero_roles), dtype, resolve_device(options.device),
               _memory_budget(options.memory_budget))
-    method.check(job)
+    job.decisions = method.check(job)
     return job
 
 

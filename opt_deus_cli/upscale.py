@@ -129,7 +129,7 @@ def build_new_layer(job: Job, layer: OutputLayer, allow_nonfinite: bool) -> tupl
                else "fix the checkpoint or pass --allow-nonfinite")
         for k in layer.sources:
             check_finite(source.block(k), source.arch.layer_prefix(k), "source", fix)
-    block, report = job.method.build(*source.canonical_pair(layer.sources, job.device, job.dtype))
+    block, report = job.method.build(*source.canonical_pair(layer.sources, job.device, job.dtype, job.decisions))
     block = source.arch.from_canonical(block, source.layout)
     for rel in job.zeroed_names(layer):
         block[rel] = torch.zeros_like(block[rel])

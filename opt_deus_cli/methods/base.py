@@ -8,14 +8,47 @@ Imports no torch at module level: the recipe parser reads these descriptions."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
-from ..block import Block as Block, BuildContext as BuildContext  # re-exported: methods build with them
+from ..block import Block as Block, BuildContext as BuildContext, Decisions as Decisions  # re-exported
+from ..block import OutputLayer
 from ..errors import OptDeusError
 from ..settings import check_settings, setting
 
+if TYPE_CHECKING:
+    import torch
+
+    from ..source import SourceModel
+
 Progress = Callable[[str, int, int], None]  # (description, done, total)
+
+
+class RecipeName(Protocol):
+    @property
+    def source(self) -> str: ...  # the recipe's name or file, for messages
+
+
+class JobView(Protocol):
+    """The resolved job as a method reads it in check() and prepare(); job.Job is one (methods/
+    cannot import job.py, which imports them). Everything else a method needs comes in its
+    settings or, in build(), in the BuildContext."""
+
+    @property
+    def source(self) -> "SourceModel": ...  # the base model: family, layout, tensors
+    @property
+    def recipe(self) -> RecipeName: ...
+    @property
+    def layers(self) -> Sequence[OutputLayer]: ...  # every output layer, where it comes from
+    @property
+    def base_layers(self) -> int: ...
+    @property
+    def dtype(self) -> "torch.dtype | None": ...  # the output's floating dtype; None keeps each tensor's own
+    @property
+    def device(self) -> "torch.device": ...
+    @property
+    def memory_budget(self) -> int | None: ...  # bytes a new layer may use; None: what is free
 
 
 @dataclass(frozen=True)
@@ -48,13 +81,15 @@ class Method(ABC):
     # argument of the same name of __init__
     settings: ClassVar[dict[str, type]] = {}
 
-    def check(self, job) -> None:
+    def check(self, job: JobView) -> Decisions:
         """Cheap refusals from metadata alone (family, depth, settings), before any weight is read:
-        runs when the job is resolved, so --dry-run and `opt-deus recipes MODEL` see them too."""
+        runs when the job is resolved, so --dry-run and `opt-deus recipes MODEL` see them too.
+        Returns what it decided for this job; the pipeline passes that to build() in the context."""
+        return Decisions()
 
-    def prepare(self, job, progress: Progress | None = None) -> list[str]:
+    def prepare(self, job: JobView, progress: Progress | None = None) -> list[str]:
         """Runs once before any layer is written: refuse what build() would refuse, or learn from
-        the whole stack (LESA; it may read any base tensor through job.source, a job.Job). Returns warnings
+        the whole stack (LESA; it may read any base tensor through job.source). Returns warnings
         for the user (said once per run, not once per layer)."""
         return []
 
