@@ -48,6 +48,9 @@ class Architecture:
     router: str | None = None
     num_experts_keys: tuple[str, ...] = ()  # config keys that may hold the expert count
     expert_intermediate_key: str = "intermediate_size"
+    # the experts as transformers >= 5 stores them: stacked parameters, relative to the block
+    # (what a trainer of the loaded model sees; the checkpoint keeps one tensor per expert)
+    stacked_experts: tuple[str, ...] = ()
     # residual-width norms (hidden,), averaged by the fusing methods
     norms: tuple[str, ...] = ("input_layernorm.weight", "post_attention_layernorm.weight")
     # the norm whose input is the residual stream feeding the MLP (LLaMA: post_attention_layernorm;
@@ -185,6 +188,7 @@ SUPPORTED: dict[str, Architecture] = {
                  "down": "block_sparse_moe.experts.{e}.w2"},
         router="block_sparse_moe.gate.weight",
         num_experts_keys=("num_local_experts",),
+        stacked_experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),  # transformers 5 renamed the block
     ),
     "qwen3_moe": Architecture(
         "qwen3_moe",
@@ -192,6 +196,7 @@ SUPPORTED: dict[str, Architecture] = {
         experts={r: f"mlp.experts.{{e}}.{r}_proj" for r in MLP_ROLES},
         router="mlp.gate.weight",
         num_experts_keys=("num_experts", "num_local_experts"),  # hub configs; transformers 5 saves the second
+        stacked_experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
         expert_intermediate_key="moe_intermediate_size",
         head_norms=("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
         window_layers_key="max_window_layers",
