@@ -16,12 +16,31 @@ from .recipe import Positions, Recipe, Slices, resolve_amount
 class OutputLayer:
     index: int  # output layer index
     origin: str  # "base" (first use of a base layer) or "new"
-    sources: tuple[int, ...]  # base layer indices it is built from
+    sources: tuple[int, ...]  # base layers read to build it: k (and k + 1), lower first
     method: str  # "base" for kept layers; the recipe's method for new ones
+    # (base layer, weight) of what it is built from (Method.composition): a copy lists its one
+    # source, a fusion both with alpha and 1 - alpha; empty: every source, evenly
+    composition: tuple[tuple[int, float], ...] = ()
 
     @property
     def is_new(self) -> bool:
         return self.origin == "new"
+
+    @property
+    def parts(self) -> tuple[tuple[int, float], ...]:
+        return self.composition or tuple((j, 1.0 / len(self.sources)) for j in self.sources)
+
+    @property
+    def built_from(self) -> tuple[int, ...]:
+        """The base layers it is built from (an upper copy: k + 1 alone), as the records list them."""
+        return tuple(j for j, _ in self.parts)
+
+    @property
+    def settings_from(self) -> int:
+        """The base layer whose per-layer config (layer type, window, RoPE base) it takes: its
+        source of largest weight, ties to the upper one, whose output the new layer's input is
+        (docs/method.md section 6)."""
+        return max(self.parts, key=lambda part: (part[1], part[0]))[0]
 
 
 def resolve_positions(placement: Positions, base_layers: int, needs_upper: bool, where: str) -> list[int]:
@@ -78,10 +97,11 @@ def resolve_slices(placement: Slices, base_layers: int, where: str) -> list[tupl
 
 
 def output_layers(placement: Positions | Slices, base_layers: int, method: str, needs_upper: bool,
-                  where: str = "recipe") -> list[OutputLayer]:
+                  where: str = "recipe", composition=None) -> list[OutputLayer]:
     """Every output layer in order. Slices: the first use of a base layer is that layer, a repeat
     is a new layer (a copy) of `method`. Positions: each base layer, and after the chosen ones a
-    new layer of `method` built from (k, k+1), or from k alone when not needs_upper."""
+    new layer of `method` built from (k, k+1), or from k alone when not needs_upper.
+    `composition(sources)` gives a new layer's (base layer, weight) parts (Method.composition)."""
     layers: list[OutputLayer] = []
     if isinstance(placement, Slices):
         seen: set[int] = set()
@@ -96,14 +116,14 @@ def output_layers(placement: Positions | Slices, base_layers: int, method: str, 
         layers.append(OutputLayer(len(layers), "base", (k,), "base"))
         if k in positions:
             sources = (k, k + 1) if needs_upper else (k,)
-            layers.append(OutputLayer(len(layers), "new", sources, method))
+            parts = tuple(composition(sources)) if composition else ()
+            layers.append(OutputLayer(len(layers), "new", sources, method, parts))
     return layers
 
 
 def base_position(layer: OutputLayer) -> int:
-    """The base layer whose per-layer config (layer type, window) an output layer inherits:
-    its lower source, so a new layer between k and k+1 behaves like layer k."""
-    return layer.sources[0]
+    """The base layer whose per-layer config (layer type, window, RoPE) an output layer inherits."""
+    return layer.settings_from
 
 
 def recipe_layers(recipe: Recipe, base_layers: int) -> list[OutputLayer]:
@@ -112,5 +132,6 @@ def recipe_layers(recipe: Recipe, base_layers: int) -> list[OutputLayer]:
 
     # an instance: whether a method needs the upper neighbour may follow its settings (copy's
     # `neighbour`); constructing a method from settings imports no torch
-    needs_upper = method_class(recipe.method).from_settings(recipe.settings).needs_upper
-    return output_layers(recipe.placement, base_layers, recipe.method, needs_upper, f"recipe {recipe.source}")
+    method = method_class(recipe.method).from_settings(recipe.settings)
+    return output_layers(recipe.placement, base_layers, recipe.method, method.needs_upper, f"recipe {recipe.source}",
+                         method.composition)
