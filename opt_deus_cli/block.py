@@ -21,12 +21,31 @@ Block = dict  # tensor name relative to the block prefix -> torch.Tensor
 class OutputLayer:
     index: int  # output layer index
     origin: str  # "base" (first use of a base layer) or "new"
-    sources: tuple[int, ...]  # base layer indices it is built from
+    sources: tuple[int, ...]  # base layers read to build it: k (and k + 1), lower first
     method: str  # "base" for kept layers; the recipe's method for new ones
+    # (base layer, weight) of what it is built from (Method.composition): a copy lists its one
+    # source, a fusion both with alpha and 1 - alpha; empty: every source, evenly
+    composition: tuple[tuple[int, float], ...] = ()
 
     @property
     def is_new(self) -> bool:
         return self.origin == "new"
+
+    @property
+    def parts(self) -> tuple[tuple[int, float], ...]:
+        return self.composition or tuple((j, 1.0 / len(self.sources)) for j in self.sources)
+
+    @property
+    def built_from(self) -> tuple[int, ...]:
+        """The base layers it is built from (an upper copy: k + 1 alone), as the records list them."""
+        return tuple(j for j, _ in self.parts)
+
+    @property
+    def settings_from(self) -> int:
+        """The base layer whose per-layer config (layer type, window, RoPE base) it takes: its
+        source of largest weight, ties to the upper one, whose output the new layer's input is
+        (docs/method.md section 6)."""
+        return max(self.parts, key=lambda part: (part[1], part[0]))[0]
 
 
 @dataclass(frozen=True)

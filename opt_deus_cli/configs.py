@@ -58,9 +58,8 @@ def per_layer(hf_config) -> dict[str, list]:
 
 
 def base_position(layer: OutputLayer) -> int:
-    """The base layer whose per-layer config (layer type, window) an output layer inherits:
-    its lower source, so a new layer between k and k+1 behaves like layer k."""
-    return layer.sources[0]
+    """The base layer whose per-layer config (layer type, window, RoPE) an output layer inherits."""
+    return layer.settings_from
 
 
 def rewrite_config(raw: dict, hf_config, arch: Architecture, layers: list[OutputLayer],
@@ -77,6 +76,7 @@ def rewrite_config(raw: dict, hf_config, arch: Architecture, layers: list[Output
         if len(value) != base_n:
             raise OptDeusError(f"config.json: {key} should list {base_n} entries (one per layer), has {value!r}")
         out[key] = [value[j] for j in inherit]
+        notes += _fusion_choices(key, value, layers)
     if arch.window_layers_key and isinstance(raw.get(arch.window_layers_key), int):
         # transformers before LAYER_TYPES_SINCE reads this instead of layer_types: layers with
         # index >= max_window_layers use the sliding window; keep the same base layers on each side
@@ -99,6 +99,18 @@ def rewrite_config(raw: dict, hf_config, arch: Architecture, layers: list[Output
             "layer_types and would switch base layers between sliding and full attention)"
         )
     return out, notes, warnings
+
+
+def _fusion_choices(key: str, base_values: list, layers: list[OutputLayer]) -> list[str]:
+    """A note for each new layer built from base layers whose per-layer setting differs (a fusion
+    of a sliding and a full layer): which one it took, and by what rule."""
+    notes = []
+    for layer in layers:
+        if layer.is_new and len({repr(base_values[j]) for j in layer.built_from}) > 1:
+            parts = ", ".join(f"base {j} {base_values[j]} (weight {w:g})" for j, w in layer.parts)
+            notes.append(f"{key}: new layer {layer.index} is built from {parts}: it takes base "
+                         f"{layer.settings_from}'s, the larger weight (ties to the upper layer)")
+    return notes
 
 
 def _check_reads_back(out: dict, hf_config, expected: dict[str, list]) -> None:

@@ -78,13 +78,14 @@ class Job:
             out.append((name, TensorMeta(self.out_dtype(meta), meta.shape)))
         return out
 
-    def zeroed_names(self, layer: OutputLayer) -> list[str]:
-        """Relative names of the tensors zero-initialised in a new layer (weights and biases)."""
+    def start_values(self, layer: OutputLayer) -> dict[str, float]:
+        """The tensors set to a constant in a new layer so that its branches named by zero_init
+        start at zero: relative name -> value (architectures.Architecture.start_tensors)."""
         if not layer.is_new:
-            return []
+            return {}
         block = set(self.source.blocks[layer.sources[0]])
         arch, layout = self.source.arch, self.source.layout
-        return [n for role in self.zero_roles for n in arch.role_tensors(role, layout) if n in block]
+        return {n: v for role in self.zero_roles for n, v in arch.start_tensors(role, layout).items() if n in block}
 
     def trainable_regex(self) -> str:
         """Matches exactly the parameter names of the new layers."""
@@ -108,7 +109,7 @@ class Job:
         }
         if with_layers:
             plan["layers"] = [
-                {"index": layer.index, "origin": layer.origin, "sources": list(layer.sources), "method": layer.method}
+                {"index": layer.index, "origin": layer.origin, "sources": list(layer.built_from), "method": layer.method}
                 for layer in self.layers
             ]
         return plan

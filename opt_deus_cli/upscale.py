@@ -131,8 +131,8 @@ def build_new_layer(job: Job, layer: OutputLayer, allow_nonfinite: bool) -> tupl
             check_finite(source.block(k), source.arch.layer_prefix(k), "source", fix)
     block, report = job.method.build(*source.canonical_pair(layer.sources, job.device, job.dtype, job.decisions))
     block = source.arch.from_canonical(block, source.layout)
-    for rel in job.zeroed_names(layer):
-        block[rel] = torch.zeros_like(block[rel])
+    for rel, value in job.start_values(layer).items():
+        block[rel] = torch.full_like(block[rel], value)
     if not allow_nonfinite:
         check_finite(block, source.arch.layer_prefix(layer.index), "built")
     return block, report
@@ -155,12 +155,15 @@ def _write_tensors(job: Job, writer: ShardWriter, layer_entries: list[LayerEntry
         copy_tensor(name, name)
     for layer in job.layers:
         if progress:
-            progress(f"layer {layer.index} ({layer.origin}: {layer.method} of {list(layer.sources)})", layer.index, total)
+            progress(f"layer {layer.index} ({layer.origin}: {layer.method} of {list(layer.built_from)})", layer.index, total)
         t0 = time.perf_counter()
         k = layer.sources[0]
         prefix, src_prefix = arch.layer_prefix(layer.index), arch.layer_prefix(k)
-        zeroed = job.zeroed_names(layer)
-        entry = LayerEntry(layer.index, layer.origin, list(layer.sources), layer.method, [prefix + rel for rel in zeroed])
+        start = job.start_values(layer)
+        entry = LayerEntry(layer.index, layer.origin, list(layer.built_from), layer.method,
+                           [prefix + rel for rel, value in start.items() if value == 0],
+                           start_values={prefix + rel: value for rel, value in start.items() if value != 0} or None,
+                           settings_from=layer.settings_from if layer.is_new else None)
         if layer.is_new and not job.method.copies_lower:
             block, report = build_new_layer(job, layer, options.allow_nonfinite)
             for rel in source.blocks[k]:
@@ -171,9 +174,9 @@ def _write_tensors(job: Job, writer: ShardWriter, layer_entries: list[LayerEntry
             if layer.is_new and not options.allow_nonfinite:
                 check_finite(source.block(k), src_prefix, "source")
             for rel in source.blocks[k]:
-                if rel in zeroed:
+                if rel in start:
                     meta = ckpt.meta(src_prefix + rel)
-                    writer.write(prefix + rel, torch.zeros(meta.shape, dtype=job.out_dtype(meta)))
+                    writer.write(prefix + rel, torch.full(meta.shape, start[rel], dtype=job.out_dtype(meta)))
                 else:
                     copy_tensor(prefix + rel, src_prefix + rel)
         if layer.is_new:

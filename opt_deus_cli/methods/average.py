@@ -14,6 +14,9 @@ class AverageMethod(Method):
     def __init__(self, fusion: Fusion = Fusion()):
         self.alpha = fusion.alpha
 
+    def composition(self, sources: tuple[int, ...]) -> tuple[tuple[int, float], ...]:
+        return ((sources[0], self.alpha), (sources[1], 1.0 - self.alpha))
+
     def build(self, lower: Block, upper: Block | None, ctx: BuildContext) -> tuple[Block, dict]:
         assert upper is not None
         return average_blocks(lower, upper, self.alpha, ctx), {}

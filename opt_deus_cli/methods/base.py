@@ -93,6 +93,12 @@ class Method(ABC):
         for the user (said once per run, not once per layer)."""
         return []
 
+    def composition(self, sources: tuple[int, ...]) -> tuple[tuple[int, float], ...]:
+        """What a new layer read from `sources` (k, or k and k + 1) is built from: (base layer,
+        weight) pairs. The manifest lists these layers, and the new layer takes the per-layer
+        config of the heaviest (ties to the upper). Default: every source, evenly."""
+        return tuple((j, 1.0 / len(sources)) for j in sources)
+
     @abstractmethod
     def build(self, lower: Block, upper: Block | None, ctx: BuildContext) -> tuple[Block, dict]:
         """Return the new block (same names, shapes and dtypes as the sources) and a report

@@ -57,6 +57,9 @@ class OptDeusMethod(Method):
     def prepare(self, job: JobView, progress: Progress | None = None) -> list[str]:
         return [REFERENCE_WARNING] if self.alignment.mode == "reference" else []
 
+    def composition(self, sources: tuple[int, ...]) -> tuple[tuple[int, float], ...]:
+        return ((sources[0], self.alpha), (sources[1], 1.0 - self.alpha))  # aligned lower, upper
+
     def build(self, lower: Block, upper: Block | None, ctx: BuildContext) -> tuple[Block, dict]:
         if upper is None:
             raise OptDeusError("opt-deus builds a layer from two neighbours; it cannot follow the top layer")
