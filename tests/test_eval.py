@@ -95,8 +95,8 @@ def upscaled(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def short_text(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "short.py"
-    path.write_text(SHIPPED.joinpath("heldout.txt").read_text()[:1500])
+    path = tmp_path_factory.mktemp("text") / "short.txt"
+    path.write_text(SHIPPED.joinpath("heldout.txt").read_text()[:800])
     return path
 
 

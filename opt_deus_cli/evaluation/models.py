@@ -74,7 +74,8 @@ def _check_directory(spec: str, directory: Path, checkpoint: bool) -> list[Path]
         pickled = [name for name in PICKLED if (directory / name).is_file()]
         extra = (f" (only pickled {', '.join(pickled)}, which opt-deus never loads: save with safetensors)"
                  if pickled else "; was it saved with save_only_model or without the model?" if checkpoint else "")
-        raise UsageError(f"{what} {directory} has no weights (*.safetensors){extra}; give a directory with the model's weights")
+        raise UsageError(f"{what} {directory} has no weights (*.safetensors){extra}; "
+                         "give a directory with the model's weights")
     if not (directory / "config.json").is_file():
         raise UsageError(f"{what} {directory} has no config.json; give a Hugging Face model directory")
     return weights

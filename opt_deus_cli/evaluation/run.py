@@ -14,7 +14,7 @@ from ..errors import UsageError
 from ..perplexity import text_perplexity, tokenize_text
 from .models import EvalModel, resolve_models, same_tokenizer
 from .table import build_table, text_columns
-from .tasks import check_names, headline_metric, load_tasks, select_tasks, task_manager
+from .tasks import LOWER_IS_BETTER, check_names, headline_metric, load_tasks, select_tasks, task_manager
 
 # progress(done, total, description): one step per model
 Progress = Callable[[int, int, str], None]
@@ -62,7 +62,7 @@ def evaluate(models: list[str], tasks: list[str] | str | None = None, include_pa
     torch_dtype = resolve_dtype(dtype)
     resolved = resolve_models(list(models))
 
-    task_info, expanded = {}, []
+    task_info, expanded, manager = {}, [], None
     if selection.names:
         _quiet_lm_eval()
         manager = task_manager(include_path, selection.names)
@@ -78,13 +78,13 @@ def evaluate(models: list[str], tasks: list[str] | str | None = None, include_pa
     for i, model in enumerate(resolved):
         if progress:
             progress(i, len(resolved), f"model {i + 1}/{len(resolved)}: {model.spec}")
-        results.append(_score_model(model, selection, expanded, manager if selection.names else None, texts,
+        results.append(_score_model(model, selection, expanded, manager, texts,
                                     text_tokens_cache, limit, batch_size, dev, torch_dtype, task_info))
     if progress:
         progress(len(resolved), len(resolved), "done")
 
     notes = _tokenizer_notes(resolved)
-    columns = [c for name, leaves, is_group in expanded for c in ([name] if is_group or leaves == [name] else leaves)]
+    columns = list(results[0]["tasks"])  # the same tasks for every model, in --tasks order
     table = build_table(results, columns, task_info, text_columns(texts), notes)
     return {
         "models": results,
@@ -142,6 +142,14 @@ def _score_model(model: EvalModel, selection, expanded, manager, texts, text_tok
     return record
 
 
+def _columns(name: str, leaves: list[str], is_group: bool, results: dict) -> list[str]:
+    """The table columns of one --tasks name: a task, or a group that aggregates its tasks, is one
+    column; a tag, or a group without an aggregate, is the tasks it names."""
+    if (is_group and _metrics(results.get(name, {}))) or leaves == [name]:
+        return [name]
+    return leaves
+
+
 def _metrics(raw: dict) -> dict:
     """lm-eval's "acc,none" keys as "acc" (other filters keep their suffix), numbers only."""
     found = {}
@@ -156,19 +164,19 @@ def _metrics(raw: dict) -> dict:
 def _task_scores(output: dict, expanded, task_info: dict) -> dict:
     scores = {}
     for name, leaves, is_group in expanded:
-        for column in ([name] if is_group or leaves == [name] else leaves):
-            metrics = _metrics(output["results"][column])
+        for column in _columns(name, leaves, is_group, output["results"]):
+            metrics = _metrics(output["results"].get(column, {}))
             metric = headline_metric(metrics)
             scores[column] = {"metric": metric, "value": metrics.get(metric), "metrics": metrics}
             higher = output.get("higher_is_better", {}).get(column, {}).get(metric)
             samples = output.get("n-samples", {}).get(column) or {}
             task_info.setdefault(column, {
                 "metric": metric,
-                "higher_is_better": bool(higher) if higher is not None else metric not in ("word_perplexity", "perplexity", "byte_perplexity", "bits_per_byte"),
+                "higher_is_better": bool(higher) if higher is not None else metric not in LOWER_IS_BETTER,
                 "version": output.get("versions", {}).get(column),
                 "num_fewshot": output.get("n-shot", {}).get(column),
                 "samples": samples.get("effective", samples.get("original")),
-                "subtasks": sorted(leaves) if is_group else None,
+                "subtasks": sorted(leaves) if is_group and column == name else None,
             })
     return scores
 
@@ -186,10 +194,10 @@ def _tokenizer_notes(models: list[EvalModel]) -> list[str]:
 
 
 def _versions() -> dict:
-    import lm_eval  # noqa: F401  (its version is the record's point even for texts-only runs)
+    from importlib.metadata import version
+
     import torch
     import transformers
-    from importlib.metadata import version
 
     return {"lm_eval": version("lm_eval"), "transformers": transformers.__version__, "torch": torch.__version__,
             "python": platform.python_version()}

@@ -122,7 +122,8 @@ def save_curve(path: Path, results: dict) -> None:
             ax.plot([s for s, _ in points], [value(r) for _, r in points], marker="o", label=Path(run).name)
         for i, row in enumerate(others):
             if _number(value(row)):
-                ax.axhline(value(row), linestyle="--", linewidth=1, color=f"C{(len(runs) + i) % 10}", label=row["model"])
+                colour = f"C{(len(runs) + i) % 10}"
+                ax.axhline(value(row), linestyle="--", linewidth=1, color=colour, label=row["model"])
         better = "higher" if panel == "average" or table["higher_is_better"].get(panel) else "lower"
         ax.set_title(f"{panel} ({better} is better)", fontsize=9)
         ax.set_xlabel("training step")
