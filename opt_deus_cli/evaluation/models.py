@@ -106,7 +106,10 @@ def resolve_one(spec: str) -> EvalModel:
     step = _checkpoint_step(directory) if checkpoint else None
     weights = _check_directory(spec, directory, checkpoint)
     manifest = read_manifest(directory)
-    if manifest is not None and {f.name for f in manifest.output.files} >= {p.name for p in weights}:
+    recorded = {f.name: f.bytes for f in manifest.output.files} if manifest is not None else {}
+    # the manifest's sha256 stand for the files when every weight file is recorded with its size
+    # (`opt-deus verify` checks the hashes themselves); otherwise they are computed
+    if manifest is not None and all(recorded.get(p.name) == p.stat().st_size for p in weights):
         files = [{"name": f.name, "bytes": f.bytes, "sha256": f.sha256} for f in manifest.output.files
                  if f.name.endswith(WEIGHT_SUFFIXES)]
         source = "manifest"
