@@ -14,7 +14,6 @@ Exit codes (cli.verify): 0 the result is what the manifest promises, 1 checked a
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ import torch
 from .checkpoint import read_config, sha256_file
 from .errors import OptDeusError, UsageError
 from .manifest import Manifest, read_manifest
+from .perplexity import TextTokens, text_perplexity, tokenize_text
 
 # logits are compared in float32; zeroed residual writers add exact zeros, so a function-
 # preserving result agrees to rounding (relative to the logits' size)
@@ -80,50 +80,19 @@ def post_norm_warning(manifest: Manifest) -> str | None:
             "Run `opt-deus upscale` again: it starts these branches at zero by the post-norm's scale instead")
 
 
-def _load(model_dir: Path, device: torch.device):
+def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype | str = torch.float32):
+    """The model in `model_dir` (safetensors, local files, no remote code) on `device`, in eval
+    mode; dtype "auto" keeps the stored one."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our output is one report, not transformers' bars
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False,
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=False,
                                                      use_safetensors=True, local_files_only=True)
     except Exception as e:  # transformers raises many kinds; name the directory and the reason
         raise OptDeusError(f"transformers cannot load {model_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     return model.to(device).eval()
-
-
-def _perplexity(model, token_ids: list[int], window: int, device: torch.device) -> float:
-    """exp(mean next-token loss) over non-overlapping windows of the text."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(token_ids) - 1, window):
-            chunk = torch.tensor(token_ids[start:start + window + 1], device=device)[None]
-            if chunk.shape[1] < 2:
-                break
-            logits = model(input_ids=chunk[:, :-1]).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
-            total, count = total + loss.item(), count + chunk.shape[1] - 1
-    return math.exp(total / count)
-
-
-def _tokenize(model_dir: Path, text_file: Path) -> list[int]:
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
-    except Exception as e:
-        raise UsageError(f"{model_dir} has no usable tokenizer for --text ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
-    try:
-        text = Path(text_file).read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read --text {text_file}: {e}")
-    hf_logging.set_verbosity_error()  # the text is scored in windows: its length is no problem
-    ids = tokenizer(text)["input_ids"]
-    if len(ids) < 2:
-        raise UsageError(f"--text {text_file} has fewer than two tokens")
-    return ids
 
 
 def _changed_files(directory: Path, entries, missing, differs) -> list[str]:
@@ -197,20 +166,19 @@ def verify(base_dir: Path | str, out_dir: Path | str, device: torch.device, text
     ids = fixed_token_batch(int(base_config["vocab_size"]), length=length).to(device)
     warning = post_norm_warning(manifest)
     report["warnings"] = [warning] if warning else []
-    token_ids = _tokenize(base_dir, text) if text else None
-    window = min(int(base_config.get("max_position_embeddings") or 512), 512)
+    text_tokens: TextTokens | None = tokenize_text(base_dir, text) if text else None
     results = {}
     for name, directory in (("base", base_dir), ("output", out_dir)):
         try:
-            model = _load(directory, device)
+            model = load_model(directory, device)
         except OptDeusError as e:  # a model that does not load is a failed check, not a crash
             problems.append(str(e))
             continue
         with torch.no_grad():
             logits = model(input_ids=ids).logits.float().cpu()
         results[name] = {"logits": logits, "layers": model.config.num_hidden_layers}
-        if token_ids is not None:
-            results[name]["perplexity"] = _perplexity(model, token_ids, window, device)
+        if text_tokens is not None:
+            results[name]["perplexity"] = text_perplexity(model, text_tokens, device)
         del model
 
     report["tokens"] = list(ids.shape)
@@ -227,9 +195,11 @@ def verify(base_dir: Path | str, out_dir: Path | str, device: torch.device, text
             # checked against the tolerance only when the recipe promises the same function
             "tolerance": tolerance if preserving else None,
         })
-        if token_ids is not None:
-            report["text_tokens"] = len(token_ids)
-            report["perplexity"] = {"base": results["base"]["perplexity"], "output": results["output"]["perplexity"]}
+        if text_tokens is not None:
+            report["text_tokens"] = len(text_tokens.token_ids)
+            report["text_words"] = text_tokens.words
+            report["perplexity"] = {name: results[name]["perplexity"]["token_perplexity"] for name in ("base", "output")}
+            report["word_perplexity"] = {name: results[name]["perplexity"]["word_perplexity"] for name in ("base", "output")}
         if not torch.isfinite(out_logits).all():
             problems.append("the output model's logits contain NaN or Inf")
         if results["output"]["layers"] != manifest.output.num_layers:

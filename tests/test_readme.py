@@ -44,7 +44,7 @@ def demo_commands() -> list[str]:
 
 def test_readme_has_the_commands():
     names = [command.split()[1] for command in demo_commands()]
-    for command in ("upscale", "recipes", "inspect", "verify"):
+    for command in ("upscale", "recipes", "inspect", "verify", "eval"):
         assert command in names, command
 
 

@@ -67,7 +67,9 @@ def _print_report(report: dict, text: Path | None) -> None:
                   "layers were dropped or repeated), so the output is not meant to compute what the base does")
     if "perplexity" in report:
         ppl = report["perplexity"]
-        out.print(f"perplexity on {text} ({report['text_tokens']} tokens): base {ppl['base']:.3f}, output {ppl['output']:.3f}")
+        words = report["word_perplexity"]
+        out.print(f"perplexity on {text} ({report['text_tokens']} tokens): base {ppl['base']:.3f}, output {ppl['output']:.3f}; "
+                  f"per word ({report['text_words']} words): base {words['base']:.3f}, output {words['output']:.3f}")
     if report["ok"]:
         if preserving:
             out.print("ok: the result is what the manifest promises (same files, same function as the base)")
