@@ -58,7 +58,7 @@ def row_format(columns: set[str], text_field: str) -> str | None:
 
 
 def _present(row: dict) -> set[str]:
-    return {k for k, v in row.items() if v is not None and v != ""}
+    return {k for k, v in row.items() if v is not None}
 
 
 def detect_format(files: list[Path], text_field: str, forced: str | None, what: str = "--data") -> str:

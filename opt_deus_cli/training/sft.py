@@ -42,7 +42,7 @@ def sft_arguments(options: TrainOptions, work_dir: Path, has_experts: bool, seq_
     # SFTConfig's own defaults differ from TrainingArguments' (checkpointing and bf16 on): opt-deus's
     # defaults are the same in both modes, and --dtype / --args say otherwise
     if not {"activation_checkpointing", "gradient_checkpointing"} & set(options.trainer_args):
-        settings["gradient_checkpointing"] = False
+        settings["activation_checkpointing"] = False
     settings.setdefault("bf16", False)
     try:
         return SFTConfig(**settings)
