@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import checkpoint_tensors, make_model
+from conftest import checkpoint_tensors, load_model, make_model
 from opt_deus_cli.cli import app
 from opt_deus_cli.errors import UsageError
 from opt_deus_cli.manifest import read_manifest
@@ -44,6 +44,10 @@ def deeper(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("sft")
     base = make_model(d / "base", "llama", layers=4, vocab_size=4096, max_position_embeddings=256, tied=True,
                       bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    model = load_model(base)
+    with torch.no_grad():  # a tied head of std 0.02 bounds every logit near 0: nothing could be learnt confidently
+        model.get_input_embeddings().weight.mul_(25)
+    model.to(torch.bfloat16).save_pretrained(base, max_shard_size="60KB")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(SHIPPED / name, base / name)
     out = d / "deeper"
@@ -199,7 +203,7 @@ def test_noise_prompts_and_a_fixed_completion_drive_the_completion_loss_down(dee
 def test_sft_keeps_every_base_tensor_bit_identical(deeper, tmp_path):
     data = write_rows(tmp_path / "chat.jsonl", [{"messages": m} for m in CHATS])
     out = tmp_path / "out"
-    record = train(deeper, [data], out, TrainOptions(steps=3, batch_size=4, seq_len=128, lr=1e-3, device="cpu", packing=True,
+    record = train(deeper, [data], out, TrainOptions(steps=3, batch_size=2, seq_len=256, lr=1e-3, device="cpu", packing=True,
                                                      chat_template=str(deeper.parent / "template.jinja"),
                                                      cache_dir=tmp_path / "cache", trainer_args={"weight_decay": 0.1}))
     new = read_manifest(deeper).trainable_layers
