@@ -288,3 +288,42 @@ def test_options_refuse_what_they_do_not_know():
         with pytest.raises(UsageError, match=message):
             options.check()
     assert TrainOptions().format is None and TrainOptions().loss_on == "completion" and not TrainOptions().packing
+
+
+# ---- the README's commands -------------------------------------------------------------------
+
+README = ROOT / "README.md"
+SFT_SECTION = "## Supervised fine-tuning"
+
+
+def sft_readme_commands() -> list[str]:
+    """The `opt-deus` lines of the fenced blocks of the README's SFT section."""
+    section = README.read_text().split(f"\n{SFT_SECTION}\n", 1)[1].split("\n## ", 1)[0]
+    commands, fenced = [], False
+    for line in section.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif fenced and line.startswith("opt-deus "):
+            commands.append(line.split("  #")[0].strip())
+    return commands
+
+
+@pytest.mark.slow
+def test_readme_sft_commands_run_as_written_on_the_demo(tmp_path, monkeypatch):
+    import shlex
+
+    commands = sft_readme_commands()
+    assert {c.split("--data ")[1].split()[0] for c in commands} == {
+        "examples/sft/chat.jsonl", "examples/sft/alpaca.jsonl", "examples/sft/prompt-completion.jsonl"}
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    demo = runner.invoke(app, shlex.split("upscale examples/tiny-llama --recipe top-half --out out/demo --overwrite"))
+    assert demo.exit_code == 0, demo.output  # what `make demo` leaves, as "The commands" write it
+    for command in commands:
+        result = runner.invoke(app, shlex.split(command)[1:])
+        assert result.exit_code == 0, f"README: {command}\n{result.output}"
+        record = read_manifest(tmp_path / "out" / "sft").training
+        fmt = command.split("examples/sft/")[1].split(".jsonl")[0]
+        assert record["format"] == fmt and record["steps"] == 2 and 0 < record["loss_tokens"] < record["tokens"]
+        assert record["trainable_layers"] == [4, 6, 8, 10] and record["check"]["frozen_identical"] > 0
