@@ -316,6 +316,7 @@ def test_readme_sft_commands_run_as_written_on_the_demo(tmp_path, monkeypatch):
     assert {c.split("--data ")[1].split()[0] for c in commands} == {
         "examples/sft/chat.jsonl", "examples/sft/alpaca.jsonl", "examples/sft/prompt-completion.jsonl"}
     (tmp_path / "examples").symlink_to(ROOT / "examples")
+    (tmp_path / "out").mkdir()  # as `make demo` makes it
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     demo = runner.invoke(app, shlex.split("upscale examples/tiny-llama --recipe top-half --out out/demo --overwrite"))
