@@ -205,7 +205,8 @@ def test_sft_keeps_every_base_tensor_bit_identical(deeper, tmp_path):
     out = tmp_path / "out"
     record = train(deeper, [data], out, TrainOptions(steps=3, batch_size=2, seq_len=256, lr=1e-3, device="cpu", packing=True,
                                                      chat_template=str(deeper.parent / "template.jinja"),
-                                                     cache_dir=tmp_path / "cache", trainer_args={"weight_decay": 0.1}))
+                                                     cache_dir=tmp_path / "cache", trainer_args={"weight_decay": 0.1},
+                                                     eval_data=(data,)))
     new = read_manifest(deeper).trainable_layers
     before, after = checkpoint_tensors(deeper), checkpoint_tensors(out)
     assert before.keys() == after.keys()
@@ -217,6 +218,7 @@ def test_sft_keeps_every_base_tensor_bit_identical(deeper, tmp_path):
     assert {layer(n) for n in before if not torch.equal(before[n], after[n])} == set(new)
     assert read_manifest(out).training == json.loads(json.dumps(record))
     assert record["packing"] is True and record["packing_strategy"] == "bfd" and record["train_examples"]["sequences"] < 8
+    assert record["eval_loss"] > 0 and record["eval_examples"]["examples"] == 8 and record["eval_examples"]["rows"] == 8
     assert record["versions"]["trl"] and record["check"]["frozen_identical"] == sum(layer(n) not in new for n in before)
 
 

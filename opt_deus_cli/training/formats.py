@@ -170,10 +170,8 @@ def read_examples(files: list[Path], fmt: str, text_field: str, cache_dir: Path 
         if missing:
             raise OptDeusError(f"{path} has no {', '.join(repr(c) for c in missing)} column for {fmt} data "
                                f"(it has {', '.join(part.column_names)}); {KNOWN}")
-        present = [c for c in (*COLUMNS.keys(), text_field) if c in part.column_names]
-        structured = [c for f in COLUMNS.values() for c in f if c in part.column_names]
-        verdicts = part.select_columns(sorted(set(structured) | ({text_field} & set(present)))).map(
-            lambda row: {"verdict": _row_verdict(row, fmt, text_field) or ""}, remove_columns=None)["verdict"]
+        named = [c for c in (*(c for f in COLUMNS.values() for c in f), text_field) if c in part.column_names]
+        verdicts = part.select_columns(named).map(lambda row: {"verdict": _row_verdict(row, fmt, text_field) or ""})["verdict"]
         for index, verdict in enumerate(verdicts):
             if verdict and not verdict.startswith("skip:"):
                 raise OptDeusError(f"{path}, row {index + 1}: {verdict}")
@@ -205,13 +203,7 @@ def alpaca_as_prompt_completion(dataset, with_chat_template: bool):
     return dataset.map(convert, remove_columns=dataset.column_names)
 
 
-def is_conversational(fmt: str, dataset) -> bool:
-    if fmt == "chat":
-        return True
-    return len(dataset) > 0 and not isinstance(dataset[0]["prompt"], str)
-
-
-def set_chat_template(tokenizer, template_file: str | None, model_dir: Path) -> str | None:
+def set_chat_template(tokenizer, template_file: str | None) -> str | None:
     """--chat-template FILE on the tokenizer; returns where the template in use comes from."""
     if template_file is not None:
         path = Path(template_file)

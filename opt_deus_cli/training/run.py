@@ -121,7 +121,7 @@ def train(model_dir: Path | str, data: list[Path | str], out_dir: Path | str, op
         train_data = blocks(files, what="training data")
         eval_data = blocks(eval_files, what="eval data") if eval_files else None
     else:
-        template = sft.chat_template_of(tokenizer, options, model_dir)
+        template = sft.chat_template_of(tokenizer, options)
         examples = functools.partial(sft.prepare_examples, fmt=fmt, options=options, tokenizer=tokenizer,
                                      model_dir=model_dir, template=template)
         with args.main_process_first():

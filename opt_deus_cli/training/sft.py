@@ -22,8 +22,7 @@ from .options import TrainOptions, merged_settings, sft_config_fields, training_
 IGNORE = -100  # the label of a token that carries no loss (transformers' and TRL's convention)
 # SFTConfig fields the command's flags set: one place says what a run does
 OWNED = {"max_length": "--seq-len", "packing": "--packing", "padding_free": "--packing",
-         "completion_only_loss": "--loss-on", "assistant_only_loss": "--loss-on", "chat_template_path": "--chat-template",
-         "dataset_text_field": "--format", "shuffle_dataset": "--seed (the Trainer shuffles every epoch)"}
+         "completion_only_loss": "--loss-on", "assistant_only_loss": "--loss-on", "chat_template_path": "--chat-template"}
 
 
 def sft_arguments(options: TrainOptions, work_dir: Path, has_experts: bool, seq_len: int, fmt: str):
@@ -62,8 +61,9 @@ def prepare_examples(files: list[Path], fmt: str, options: TrainOptions, tokeniz
     return examples
 
 
-def chat_template_of(tokenizer, options: TrainOptions, model_dir: Path) -> str | None:
-    return set_chat_template(tokenizer, options.chat_template, model_dir)
+def chat_template_of(tokenizer, options: TrainOptions) -> str | None:
+    """--chat-template on the tokenizer; where the template in use comes from (None: there is none)."""
+    return set_chat_template(tokenizer, options.chat_template)
 
 
 def _trainer_class():
