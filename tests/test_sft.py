@@ -161,6 +161,16 @@ def test_prompt_completion_and_alpaca_labels_are_exactly_the_completion(deeper, 
             expected[tuple(ids)] = [False] * len(prompt_ids) + [True] * (len(ids) - len(prompt_ids))
         assert check_rows_against(seen, expected, tokenizer.pad_token_id) == 8, fmt
         assert record["format"] == fmt and record["loss_tokens"] == sum(sum(v) for v in expected.values())
+    # prompt and completion as message lists: through the chat template, the completion's turn alone in the loss
+    seen.clear()
+    rows = [{"prompt": m[:2], "completion": m[2:3]} for m in CHATS]
+    data = write_rows(tmp_path / "messages.jsonl", rows)
+    record = train(deeper, [data], tmp_path / "messages", TrainOptions(steps=2, batch_size=4, seq_len=128, device="cpu",
+                   chat_template=str(deeper.parent / "template.jinja"), cache_dir=tmp_path / "cache"))
+    chat = tokenizer_with_template()
+    expected = {tuple(ids): loss for ids, loss in (expected_chat(r["prompt"] + r["completion"], chat) for r in rows)}
+    assert check_rows_against(seen, expected, tokenizer.pad_token_id) == 8
+    assert record["format"] == "prompt-completion" and record["chat_template"].endswith("template.jinja")
 
 
 @pytest.mark.slow
