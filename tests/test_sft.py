@@ -264,7 +264,7 @@ def bad_input_cases(tmp_path: Path, template: Path) -> list[tuple[list[str], int
     args.write_text("max_length: 64\n")
     t = ["--chat-template", str(template)]
     return [  # (data files, more options, exit code, the error line holds)
-        (["mixed.jsonl"], t, 1, "row 2: is prompt-completion, not chat like the first row"),
+        (["mixed.jsonl"], t, 1, "row 2: is prompt-completion, not chat: the rows of the data share one format"),
         (["order.jsonl"], t, 1, "row 2: roles ['assistant', 'user'] are out of order"),
         (["nothing.jsonl"], t, 1, "holds no example with something to learn: 2 of 2 rows"),
         (["empty.jsonl"], [], 1, "holds no example with something to learn: 2 of 2 rows"),

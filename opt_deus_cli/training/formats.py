@@ -131,7 +131,8 @@ def _row_verdict(row: dict, fmt: str, text_field: str) -> str | None:
     """None: keep; 'skip:<reason>'; else an error naming what is wrong with the row."""
     kind = row_format(_present(row), text_field)
     if kind != fmt:
-        return f"is {kind or 'of no known format'}, not {fmt} like the first row; a file's rows must share one format"
+        return (f"is {kind or 'of no known format'}, not {fmt}: the rows of the data share one format "
+                "(the first row's, or --format's)")
     if fmt == "chat":
         problem = _order_problem(row["messages"])
         if problem:
