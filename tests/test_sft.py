@@ -233,6 +233,23 @@ def test_sft_keeps_every_base_tensor_bit_identical(deeper, tmp_path):
 
 
 @pytest.mark.slow
+def test_packed_examples_attend_only_to_themselves(deeper, tmp_path):
+    """The same 8 examples evaluated in one batch, padded and packed (TRL's padding-free rows with
+    position ids): the loss over the same assistant tokens is the same only if no packed example
+    sees its neighbours."""
+    data = write_rows(tmp_path / "chat.jsonl", [{"messages": m} for m in CHATS])
+    losses = {}
+    for packing in (False, True):
+        record = train(deeper, [data], tmp_path / f"packed-{packing}", TrainOptions(
+            steps=1, batch_size=8, seq_len=256, lr=1e-12, device="cpu", packing=packing, eval_data=(data,),
+            chat_template=str(deeper.parent / "template.jinja"), cache_dir=tmp_path / "cache"))
+        losses[packing] = record["eval_loss"]
+        assert record["eval_examples"]["sequences"] == (8 if not packing else record["train_examples"]["sequences"])
+    assert record["train_examples"]["sequences"] < 8  # packed: several examples a row
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_long_examples_are_truncated_and_counted_or_dropped(deeper, tmp_path):
     data = write_rows(tmp_path / "pc.jsonl", [{"prompt": "# short\n", "completion": "x = 1\n"},
                                               {"prompt": "# long\n", "completion": "y = [" + ", ".join(map(str, range(60))) + "]\n"}])
