@@ -135,7 +135,14 @@ def test_every_format_packs_the_same_token_stream(tmp_path):
     (tmp_path / "e.json").write_text(json.dumps([{"body": d} for d in docs]))
     pq.write_table(pa.table({"text": docs}), tmp_path / "f.parquet")
     stream = [t for d in docs for t in tokenizer(d)["input_ids"] + [tokenizer.eos_token_id]]
-    expected = [stream[i:i + 16] for i in range(0, len(stream) // 16 * 16, 16)]
+    bos = tokenizer.bos_token_id  # the shipped tokenizer starts a sequence with it: so does every block (issue 25)
+    expected, start = [], 0
+    while start < len(stream):
+        take = 16 if stream[start] == bos else 15  # a document's own BOS, or one prepended
+        if start + take > len(stream):
+            break
+        expected.append(stream[start:start + 16] if take == 16 else [bos, *stream[start:start + 15]])
+        start += take
     cache = tmp_path / "cache"
     for files, field in (([tmp_path / "a.txt", tmp_path / "b.md", tmp_path / "c.txt"], "text"), ([tmp_path / "d.jsonl"], "text"),
                          ([tmp_path / "e.json"], "body"), ([tmp_path / "f.parquet"], "text")):
@@ -200,6 +207,7 @@ def test_output_loads_and_carries_the_manifest_with_a_training_record(upscaled, 
     assert record["data"] == [{"path": str(corpus["train"].resolve()), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}]
     assert record["steps"] == 4 and record["tokens"] == 4 * 2 * 32 and record["world_size"] == 1
     assert record["trainable_layers"] == [7, 9] and record["train"] == "new"
+    assert record["format"] == "text" and record["bos_per_block"] is True and record["loss_tokens"] == 4 * 2 * 31
     assert [row["step"] for row in record["history"] if "eval_loss" in row] == [2, 4]
     assert record["eval_loss"] == record["history"][-1]["eval_loss"] and record["final_loss"] > 0
     assert record["seconds"] > 0 and record["trainer_args"] == {"weight_decay": 0.1}
@@ -270,7 +278,7 @@ def test_cli_refuses_unknown_args_keys_and_bad_options(upscaled, corpus, tmp_pat
     args = tmp_path / "trainer.yaml"
     args.write_text("bf17: true\n")
     base = ["train", str(upscaled), "--data", str(corpus["train"]), "--out", str(tmp_path / "o")]
-    for extra, message in ((["--args", str(args)], "'bf17' (did you mean 'bf16'?) is not a TrainingArguments field"),
+    for extra, message in ((["--args", str(args)], "'bf17' (did you mean 'bf16'?) is not a TrainingArguments or SFTConfig field"),
                            (["--steps", "2", "--epochs", "1"], "--steps and --epochs"),
                            (["--seq-len", "4096"], "exceeds the model's max_position_embeddings 256"),
                            (["--device", "tpu"], "--device 'tpu' not understood")):

@@ -51,13 +51,21 @@ def train(
     eval_data: Optional[List[Path]] = typer.Option(None, "--eval-data", help="Held-out files: eval loss at the end."),
     eval_every: Optional[int] = typer.Option(None, help="Also evaluate every N steps (needs --eval-data)."),
     text_field: str = typer.Option("text", help="The text column of json/jsonl/parquet files."),
+    data_format: Optional[str] = typer.Option(None, "--format", help="text | chat | prompt-completion | alpaca (default: from the first row's columns)."),
+    loss_on: str = typer.Option("completion", help="SFT: completion (only completion / assistant tokens carry loss) | all."),
+    packing: bool = typer.Option(False, help="SFT: pack examples into --seq-len rows (TRL's best-fit packing, padding-free)."),
+    chat_template: Optional[Path] = typer.Option(None, "--chat-template", help="SFT: a Jinja chat template file, for a tokenizer without one."),
+    drop_long: bool = typer.Option(False, help="SFT: drop examples longer than --seq-len (default: truncate them, counted in the record)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Where datasets keeps the read and tokenized data (default: its cache, HF_DATASETS_CACHE)."),
-    args_file: Optional[Path] = typer.Option(None, "--args", help="YAML of transformers TrainingArguments fields (FSDP, DeepSpeed, bf16, ...)."),
+    args_file: Optional[Path] = typer.Option(None, "--args", help="YAML of transformers TrainingArguments fields (FSDP, DeepSpeed, bf16, ...); SFTConfig fields for SFT data."),
     overwrite: bool = typer.Option(False, help="Replace an existing output (only once the new one is complete and checked)."),
     shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB, 500MB."),
     as_json: bool = typer.Option(False, "--json", help="Print the training record as JSON."),
 ):
     """Train only the new layers (or all) with transformers' Trainer; write a checked, loadable model.
+
+    Text is packed into --seq-len blocks (continued pre-training); chat, prompt-completion and
+    alpaca rows are supervised fine-tuning with TRL's SFTTrainer (--args keys: SFTConfig fields).
 
     With --train new (the default) only the layers the manifest lists train, and every other
     tensor of OUT is checked bit-identical to the input's. OUT carries the manifest forward with
@@ -72,7 +80,9 @@ def train(
     options = TrainOptions(train=train_mode, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
                            grad_accum=grad_accum, seq_len=seq_len, device=device, dtype=dtype, seed=seed,
                            eval_data=tuple(eval_data or ()), eval_every=eval_every, text_field=text_field,
-                           cache_dir=cache_dir, trainer_args=trainer_args, overwrite=overwrite, shard_size=shard_size)
+                           cache_dir=cache_dir, trainer_args=trainer_args, overwrite=overwrite, shard_size=shard_size,
+                           format=data_format, loss_on=loss_on, packing=packing, drop_long=drop_long,
+                           chat_template=str(chat_template) if chat_template else None)
     with progress_bar(enabled=main and not as_json) as bar:
         task = bar.add_task("training", total=None)
 
@@ -101,7 +111,8 @@ def train(
     final = f"; final loss {record['final_loss']:.4f}" if record.get("final_loss") is not None else ""
     out.print(f"wrote {out_dir}: trained {trained} ({record['trainable_parameters'] / 1e6:.2f}M of "
               f"{record['total_parameters'] / 1e6:.2f}M parameters) for {record['steps']} steps, "
-              f"{record['tokens']} tokens, world size {record['world_size']}, in {record['seconds']:.1f} s"
+              f"{record['format']} data, {record['tokens']} tokens ({record['loss_tokens']} carrying loss), "
+              f"world size {record['world_size']}, in {record['seconds']:.1f} s"
               f"{final}{evaluated}")
     if record["train"] == "new":
         out.print(f"checked: {record['check']['frozen_identical']} base tensors bit-identical to {model_dir}")

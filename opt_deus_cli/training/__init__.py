@@ -4,7 +4,9 @@
     record = train("out/deeper", ["corpus.txt"], "out/trained", TrainOptions(steps=100, eval_data=("heldout.txt",)))
 
 freeze  freeze_base(model, model_dir): requires_grad from the manifest's trainable layers
-data    text/json/jsonl/parquet files -> tokenized blocks of --seq-len tokens
+data    text/json/jsonl/parquet files -> tokenized blocks of --seq-len tokens (BOS first where the tokenizer adds one)
+formats which data format a file holds (text, chat, prompt-completion, alpaca); its rows read and checked
+sft     supervised fine-tuning on TRL's SFTTrainer / SFTConfig (imported on first use)
 options TrainOptions and the --args file -> transformers TrainingArguments
 run     train(): Trainer on the blocks, only rank 0 writes
 save    the weights in the input's dtypes, the bit-identity check, the manifest's training record

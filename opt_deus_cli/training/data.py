@@ -3,10 +3,11 @@
 Each file is read with the `datasets` builder for its format (plain text: one document per file,
 so line breaks stay in the text; json/jsonl/parquet: one document per row, from a text column),
 the documents are concatenated in the order the files were given, tokenized with the model's
-tokenizer (an end-of-sequence token after each document when the tokenizer has one) and cut into
-blocks of exactly `seq_len` tokens (input_ids (seq_len,); the tail shorter than a block is dropped,
-per map batch of 1000 documents, as transformers' run_clm example does). Labels are the inputs:
-the model shifts them itself."""
+tokenizer (its special tokens, and an end-of-sequence token after each document when the tokenizer
+has one) and cut into blocks of exactly `seq_len` tokens (input_ids (seq_len,); the tail shorter
+than a block is dropped, per map batch of 1000 documents, as transformers' run_clm example does).
+Where the tokenizer starts a sequence with BOS, every block starts with it (see `pack_stream`).
+Labels are the inputs: the model shifts them itself."""
 
 from __future__ import annotations
 
@@ -60,24 +61,31 @@ def check_files(paths: list[Path | str], what: str) -> list[Path]:
     return files
 
 
-def load_documents(files: list[Path], text_field: str, cache_dir: Path | None = None):
-    """One Dataset with a single `text` column: every document of every file, in order."""
+def read_file(path: Path, cache_dir: Path | None = None):
+    """One file as a Dataset, read by the `datasets` builder of its format (plain text: one row)."""
     import datasets
-    from datasets import concatenate_datasets, load_dataset
+    from datasets import load_dataset
 
     datasets.disable_progress_bars()  # our own progress bar reports the run
     datasets.logging.set_verbosity_error()
+    builder = file_format(path)
+    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    try:
+        return load_dataset(builder, data_files=[str(path.resolve())], split="train",
+                            cache_dir=str(cache_dir) if cache_dir else None, **kwargs)
+    except Exception as e:  # datasets raises many kinds for a malformed file
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise OptDeusError(f"cannot read {path} as {builder}: {first}")
+
+
+def load_documents(files: list[Path], text_field: str, cache_dir: Path | None = None):
+    """One Dataset with a single `text` column: every document of every file, in order."""
+    from datasets import concatenate_datasets
+
     parts = []
     for path in files:
-        builder = file_format(path)
-        kwargs = {"sample_by": "document"} if builder == "text" else {}
-        try:
-            part = load_dataset(builder, data_files=[str(path.resolve())], split="train",
-                                cache_dir=str(cache_dir) if cache_dir else None, **kwargs)
-        except Exception as e:  # datasets raises many kinds for a malformed file
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise OptDeusError(f"cannot read {path} as {builder}: {first}")
-        column = "text" if builder == "text" else text_field
+        part = read_file(path, cache_dir)
+        column = "text" if file_format(path) == "text" else text_field
         if column not in part.column_names:
             raise OptDeusError(f"{path} has no '{column}' column (it has {', '.join(part.column_names) or 'none'}); "
                                f"name the text column with --text-field")
@@ -88,20 +96,55 @@ def load_documents(files: list[Path], text_field: str, cache_dir: Path | None = 
     return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
+def bos_of(tokenizer) -> int | None:
+    """The BOS id when the tokenizer starts every sequence with it (an `add_bos_token` flag or a
+    post-processor template: asked of the tokenizer itself), else None."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def pack_stream(stream: list[int], seq_len: int, bos: int | None) -> list[list[int]]:
+    """A token stream -> blocks of exactly seq_len tokens (the tail shorter than a block dropped).
+
+    With a BOS, every block begins with it. transformers' run_clm gives BOS per document only (the
+    tokenizer's), so every block but a document's first would start mid-text: a model trained with
+    BOS at position 0 (Gemma's attention sink: 2.7-3.2 nats with it, 4.1-4.9 without, issue 25)
+    would train on inputs it never saw. So a block that starts at a document's own BOS takes
+    seq_len stream tokens, any other gets BOS prepended to seq_len - 1: tokens per block stay
+    seq_len, no BOS is doubled, and no stream token is repeated or skipped."""
+    if bos is None:
+        usable = len(stream) // seq_len * seq_len
+        return [stream[i:i + seq_len] for i in range(0, usable, seq_len)]
+    blocks, start = [], 0
+    while start < len(stream):
+        if stream[start] == bos:
+            end = start + seq_len
+            block = stream[start:end]
+        else:
+            end = start + seq_len - 1
+            block = [bos, *stream[start:end]]
+        if end > len(stream):
+            break
+        blocks.append(block)
+        start = end
+    return blocks
+
+
 def tokenize_and_pack(documents, tokenizer, seq_len: int):
     """documents (`text` column) -> Dataset of `input_ids` blocks, each exactly seq_len tokens."""
     from transformers.utils import logging as hf_logging
 
-    eos = tokenizer.eos_token_id
+    eos, bos = tokenizer.eos_token_id, bos_of(tokenizer)
 
     def tokenize(batch: dict) -> dict:
         ids = tokenizer(batch["text"], add_special_tokens=True)["input_ids"]
         return {"input_ids": [doc + [eos] if eos is not None else doc for doc in ids]}
 
     def pack(batch: dict) -> dict:
-        stream = [token for doc in batch["input_ids"] for token in doc]
-        usable = len(stream) // seq_len * seq_len
-        return {"input_ids": [stream[i:i + seq_len] for i in range(0, usable, seq_len)]}
+        return {"input_ids": pack_stream([token for doc in batch["input_ids"] for token in doc], seq_len, bos)}
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # documents longer than the model's context are cut into blocks below

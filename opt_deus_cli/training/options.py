@@ -18,6 +18,8 @@ from ..errors import UsageError
 TRAIN_MODES = ("new", "all")
 DEVICES = ("auto", "cpu", "cuda")
 TRAINING_DTYPES = ("float32", "bfloat16", "float16", "keep")
+DATA_FORMATS = ("text", "chat", "prompt-completion", "alpaca")  # training/formats.py reads them
+LOSS_ON = ("completion", "all")
 
 # flag (TrainOptions field) -> the TrainingArguments field it sets
 FLAG_FIELDS = {
@@ -68,6 +70,12 @@ class TrainOptions:
     trainer_args: dict = field(default_factory=dict)  # TrainingArguments fields (the --args file)
     overwrite: bool = False  # replace an existing OUT (only by a complete new result)
     shard_size: str = "5GB"  # largest output shard
+    # supervised fine-tuning (issue 20): chat, prompt-completion and alpaca data go through TRL's SFTTrainer
+    format: str | None = None  # text | chat | prompt-completion | alpaca; None: from the first row's columns
+    loss_on: str = "completion"  # completion: only completion / assistant tokens carry loss | all: every token
+    packing: bool = False  # pack examples into --seq-len rows (TRL's best-fit, padding-free with position ids)
+    chat_template: str | None = None  # a Jinja file for a tokenizer without a chat template (or to replace it)
+    drop_long: bool = False  # drop examples longer than --seq-len instead of truncating them
 
     def check(self) -> None:
         if self.train not in TRAIN_MODES:
@@ -88,12 +96,21 @@ class TrainOptions:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise UsageError(f"--{name} must be positive, got {value!r}")
+        if self.format is not None and self.format not in DATA_FORMATS:
+            raise UsageError(f"--format {self.format!r} not understood; use {', '.join(DATA_FORMATS)} "
+                             "(or leave it out: the first row's columns tell)")
+        if self.loss_on not in LOSS_ON:
+            raise UsageError(f"--loss-on {self.loss_on!r} not understood; use completion (only completion / "
+                             "assistant tokens carry loss) or all")
+        if self.chat_template is not None and not Path(self.chat_template).is_file():
+            raise UsageError(f"--chat-template file {self.chat_template} does not exist")
         if self.eval_every is not None and not self.eval_data:
             raise UsageError("--eval-every needs --eval-data (the held-out files to evaluate on)")
 
 
 def read_args_file(path: Path | str) -> dict:
-    """The --args YAML: a mapping of TrainingArguments fields, checked by name."""
+    """The --args YAML: a mapping of TrainingArguments fields (SFTConfig's too: chat,
+    prompt-completion and alpaca data train with TRL), checked by name."""
     import yaml
 
     path = Path(path)
@@ -108,7 +125,7 @@ def read_args_file(path: Path | str) -> dict:
         return {}
     if not isinstance(data, dict):
         raise UsageError(f"--args {path} must be a mapping of TrainingArguments fields (key: value), not a {type(data).__name__}")
-    check_field_names(data, str(path))
+    check_field_names(data, str(path), training_argument_fields() | sft_config_fields())
     return data
 
 
@@ -118,23 +135,37 @@ def training_argument_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
 
 
-def check_field_names(settings: dict, where: str) -> None:
-    known = training_argument_fields()
+def sft_config_fields() -> set[str]:
+    from trl import SFTConfig
+
+    return {f.name for f in dataclasses.fields(SFTConfig) if f.init}
+
+
+def check_field_names(settings: dict, where: str, known: set[str] | None = None) -> None:
+    text_mode = known is None
+    known = training_argument_fields() if known is None else known
+    unknown = [k for k in settings if k not in known]
+    sft_only = [k for k in unknown if k in sft_config_fields()] if unknown and text_mode else []
+    if sft_only:
+        raise UsageError(f"{where}: {sft_only[0]!r} is an SFTConfig field, for chat, prompt-completion or alpaca "
+                         "data; this data is text (continued pre-training, TrainingArguments)")
     unknown = [k for k in settings if k not in known]
     if unknown:
         hints = []
         for key in unknown:
             close = difflib.get_close_matches(str(key), known, n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        kind = "TrainingArguments" if text_mode else "TrainingArguments or SFTConfig"
         raise UsageError(f"{where}: {', '.join(hints)} {'is not a' if len(unknown) == 1 else 'are not'} "
-                         "TrainingArguments field(s); see transformers' TrainingArguments for the names")
+                         f"{kind} field(s); see transformers' TrainingArguments (and TRL's SFTConfig) for the names")
 
 
-def merged_settings(options: TrainOptions, work_dir: Path, has_experts: bool = False) -> dict:
+def merged_settings(options: TrainOptions, work_dir: Path, has_experts: bool = False, known: set[str] | None = None) -> dict:
     """The TrainingArguments keyword arguments: the --args file, the flags, then the defaults.
-    has_experts: a mixture of experts, whose unrouted experts DDP must be told about."""
+    has_experts: a mixture of experts, whose unrouted experts DDP must be told about; known: the
+    fields the --args file may name (TrainingArguments', or SFTConfig's for supervised fine-tuning)."""
     settings = dict(options.trainer_args)
-    check_field_names(settings, "--args")
+    check_field_names(settings, "--args", known)
     for flag, key in FLAG_FIELDS.items():
         value = getattr(options, flag)
         if value is None:

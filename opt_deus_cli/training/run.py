@@ -1,6 +1,7 @@
 """`opt-deus train`: continue training an up-scaled model, only its new layers by default, with
 transformers' Trainer (no loop of our own: distributed engines, mixed precision, checkpointing
-and logging are the Trainer's).
+and logging are the Trainer's): packed blocks of text, or supervised fine-tuning on chat,
+prompt-completion and alpaca examples with TRL's SFTTrainer (sft.py), a subclass of it.
 
 The same function runs in every process of a distributed launch (torchrun, accelerate launch):
 each process reads the data (the main one tokenizes first, the others reuse its cache), the
@@ -26,7 +27,8 @@ from ..checkpoint import parse_size, read_config
 from ..errors import OptDeusError, UsageError
 from ..manifest import MANIFEST_FILE, read_manifest
 from ..output import OutputTransaction
-from .data import DataFile, build_blocks, check_files, collate_blocks, load_tokenizer
+from .data import DataFile, bos_of, build_blocks, check_files, collate_blocks, load_tokenizer
+from .formats import check_options, detect_format
 from .freeze import freeze_base, is_trainable, layer_pattern, manifest_architecture
 from .options import TrainOptions, training_arguments
 from .distributed import outcome_of_rank_zero
@@ -36,6 +38,23 @@ EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts")  # config keys of a mix
 # progress(done_steps, total_steps); log(step, total_steps, logs) with Trainer's log dict
 Progress = Callable[[int, int], None]
 Log = Callable[[int, int, dict], None]
+
+
+IGNORE = -100  # the label of a token that carries no loss
+
+
+def _counting(trainer_class):
+    """The Trainer class, counting the tokens that carried loss in the batches it trained on."""
+
+    class Counting(trainer_class):
+        loss_tokens = 0
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            if model.training:  # the model predicts labels[1:] from the tokens before them
+                self.loss_tokens += int((inputs["labels"][..., 1:] != IGNORE).sum())
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    return Counting
 
 
 class _Report(TrainerCallback):
@@ -79,17 +98,35 @@ def train(model_dir: Path | str, data: list[Path | str], out_dir: Path | str, op
                          "train every parameter with --train all")
     files = check_files(data, "--data")
     eval_files = check_files(options.eval_data, "--eval-data") if options.eval_data else []
+    fmt = detect_format(files, options.text_field, options.format)
+    if eval_files and (eval_fmt := detect_format(eval_files, options.text_field, options.format, "--eval-data")) != fmt:
+        raise OptDeusError(f"the --eval-data files are {eval_fmt} but the --data files are {fmt}; evaluate on the same format")
+    check_options(fmt, options.loss_on, options.packing, options.chat_template, options.drop_long)
     OutputTransaction(out_dir, options.overwrite, model_dir).check()  # refusals before any work
     shard_bytes = parse_size(options.shard_size)
     seq_len = _seq_len(options, config)
     work_dir = out_dir.parent / f".{out_dir.name}.trainer"
-    args = training_arguments(options, work_dir, has_experts=any(k in config for k in EXPERT_COUNT_KEYS))
+    has_experts = any(k in config for k in EXPERT_COUNT_KEYS)
+    if fmt == "text":
+        args = training_arguments(options, work_dir, has_experts)
+    else:
+        from . import sft
+
+        args = sft.sft_arguments(options, work_dir, has_experts, seq_len, fmt)
 
     tokenizer = load_tokenizer(model_dir)
-    blocks = functools.partial(build_blocks, tokenizer=tokenizer, seq_len=seq_len, text_field=options.text_field,
-                               first=args.main_process_first, cache_dir=options.cache_dir)
-    train_blocks = blocks(files, what="training data")
-    eval_blocks = blocks(eval_files, what="eval data") if eval_files else None
+    if fmt == "text":
+        blocks = functools.partial(build_blocks, tokenizer=tokenizer, seq_len=seq_len, text_field=options.text_field,
+                                   first=args.main_process_first, cache_dir=options.cache_dir)
+        train_data = blocks(files, what="training data")
+        eval_data = blocks(eval_files, what="eval data") if eval_files else None
+    else:
+        template = sft.chat_template_of(tokenizer, options)
+        examples = functools.partial(sft.prepare_examples, fmt=fmt, options=options, tokenizer=tokenizer,
+                                     model_dir=model_dir, template=template)
+        with args.main_process_first():
+            train_data = examples(files, what="training data")
+            eval_data = examples(eval_files, what="eval data") if eval_files else None
     model = _load_model(model_dir, options.dtype)
     pattern = layer_pattern(manifest_architecture(manifest)) if manifest else None
     if options.train == "new":
@@ -104,17 +141,32 @@ def train(model_dir: Path | str, data: list[Path | str], out_dir: Path | str, op
     from transformers import PrinterCallback, Trainer
 
     report = _Report(progress, log)
-    trainer = Trainer(model=model, args=args, train_dataset=train_blocks, eval_dataset=eval_blocks,
-                      data_collator=collate_blocks, callbacks=[report])
+    if fmt == "text":
+        trainer = _counting(Trainer)(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+                                     data_collator=collate_blocks, callbacks=[report])
+    else:
+        trainer = sft.sft_trainer(model, args, tokenizer, train_data, eval_data, [report], options.drop_long)
     trainer.remove_callback(PrinterCallback)  # the log callback prints the lines
     result = trainer.train()
     history = trainer.state.log_history
-    if eval_blocks is not None and not any(e.get("step") == trainer.state.global_step and "eval_loss" in e for e in history):
+    if eval_data is not None and not any(e.get("step") == trainer.state.global_step and "eval_loss" in e for e in history):
         trainer.evaluate()
+    loss_tokens = int(trainer.accelerator.reduce(torch.tensor(trainer.loss_tokens, device=args.device), "sum"))
     state_dict = gathered_state_dict(trainer)
 
-    record = _record(options, args, trainer, result, report, files, eval_files, seq_len, len(train_blocks),
-                     len(eval_blocks) if eval_blocks is not None else None, manifest, trainable, total)
+    if fmt == "text":
+        bos = bos_of(tokenizer)
+        data_record = {"format": "text", "loss_on": "all", "text_field": options.text_field,
+                       "train_blocks": len(train_data), "eval_blocks": len(eval_data) if eval_data is not None else None,
+                       "bos_per_block": bos is not None, "bos_token_id": bos}
+    else:
+        data_record = sft.data_record(fmt, options, template, train_data, eval_data, trainer)
+    record = _record(options, args, trainer, result, report, files, eval_files, seq_len, data_record, loss_tokens,
+                     manifest, trainable, total)
+    if fmt != "text":
+        import trl
+
+        record["versions"]["trl"] = trl.__version__
     is_frozen = None
     if options.train == "new":
         layers = set(manifest.trainable_layers)
@@ -177,7 +229,7 @@ def _history(log_history: list[dict]) -> list[dict]:
     return json_safe(rows)
 
 
-def _record(options, args, trainer, result, report, files, eval_files, seq_len, train_blocks, eval_blocks,
+def _record(options, args, trainer, result, report, files, eval_files, seq_len, data_record, loss_tokens,
             manifest, trainable, total) -> dict:
     import datasets
     import transformers
@@ -193,13 +245,12 @@ def _record(options, args, trainer, result, report, files, eval_files, seq_len, 
         "total_parameters": total,
         "data": [dataclasses.asdict(DataFile.of(p)) for p in files],
         "eval_data": [dataclasses.asdict(DataFile.of(p)) for p in eval_files],
-        "text_field": options.text_field,
+        **data_record,
         "seq_len": seq_len,
-        "train_blocks": train_blocks,
-        "eval_blocks": eval_blocks,
         "steps": state.global_step,
         "epochs": round(state.epoch or 0.0, 4),
-        "tokens": int(state.num_input_tokens_seen),
+        "tokens": int(state.num_input_tokens_seen),  # tokens seen (without padding)
+        "loss_tokens": loss_tokens,  # tokens that carried loss
         "world_size": args.world_size,
         "per_device_batch_size": args.per_device_train_batch_size,
         "grad_accum": args.gradient_accumulation_steps,
