@@ -28,7 +28,7 @@ LAYERS = (
     ("contract", ("methods", "methods.base")),
     ("methods", ("methods.copy", "methods.average", "methods.lesa.*", "methods.opt_deus.*")),
     ("plan", ("methods.registry", "recipe", "layers")),
-    ("work", ("job", "upscale", "inspect", "verify", "training.*", "handoff", "evaluation.*", "compare.*")),
+    ("work", ("job", "upscale", "inspect", "perplexity", "verify", "training.*", "handoff", "evaluation.*", "compare.*")),
     ("cli", ("cli.*",)),
 )
 SILOS = {"methods"}
