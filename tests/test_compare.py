@@ -96,7 +96,8 @@ def test_two_recipes_two_seeds_report_resume_and_refusals(corpus, tmp_path, monk
     assert trained == [("upper-copy", 1)]
     assert all(p.read_text() == text for p, text in kept.items())  # saved runs untouched
     redone = saved_runs(out)[("upper-copy", 1)]
-    assert redone["curves"]["eval_loss"] == pytest.approx(runs[("upper-copy", 1)]["curves"]["eval_loss"])  # deterministic
+    curve = lambda run: [loss for _, loss in run["curves"]["eval_loss"]]  # noqa: E731
+    assert curve(redone) == pytest.approx(curve(runs[("upper-copy", 1)]))  # deterministic for a seed
     assert "3 of 4 runs already saved" in result.output
 
     # another comparison's settings in the same --out are refused, naming the setting
