@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from opt_deus_cli.cli import app
 from opt_deus_cli.compare import stats
-from opt_deus_cli.compare.report import analyse, markdown
+from opt_deus_cli.compare.report import analyse, markdown, signed
 from opt_deus_cli.compare.runner import train_flags
 from opt_deus_cli.compare.spec import with_train_fields
 from opt_deus_cli.errors import UsageError
@@ -29,7 +29,7 @@ def corpus(tmp_path_factory) -> tuple[Path, Path]:
     """Training and held-out files cut from the shipped model's held-out text."""
     where = tmp_path_factory.mktemp("corpus")
     text = (TINY / "heldout.txt").read_text()
-    (where / "train.txt").write_text(text[:20000])
+    (where / "train.txt").write_text(text[:8000])
     (where / "eval.txt").write_text(text[-3000:])
     return where / "train.txt", where / "eval.txt"
 
@@ -37,7 +37,7 @@ def corpus(tmp_path_factory) -> tuple[Path, Path]:
 def compare_args(corpus, out: Path, *extra: str, recipes: str = "llama-pro,upper-copy", seeds: str = "0,1") -> list[str]:
     train, heldout = corpus
     return ["compare", str(TINY), "--recipes", recipes, "--data", str(train), "--eval-data", str(heldout),
-            "--steps", "3", "--seeds", seeds, "--seq-len", "32", "--batch-size", "2", "--device", "cpu",
+            "--steps", "2", "--seeds", seeds, "--seq-len", "32", "--batch-size", "2", "--device", "cpu",
             "--eval-every", "1", "--out", str(out), *extra]
 
 
@@ -57,7 +57,7 @@ def test_two_recipes_two_seeds_report_resume_and_refusals(corpus, tmp_path, monk
     runs = saved_runs(out)
     assert set(runs) == {(r, s) for r in ("llama-pro", "upper-copy") for s in (0, 1)}
     for r in runs.values():
-        assert [step for step, _ in r["curves"]["eval_loss"]] == [0, 1, 2, 3]  # step 0: the model as built
+        assert [step for step, _ in r["curves"]["eval_loss"]] == [0, 1, 2]  # step 0: the model as built
         assert r["trainable_parameters"] < r["total_parameters"]  # only the new layers trained
         assert r["model"]["function_preserving"] and r["metrics"]["eval_loss"] == r["curves"]["eval_loss"][-1][1]
     # both recipes start as the base: the same held-out loss at step 0 in every run
@@ -75,7 +75,7 @@ def test_two_recipes_two_seeds_report_resume_and_refusals(corpus, tmp_path, monk
     assert set(report["step_time"]) == {"llama-pro", "upper-copy"} and report["reference"] == "llama-pro"
     text = (out / "report.md").read_text()
     assert "## eval_loss (lower is better)" in text and "| upper-copy |" in text and "## Recommendation" in text
-    assert f"{diffs[0]:+.4f} {diffs[1]:+.4f}" in text
+    assert f"{signed(diffs[0])} {signed(diffs[1])}" in text
     for png in ("curves.png", "step-time.png"):
         assert (out / png).read_bytes()[:8] == PNG
 
@@ -121,7 +121,7 @@ def test_a_failing_launcher_marks_its_run_failed_and_the_others_go_on(corpus, tm
     result = invoke(compare_args(corpus, out, "--launcher", str(launcher), seeds="0"))
     assert result.exit_code == 1, result.output
     ok = json.loads((out / "runs" / "llama-pro" / "seed0.json").read_text())
-    assert ok["status"] == "ok" and ok["launcher"] == str(launcher) and len(ok["curves"]["eval_loss"]) == 4
+    assert ok["status"] == "ok" and ok["launcher"] == str(launcher) and len(ok["curves"]["eval_loss"]) == 3
     failed = json.loads((out / "runs" / "upper-copy" / "seed0.failed.json").read_text())
     assert failed["status"] == "failed" and "code 3" in failed["error"] and "no GPU for you" in failed["error"]
     log = (out / failed["log"]).read_text()
@@ -210,6 +210,7 @@ def test_paired_differences_and_sign_agreement():
     assert q["consistent"] and q["mean"] == pytest.approx(-0.5) and q["sign_test_p"] == pytest.approx(0.5)
     assert stats.sign_test_p(5, 5) == pytest.approx(0.0625) and stats.sign_test_p(1, 2) == 1.0
     assert stats.paired({0: 1.0}, {1: 1.0}) is None
+    assert (signed(-2e-5), signed(0.01234), signed(0.0)) == ("-2.0e-05", "+0.0123", "+0.0000")  # tiny gaps keep their digits
     gap = stats.paired_band({0: {0: 1.0, 5: 2.0}, 1: {0: 1.0, 5: 3.0}}, {0: {0: 1.0, 5: 1.5}, 1: {0: 1.0, 5: 2.0}})
     assert gap["steps"] == [0, 5] and gap["mean"] == pytest.approx([0.0, 0.75]) and gap["max"][1] == pytest.approx(1.0)
 

@@ -102,7 +102,7 @@ def compare(
         task = bar.add_task("comparing", total=None)
 
         def on_progress(done: int, total: int, what: str) -> None:
-            bar.update(task, description=f"training {what}", completed=done, total=total)
+            bar.update(task, description=what if what == "done" else f"training {what}", completed=done, total=total)
 
         def say(line: str) -> None:
             console.print(line, markup=False)

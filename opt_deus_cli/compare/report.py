@@ -55,8 +55,13 @@ def analyse(comparison: dict, runs: list[dict], failed: list[dict], reference: s
     return report
 
 
+def signed(d: float) -> str:
+    """A difference with its sign and at least two significant digits (1e-5 gaps are not +0.0000)."""
+    return f"{d:+.4f}" if d == 0 or abs(d) >= 1e-3 else f"{d:+.1e}"
+
+
 def _fmt(p: dict) -> str:
-    return f"mean Δ {p['mean']:+.4f}, per seed {' '.join(f'{d:+.4f}' for d in p['diffs'])}"
+    return f"mean Δ {signed(p['mean'])}, per seed {' '.join(signed(d) for d in p['diffs'])}"
 
 
 def recommendation(report: dict) -> list[str]:
@@ -144,7 +149,7 @@ def markdown(report: dict) -> str:
             start = table["start"].get(label)
             cells = [f"{row['per_seed'][sd]:.4f}" if sd in row["per_seed"] else "—" for sd in seeds]
             delta = ("(reference)", "", "") if label == ref else (
-                (f"{p['mean']:+.4f}", " ".join(f"{d:+.4f}" for d in p["diffs"]),
+                (signed(p["mean"]), " ".join(signed(d) for d in p["diffs"]),
                  f"{p['agree']}/{p['n']} ({'below' if p['below'] >= p['above'] else 'above'})") if p else ("—", "—", "—"))
             layers = ",".join(map(str, report["models"][label]["new_layers"]))
             lines.append(f"| {label} | {layers} | {'—' if start is None else f'{start:.4f}'} | {row['mean']:.4f} ± {row['std']:.4f} | "

@@ -229,7 +229,7 @@ def run_comparison(spec: CompareSpec, out: Path, say: Say = print, progress: Pro
             failed.append(record)
             say(f"{label} seed {seed}: FAILED ({e})" + (f"; log {log}" if log.is_file() else ""))
         done += 1
-        if progress:
-            progress(done, len(todo) - skipped, f"{label} seed {seed}")
+    if progress:
+        progress(done, len(todo) - skipped, "done")
     shutil.rmtree(out / "work", ignore_errors=True)
     return {"runs": runs, "failed": failed, "skipped": skipped, "ran": len(todo) - skipped}
