@@ -174,6 +174,21 @@ def test_tasks_need_opt_deus_eval(corpus, tmp_path):
         pytest.skip("opt-deus eval is installed: its own tests cover it")
 
 
+def test_task_scores_are_read_from_lm_evals_results_block():
+    """lm-eval's simple_evaluate result: results -> task -> "metric,filter" (stderr beside each)."""
+    from opt_deus_cli.compare.tasks import flatten_scores, lower_is_better
+
+    result = {"results": {"arc_easy": {"alias": "arc_easy", "acc,none": 0.25, "acc_stderr,none": 0.04, "acc_norm,none": 0.5},
+                          "wikitext": {"word_perplexity,none": 40.0, "bits_per_byte,none": 1.1, "alias": "wikitext"}}}
+    scores = flatten_scores(result, "m")
+    assert scores == {"arc_easy/acc": 0.25, "arc_easy/acc_norm": 0.5, "wikitext/word_perplexity": 40.0,
+                      "wikitext/bits_per_byte": 1.1}
+    assert flatten_scores({"m": result}, "m") == scores  # one block per model
+    assert [lower_is_better(m) for m in scores] == [False, False, True, True] and lower_is_better("eval_loss")
+    with pytest.raises(UsageError, match="no lm-eval results block"):
+        flatten_scores({"other": 1}, "m")
+
+
 def test_train_flags_are_opt_deus_train_options(tmp_path):
     """The launcher path spells TrainOptions as `opt-deus train` flags; train's own parser accepts them."""
     options = TrainOptions(train="all", steps=3, lr=0.1, batch_size=2, grad_accum=2, seq_len=32, device="cpu",

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "sft")
     p.add_argument("--dry-run", action="store_true", help="build data and recipes, print the commands, run nothing")
     args = p.parse_args(argv)
-    if not MODELS["smollm2-135m"].dir.is_dir():
+    if not MODELS["smollm2-135m"].dir.is_dir() and not args.dry_run:
         sys.exit(f"no {MODELS['smollm2-135m'].dir}: build it first with `python -m benchmarks.smollm2`")
     info = data.build(args.work / "data")
     print(f"data: {info['train']} training and {info['heldout']} held-out conversations, {info['multiple_choice']} "

@@ -85,12 +85,14 @@ def step_time_figure(report: dict, path: Path) -> None:
 
 
 def figures(report: dict, runs: list[dict], out: Path) -> list[Path]:
-    """The PNGs of a comparison, written into `out`; returns their paths."""
-    written = []
+    """The PNGs of a comparison, written into `out` (each whole or absent); returns their paths."""
+    drawn = []
     if any(r["curves"].get("train_loss") or r["curves"].get("eval_loss") for r in runs):
-        curves_figure(report, runs, out / "curves.png")
-        written.append(out / "curves.png")
+        drawn.append((out / "curves.png", lambda path: curves_figure(report, runs, path)))
     if report["step_time"]:
-        step_time_figure(report, out / "step-time.png")
-        written.append(out / "step-time.png")
-    return written
+        drawn.append((out / "step-time.png", lambda path: step_time_figure(report, path)))
+    for path, draw in drawn:
+        tmp = path.with_name(f".{path.name}")  # still .png: matplotlib takes the format from the suffix
+        draw(tmp)
+        tmp.replace(path)
+    return [path for path, _ in drawn]
