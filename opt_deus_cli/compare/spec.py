@@ -20,8 +20,6 @@ from ..training.options import TrainOptions
 SETTINGS_FILE = "comparison.json"
 # TrainOptions fields that do not change what a run computes, or that compare sets per run
 NOT_SETTINGS = ("seed", "overwrite", "cache_dir", "shard_size", "data", "eval_data")
-# the SFT options of `opt-deus train` (issue: SFT on TRL); passed through by name when TrainOptions has them
-SFT_FIELDS = ("format", "loss_on", "packing", "chat_template", "drop_long")
 
 
 @dataclass
