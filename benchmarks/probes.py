@@ -53,7 +53,7 @@ def lap_reduction(shapes: str, rounds: int) -> None:
 
 
 def memory_stages(shapes: str) -> None:
-    from opt_deus_cli.methods.base import BuildContext
+    from opt_deus_cli.methods.base import BuildContext, Decisions
     from opt_deus_cli.methods.opt_deus import corrected
     from opt_deus_cli.methods.opt_deus.settings import AlignmentSettings
 
@@ -71,8 +71,8 @@ def memory_stages(shapes: str) -> None:
             print(f"after {_name}: {rss()}", flush=True)
             return out
         setattr(corrected, name, traced)
-    ctx = BuildContext(LLAMA.canonical(), layout, torch.device("cpu"), (0, 1), None)
-    corrected.build_corrected(lower, upper, ctx, AlignmentSettings(), 0.5, overlap=False)
+    ctx = BuildContext(LLAMA.canonical(), layout, torch.device("cpu"), (0, 1), None, Decisions(overlap=False))
+    corrected.build_corrected(lower, upper, ctx, AlignmentSettings(), 0.5)
 
 
 def null_alignment(pairs: list[int]) -> None:

@@ -48,6 +48,9 @@ class Architecture:
     router: str | None = None
     num_experts_keys: tuple[str, ...] = ()  # config keys that may hold the expert count
     expert_intermediate_key: str = "intermediate_size"
+    # the experts as transformers >= 5 stores them: stacked parameters, relative to the block
+    # (what a trainer of the loaded model sees; the checkpoint keeps one tensor per expert)
+    stacked_experts: tuple[str, ...] = ()
     # residual-width norms (hidden,), averaged by the fusing methods
     norms: tuple[str, ...] = ("input_layernorm.weight", "post_attention_layernorm.weight")
     # the norm whose input is the residual stream feeding the MLP (LLaMA: post_attention_layernorm;
@@ -55,6 +58,11 @@ class Architecture:
     mlp_input_norm: str = "post_attention_layernorm.weight"
     # a norm's scale is norm_offset + weight (Gemma stores 1 + w: RMSNorm multiplies by (1 + weight))
     norm_offset: float = 0.0
+    # residual writer role -> the norm that normalises its branch output before the residual add
+    # (Gemma 2/3: o -> post_attention_layernorm, down -> post_feedforward_layernorm). A zeroed
+    # projection in front of such a norm trains badly (the norm's derivative at 0 is 1/sqrt(eps)),
+    # so the function-preserving start sets this norm's scale to 0 instead (docs/method.md section 7)
+    post_norms: dict[str, str] = field(default_factory=dict)
     # per-head norms (head_dim,) applied to q and k (Qwen3); averaged, never permuted
     head_norms: tuple[str, ...] = ()
     layers_prefix: str = "model.layers."
@@ -85,6 +93,19 @@ class Architecture:
 
     def zeroable(self, role: str) -> bool:
         return role in self.projections or role in self.experts
+
+    @property
+    def zero_scale_weight(self) -> float:
+        """The stored norm weight whose scale (norm_offset + weight) is 0: -1 for Gemma's 1 + w."""
+        return -self.norm_offset
+
+    def start_tensors(self, role: str, layout: "HeadLayout") -> dict[str, float]:
+        """What makes a residual branch start at zero: tensor name -> the value it is set to. The
+        branch's post-norm at scale 0 where the family has one (the projection kept as built),
+        else the projection's weights and biases (all experts) at 0."""
+        if role in self.post_norms:
+            return {self.post_norms[role]: self.zero_scale_weight}
+        return {name: 0.0 for name in self.role_tensors(role, layout)}
 
     def role_tensors(self, role: str, layout: "HeadLayout") -> list[str]:
         """Every tensor name implementing a role (weights and possible biases; all experts)."""
@@ -156,7 +177,8 @@ class Architecture:
 
 _GEMMA_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight",
                 "pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight")
-_GEMMA_MLP_NORM = dict(mlp_input_norm="pre_feedforward_layernorm.weight", norm_offset=1.0)
+_GEMMA_MLP_NORM = dict(mlp_input_norm="pre_feedforward_layernorm.weight", norm_offset=1.0,
+                       post_norms={"o": "post_attention_layernorm.weight", "down": "post_feedforward_layernorm.weight"})
 
 SUPPORTED: dict[str, Architecture] = {
     "llama": Architecture("llama"),
@@ -167,8 +189,8 @@ SUPPORTED: dict[str, Architecture] = {
         head_norms=("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
         window_layers_key="max_window_layers",
     ),
-    # Gemma 2/3: four norms per block; zeroed o/down still give an identity block because the
-    # post-norms of a zero vector are zero
+    # Gemma 2/3: four norms per block; each branch output is normalised (scale 1 + w) before the
+    # residual add, so a branch starts at zero by its post-norm's scale, not by o/down
     "gemma2": Architecture("gemma2", norms=_GEMMA_NORMS, **_GEMMA_MLP_NORM),
     "gemma3_text": Architecture("gemma3_text", norms=_GEMMA_NORMS, **_GEMMA_MLP_NORM,
                                 head_norms=("self_attn.q_norm.weight", "self_attn.k_norm.weight")),
@@ -185,6 +207,7 @@ SUPPORTED: dict[str, Architecture] = {
                  "down": "block_sparse_moe.experts.{e}.w2"},
         router="block_sparse_moe.gate.weight",
         num_experts_keys=("num_local_experts",),
+        stacked_experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),  # transformers 5 renamed the block
     ),
     "qwen3_moe": Architecture(
         "qwen3_moe",
@@ -192,6 +215,7 @@ SUPPORTED: dict[str, Architecture] = {
         experts={r: f"mlp.experts.{{e}}.{r}_proj" for r in MLP_ROLES},
         router="mlp.gate.weight",
         num_experts_keys=("num_experts", "num_local_experts"),  # hub configs; transformers 5 saves the second
+        stacked_experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
         expert_intermediate_key="moe_intermediate_size",
         head_norms=("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
         window_layers_key="max_window_layers",

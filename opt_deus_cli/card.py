@@ -4,6 +4,7 @@ its body says what was done, which layers are new, how to train only them and ho
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -40,11 +41,15 @@ def model_card(*, base_name: str, base_dir: Path, model_type: str, recipe: dict,
     )
     base_n = sum(1 for layer in layers if not layer.is_new)
     rows = "\n".join(
-        f"| {layer.index} | {layer.origin} | {', '.join(map(str, layer.sources))} | {layer.method} | {len(layer.zeroed)} |"
+        f"| {layer.index} | {layer.origin} | {', '.join(map(str, layer.sources))} | {layer.method} | {start_summary(layer)} |"
         for layer in layers
     )
+    post_norm_start = any(layer.start_values for layer in layers)
+    how = ("the new layers' branches end in a norm, which starts at scale 0 (weight -1: the family scales by "
+           "1 + w) with o_proj and down_proj kept as built, so the branches add zero and train from a sane start"
+           if post_norm_start else "the new layers' output projections are zero")
     preserving = (
-        "yes: the new layers' output projections are zero, so before training this model computes exactly what "
+        f"yes: {how}, so before training this model computes exactly what "
         f"{base_name} computes (`opt-deus verify` checks the logits)"
         if function_preserving else
         "no: this recipe changes what the model computes until it is trained"
@@ -68,7 +73,7 @@ recipe and the checksums of the base and of these files.
 
 ## Layers
 
-| layer | origin | from base layers | method | zero-initialised tensors |
+| layer | origin | from base layers | method | set at the start |
 |---|---|---|---|---|
 {rows}
 
@@ -86,3 +91,15 @@ opt-deus verify {base_name} {out_name} --text heldout.txt
 ```
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def start_summary(layer: LayerEntry) -> str:
+    """The tensors a new layer sets at the start, and to what: `self_attn.o_proj.weight = 0`;
+    all experts' tensors once (`experts.*`)."""
+    values = {name: 0.0 for name in layer.zeroed} | (layer.start_values or {})
+    by_value: dict[float, list[str]] = {}
+    for name, value in values.items():
+        rel = re.sub(r"\.\d+\.", ".*.", name.split(f"layers.{layer.index}.", 1)[-1])  # experts.3. -> experts.*.
+        if rel not in by_value.setdefault(value, []):
+            by_value[value].append(rel)
+    return "; ".join(f"{', '.join(names)} = {value:g}" for value, names in by_value.items()) or "-"

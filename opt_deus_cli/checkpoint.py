@@ -34,6 +34,7 @@ from .hashing import Hashing, sha256_file  # noqa: F401  (sha256_file: readers o
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+WEIGHT_SUFFIXES = (".safetensors", ".h5", ".msgpack", ".gguf", ".onnx") + PICKLE_SUFFIXES  # never side files
 
 # safetensors dtype code <-> torch dtype
 DTYPE_CODES = {
@@ -244,6 +245,16 @@ class Checkpoint:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def copy_side_files(files: list[Path], out: Path, skipped: set[str]) -> None:
+    """Copy the files of a model directory that are not weights (tokenizer, generation config, chat
+    template, licence, ...) into `out`, but those named in `skipped` (the caller writes its own)."""
+    import shutil
+
+    for path in files:
+        if path.name not in skipped and not path.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(path, out / path.name)
 
 
 # ---- writing -----------------------------------------------------------------------------

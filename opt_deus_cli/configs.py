@@ -7,7 +7,7 @@ gemma3's sliding_window_pattern, qwen2's use_sliding_window/max_window_layers) a
 transformers itself uses.
 
 Writing: the base's config.json with the new depth and every per-layer attribute explicit for the
-output layers (each one behaves like the base layer it inherits: layers.base_position), checked
+output layers (each one behaves like the base layer it inherits: base_position), checked
 by reading the result back through the same config class."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from .architectures import Architecture
+from .block import OutputLayer
 from .devices import DTYPE_NAMES
 from .errors import OptDeusError
-from .layers import OutputLayer, base_position
 
 # The first transformers release whose modeling code reads `config.layer_types` for gemma2,
 # gemma3, qwen2 and qwen3 (4.52.4 still chose sliding/full by layer index: gemma2
@@ -57,6 +57,11 @@ def per_layer(hf_config) -> dict[str, list]:
     return found
 
 
+def base_position(layer: OutputLayer) -> int:
+    """The base layer whose per-layer config (layer type, window, RoPE) an output layer inherits."""
+    return layer.settings_from
+
+
 def rewrite_config(raw: dict, hf_config, arch: Architecture, layers: list[OutputLayer],
                    dtype: torch.dtype | None) -> tuple[dict, list[str], list[str]]:
     """Return (new config.json, notes, warnings). `dtype` is the output's floating dtype when it
@@ -71,6 +76,7 @@ def rewrite_config(raw: dict, hf_config, arch: Architecture, layers: list[Output
         if len(value) != base_n:
             raise OptDeusError(f"config.json: {key} should list {base_n} entries (one per layer), has {value!r}")
         out[key] = [value[j] for j in inherit]
+        notes += _fusion_choices(key, value, layers)
     if arch.window_layers_key and isinstance(raw.get(arch.window_layers_key), int):
         # transformers before LAYER_TYPES_SINCE reads this instead of layer_types: layers with
         # index >= max_window_layers use the sliding window; keep the same base layers on each side
@@ -93,6 +99,18 @@ def rewrite_config(raw: dict, hf_config, arch: Architecture, layers: list[Output
             "layer_types and would switch base layers between sliding and full attention)"
         )
     return out, notes, warnings
+
+
+def _fusion_choices(key: str, base_values: list, layers: list[OutputLayer]) -> list[str]:
+    """A note for each new layer built from base layers whose per-layer setting differs (a fusion
+    of a sliding and a full layer): which one it took, and by what rule."""
+    notes = []
+    for layer in layers:
+        if layer.is_new and len({repr(base_values[j]) for j in layer.built_from}) > 1:
+            parts = ", ".join(f"base {j} {base_values[j]} (weight {w:g})" for j, w in layer.parts)
+            notes.append(f"{key}: new layer {layer.index} is built from {parts}: it takes base "
+                         f"{layer.settings_from}'s, the larger weight (ties to the upper layer)")
+    return notes
 
 
 def _check_reads_back(out: dict, hf_config, expected: dict[str, list]) -> None:

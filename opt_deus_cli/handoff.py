@@ -44,13 +44,6 @@ from .errors import OptDeusError, UsageError
 
 DIALECTS = ("axolotl", "llama-factory", "peft", "trainer")
 
-# transformers >= 5 stores a mixture-of-experts block's experts as two stacked parameters per layer
-# (relative to the block; checked against the real models by tests/test_handoff.py)
-FUSED_EXPERT_PARAMETERS = {
-    "mixtral": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
-    "qwen3_moe": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
-}
-
 OTHER_ROUTES = "--for axolotl (unfrozen_parameters), --for peft (LoRA) or --for trainer (transformers Trainer)"
 
 
@@ -71,6 +64,9 @@ class HandoffTarget:
     block_modules: tuple[str, ...] = ()
     # major version of the transformers the training runs with (only mixtures of experts differ)
     transformers_major: int = 5
+    # transformers >= 5: the experts' stacked parameters, relative to the block (the family's
+    # Architecture.stacked_experts; checked against the real models by tests/test_handoff.py)
+    stacked_experts: tuple[str, ...] = ()
 
     def __post_init__(self):
         layers = tuple(self.new_layers)
@@ -117,7 +113,8 @@ def target_from_output(out_dir: Path | str, transformers_major: int | None = Non
     if transformers_major is None:
         transformers_major = _installed_transformers_major()
     return HandoffTarget(str(out.resolve()), model_type, num_layers, tuple(manifest.trainable_layers),
-                         arch.layers_prefix, tuple(projections), experts, block, transformers_major)
+                         arch.layers_prefix, tuple(projections), experts, block, transformers_major,
+                         arch.stacked_experts)
 
 
 def _read_json(path: Path) -> dict:
@@ -222,10 +219,10 @@ def peft_fields(target: HandoffTarget) -> dict:
     fields["layers_to_transform"] = list(target.new_layers)
     fields["layers_pattern"] = target.layers_pattern
     if target.has_experts and target.transformers_major >= 5:
-        stacked = FUSED_EXPERT_PARAMETERS.get(target.model_type)
-        if stacked is None:
+        if not target.stacked_experts:
             raise OptDeusError(f"no transformers-5 expert parameter names known for {target.model_type}")
-        fields["target_parameters"] = [f"{target.layers_prefix}{i}.{p}" for i in target.new_layers for p in stacked]
+        fields["target_parameters"] = [f"{target.layers_prefix}{i}.{p}" for i in target.new_layers
+                                       for p in target.stacked_experts]
     return fields
 
 

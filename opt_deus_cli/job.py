@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .architectures import PROJECTION_ROLES, RESIDUAL_WRITERS
+from .block import Decisions
 from .checkpoint import TensorMeta, parse_size
 from .devices import resolve_device, resolve_dtype
 from .errors import OptDeusError, UsageError
@@ -40,6 +41,7 @@ class Job:
     dtype: torch.dtype | None  # the output's floating dtype; None keeps each tensor's own
     device: torch.device
     memory_budget: int | None = None  # bytes a new layer may use (--memory-budget); None: what is free
+    decisions: Decisions = Decisions()  # what the method's check() decided; every BuildContext carries it
 
     @property
     def base_layers(self) -> int:
@@ -76,13 +78,14 @@ class Job:
             out.append((name, TensorMeta(self.out_dtype(meta), meta.shape)))
         return out
 
-    def zeroed_names(self, layer: OutputLayer) -> list[str]:
-        """Relative names of the tensors zero-initialised in a new layer (weights and biases)."""
+    def start_values(self, layer: OutputLayer) -> dict[str, float]:
+        """The tensors set to a constant in a new layer so that its branches named by zero_init
+        start at zero: relative name -> value (architectures.Architecture.start_tensors)."""
         if not layer.is_new:
-            return []
+            return {}
         block = set(self.source.blocks[layer.sources[0]])
         arch, layout = self.source.arch, self.source.layout
-        return [n for role in self.zero_roles for n in arch.role_tensors(role, layout) if n in block]
+        return {n: v for role in self.zero_roles for n, v in arch.start_tensors(role, layout).items() if n in block}
 
     def trainable_regex(self) -> str:
         """Matches exactly the parameter names of the new layers."""
@@ -106,7 +109,7 @@ class Job:
         }
         if with_layers:
             plan["layers"] = [
-                {"index": layer.index, "origin": layer.origin, "sources": list(layer.sources), "method": layer.method}
+                {"index": layer.index, "origin": layer.origin, "sources": list(layer.built_from), "method": layer.method}
                 for layer in self.layers
             ]
         return plan
@@ -134,7 +137,7 @@ def resolve_job(source: SourceModel, recipe: Recipe, options: Options) -> Job:
     layers = recipe_layers(recipe, source.depth)
     job = Job(source, recipe, method, layers, tuple(zero_roles), dtype, resolve_device(options.device),
               _memory_budget(options.memory_budget))
-    method.check(job)
+    job.decisions = method.check(job)
     return job
 
 

@@ -6,22 +6,10 @@ neighbour alone may also use k = N-1: after the top layer, as LLaMA-Pro does).""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
+from .block import OutputLayer
 from .errors import UsageError
 from .recipe import Positions, Recipe, Slices, resolve_amount
-
-
-@dataclass(frozen=True)
-class OutputLayer:
-    index: int  # output layer index
-    origin: str  # "base" (first use of a base layer) or "new"
-    sources: tuple[int, ...]  # base layer indices it is built from
-    method: str  # "base" for kept layers; the recipe's method for new ones
-
-    @property
-    def is_new(self) -> bool:
-        return self.origin == "new"
 
 
 def resolve_positions(placement: Positions, base_layers: int, needs_upper: bool, where: str) -> list[int]:
@@ -78,10 +66,11 @@ def resolve_slices(placement: Slices, base_layers: int, where: str) -> list[tupl
 
 
 def output_layers(placement: Positions | Slices, base_layers: int, method: str, needs_upper: bool,
-                  where: str = "recipe") -> list[OutputLayer]:
+                  where: str = "recipe", composition=None) -> list[OutputLayer]:
     """Every output layer in order. Slices: the first use of a base layer is that layer, a repeat
     is a new layer (a copy) of `method`. Positions: each base layer, and after the chosen ones a
-    new layer of `method` built from (k, k+1), or from k alone when not needs_upper."""
+    new layer of `method` built from (k, k+1), or from k alone when not needs_upper.
+    `composition(sources)` gives a new layer's (base layer, weight) parts (Method.composition)."""
     layers: list[OutputLayer] = []
     if isinstance(placement, Slices):
         seen: set[int] = set()
@@ -96,14 +85,9 @@ def output_layers(placement: Positions | Slices, base_layers: int, method: str, 
         layers.append(OutputLayer(len(layers), "base", (k,), "base"))
         if k in positions:
             sources = (k, k + 1) if needs_upper else (k,)
-            layers.append(OutputLayer(len(layers), "new", sources, method))
+            parts = tuple(composition(sources)) if composition else ()
+            layers.append(OutputLayer(len(layers), "new", sources, method, parts))
     return layers
-
-
-def base_position(layer: OutputLayer) -> int:
-    """The base layer whose per-layer config (layer type, window) an output layer inherits:
-    its lower source, so a new layer between k and k+1 behaves like layer k."""
-    return layer.sources[0]
 
 
 def recipe_layers(recipe: Recipe, base_layers: int) -> list[OutputLayer]:
@@ -112,5 +96,6 @@ def recipe_layers(recipe: Recipe, base_layers: int) -> list[OutputLayer]:
 
     # an instance: whether a method needs the upper neighbour may follow its settings (copy's
     # `neighbour`); constructing a method from settings imports no torch
-    needs_upper = method_class(recipe.method).from_settings(recipe.settings).needs_upper
-    return output_layers(recipe.placement, base_layers, recipe.method, needs_upper, f"recipe {recipe.source}")
+    method = method_class(recipe.method).from_settings(recipe.settings)
+    return output_layers(recipe.placement, base_layers, recipe.method, method.needs_upper, f"recipe {recipe.source}",
+                         method.composition)

@@ -34,6 +34,11 @@ class LayerEntry:
     # "warnings" (see report_warnings)
     report: dict | None = None
     seconds: float | None = None
+    # tensors set to another constant at the start, full name -> value (a post-norm's weight at
+    # -1: Gemma's scale 1 + w is then 0, so the branch starts at zero with o/down kept as built)
+    start_values: dict[str, float] | None = None
+    # a new layer: the base layer whose per-layer config (layer type, window, RoPE) it takes
+    settings_from: int | None = None
 
     @property
     def is_new(self) -> bool:

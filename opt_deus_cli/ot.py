@@ -1,6 +1,6 @@
-"""Optimal-transport building blocks: cost matrices (dense, from column blocks, batched, sketched),
-the scale a cost has for transport, and using a plan (the barycentric map). Device-agnostic torch
-code; the solvers are in solvers.py. A plan T (n, m) couples the n units (rows, heads, KV groups)
+"""Optimal-transport building blocks: what each cost kind computes, cost matrices (dense, from
+column blocks, batched, sketched), costs of paired units, the scale a cost has for transport, and
+using a plan (the barycentric map). Device-agnostic torch code; the solvers are in solvers.py. A plan T (n, m) couples the n units (rows, heads, KV groups)
 of the lower layer A with the m units of the upper layer B; with uniform marginals every row of T
 carries mass 1/n and every column 1/m.
 """
@@ -9,16 +9,72 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from .errors import OptDeusError
-from .methods.opt_deus.settings import COST_KINDS
+from .ot_names import COST_KINDS
 
 # Cost matrices are built tile by tile so that bf16 inputs are converted to the compute dtype
 # one tile at a time: at LLaMA-8B shapes the MLP features are 14336 x 12288 (700 MB in fp32
 # per layer) and are never materialised.
 _TILE = 2048
+
+
+# ---------------------------------------------------------------------------------------------
+# cost kinds: the one place that says what each kind computes; every cost below (and the methods'
+# costs of their own shapes) asks cost_kind()
+
+
+@dataclass(frozen=True)
+class CostKind:
+    angular: bool  # compares directions: 1 - cos(x, y), which is |x/|x| - y/|y||^2 / 2
+    root: bool  # a distance rather than its square
+    squared: str  # the kind without the root (itself when root is False)
+
+
+_COST_KINDS = {
+    "euclidean": CostKind(angular=False, root=True, squared="sqeuclidean"),
+    "sqeuclidean": CostKind(angular=False, root=False, squared="sqeuclidean"),
+    "cosine": CostKind(angular=True, root=False, squared="cosine"),
+}  # keys: ot_names.COST_KINDS, in its order
+
+
+def cost_kind(kind: str) -> CostKind:
+    """What a cost kind (a recipe's `alignment.cost`) computes; OptDeusError for an unknown name."""
+    if kind not in _COST_KINDS:
+        raise OptDeusError(f"unknown cost {kind!r}; expected one of {', '.join(COST_KINDS)}")
+    return _COST_KINDS[kind]
+
+
+def finish_cost(dot: torch.Tensor, x_norm: torch.Tensor, y_norm: torch.Tensor, kind: str) -> torch.Tensor:
+    """The cost of a tile (..., n, m) from the dot products and the squared norms (..., n), (..., m)."""
+    spec = cost_kind(kind)
+    if spec.angular:
+        denom = (x_norm.sqrt()[..., :, None] * y_norm.sqrt()[..., None, :]).clamp_min_(torch.finfo(dot.dtype).tiny)
+        return dot.div_(denom).neg_().add_(1.0)
+    # |x - y|^2 = |x|^2 + |y|^2 - 2 x.y, clamped: rounding can make it slightly negative
+    block = dot.mul_(-2.0).add_(x_norm[..., :, None]).add_(y_norm[..., None, :]).clamp_min_(0.0)
+    return block.sqrt_() if spec.root else block
+
+
+Parts = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (a part of x, the same part of y) -> elementwise
+
+
+def paired_cost(total: Callable[[Parts], torch.Tensor], kind: str) -> torch.Tensor:
+    """(N,): the cost between unit i of A and unit i of B, units made of parts that are never
+    concatenated (column blocks, a KV group's tensors): total(f) sums the elementwise f(x, y) over
+    every entry of every part of a unit, in the caller's dtype. Distances come from the
+    differences themselves, without the |x|^2 + |y|^2 - 2 x.y cancellation."""
+    spec = cost_kind(kind)
+    if spec.angular:
+        dot = total(lambda x, y: x * y)
+        norms = total(lambda x, y: x.square()) * total(lambda x, y: y.square())
+        return torch.where(norms > 0, 1.0 - dot / norms.sqrt().clamp_min(torch.finfo(dot.dtype).tiny), 1.0)
+    sq = total(lambda x, y: (x - y).square())
+    return sq.sqrt() if spec.root else sq
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,8 +141,7 @@ def cost_matrix_blocks(
     x.y = sum_t X_t Y_t^T, computed tile by tile with on-the-fly conversion to the compute dtype
     on `device` (default: X's device); the result is allocated there unless `out` is given.
     """
-    if kind not in COST_KINDS:
-        raise OptDeusError(f"unknown cost {kind!r}; expected one of {', '.join(COST_KINDS)}")
+    cost_kind(kind)  # an unknown kind fails before any work
     if len(Xs) != len(Ys) or not Xs:
         raise OptDeusError("cost_matrix_blocks needs the same number (>= 1) of blocks for A and B")
     n, m = Xs[0].shape[0], Ys[0].shape[0]
@@ -120,21 +175,10 @@ def cost_matrix_blocks(
     return out
 
 
-def finish_cost(dot: torch.Tensor, x_norm: torch.Tensor, y_norm: torch.Tensor, kind: str) -> torch.Tensor:
-    """The cost of a tile (..., n, m) from the dot products and the squared norms (..., n), (..., m)."""
-    if kind == "cosine":
-        denom = (x_norm.sqrt()[..., :, None] * y_norm.sqrt()[..., None, :]).clamp_min_(torch.finfo(dot.dtype).tiny)
-        return dot.div_(denom).neg_().add_(1.0)
-    # |x - y|^2 = |x|^2 + |y|^2 - 2 x.y, clamped: rounding can make it slightly negative
-    block = dot.mul_(-2.0).add_(x_norm[..., :, None]).add_(y_norm[..., None, :]).clamp_min_(0.0)
-    return block.sqrt_() if kind == "euclidean" else block
-
-
 def batched_cost(X: torch.Tensor, Y: torch.Tensor, kind: str) -> torch.Tensor:
     """(..., n, m): the cost between the rows of X (..., n, d) and of Y (..., m, d), batch
     dimensions broadcast (e.g. X (G, 1, d, D) and Y (1, G, d, D) give every pair of groups)."""
-    if kind not in COST_KINDS:
-        raise OptDeusError(f"unknown cost {kind!r}; expected one of {', '.join(COST_KINDS)}")
+    cost_kind(kind)
     dot = X @ Y.transpose(-1, -2)
     return finish_cost(dot, X.square().sum(-1).expand(dot.shape[:-1]), Y.square().sum(-1).expand(dot.shape[:-2] + dot.shape[-1:]), kind)
 

@@ -19,7 +19,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from .errors import OptDeusError
-from .methods.opt_deus.settings import SOLVERS
+from .ot_names import SOLVERS
 from .ot import all_finite, assignment_plan, cost_spread
 
 # Sinkhorn runs in float64 when a problem is small enough for that to be cheap (32 MB).

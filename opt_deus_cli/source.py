@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from .architectures import Architecture, HeadLayout, architecture_for, expected_block_shapes
+from .block import Block, BuildContext, Decisions
 from .checkpoint import Checkpoint
 from .configs import load_hf_config
 from .errors import OptDeusError
-from .methods.base import Block, BuildContext
 
 
 @dataclass
@@ -85,12 +85,13 @@ class SourceModel:
         arch.from_canonical gives the family's own names back."""
         return self.arch.to_canonical(block, self.layout) if block is not None else None
 
-    def canonical_pair(self, sources: tuple[int, ...], device: torch.device,
-                       out_dtype: torch.dtype | None = None) -> tuple[Block, Block | None, BuildContext]:
+    def canonical_pair(self, sources: tuple[int, ...], device: torch.device, out_dtype: torch.dtype | None = None,
+                       decisions: Decisions = Decisions()) -> tuple[Block, Block | None, BuildContext]:
         """(lower, upper or None, context) of base layers (k,) or (k, k+1), canonical."""
         lower = self.canonical(self.block(sources[0]))
         upper = self.canonical(self.block(sources[1])) if len(sources) > 1 else None
-        return lower, upper, BuildContext(self.arch.canonical(), self.layout, device, tuple(sources), out_dtype)
+        return lower, upper, BuildContext(self.arch.canonical(), self.layout, device, tuple(sources), out_dtype,
+                                          decisions)
 
     def files(self) -> list[Path]:
         return self.ckpt.files()

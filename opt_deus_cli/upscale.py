@@ -7,14 +7,13 @@ layer in order: read its source blocks, build, zero-init, write -> config, side 
 from __future__ import annotations
 
 import re
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .checkpoint import INDEX_FILE, PICKLE_SUFFIXES, ShardWriter, parse_size, sha256_file, write_json
+from .checkpoint import INDEX_FILE, ShardWriter, copy_side_files, parse_size, sha256_file, write_json
 from .card import CARD_FILE, model_card
 from .configs import rewrite_config
 from .errors import UsageError
@@ -28,8 +27,7 @@ from .output import OutputTransaction
 from .recipe import Recipe
 from .source import SourceModel, check_finite
 
-# files of the base directory that are weights or are rewritten, hence not copied as they are
-NOT_COPIED_SUFFIXES = (".safetensors", ".h5", ".msgpack", ".gguf", ".onnx") + PICKLE_SUFFIXES
+# files of the base directory that are rewritten, hence not copied as they are (nor are weights)
 NOT_COPIED_NAMES = {"config.json", INDEX_FILE, MANIFEST_FILE, CARD_FILE}  # the base's card describes the base
 
 
@@ -87,9 +85,7 @@ def upscale(model: Model, recipe: Recipe, out_dir: Path | str, options: Options 
             config, config_notes, config_warnings = rewrite_config(source.raw_config, source.hf_config, source.arch,
                                                                    job.layers, job.dtype)
             write_json(tmp / "config.json", config)
-            for path in source.files():
-                if path.name not in NOT_COPIED_NAMES and not path.name.endswith(NOT_COPIED_SUFFIXES):
-                    shutil.copy2(path, tmp / path.name)
+            copy_side_files(source.files(), tmp, NOT_COPIED_NAMES)
             model_card(base_name=model.name, base_dir=source.dir, model_type=source.arch.model_type,
                        recipe=recipe.to_dict(), layers=layer_entries, new_layers=job.new_layers,
                        function_preserving=job.function_preserving, out_name=Path(out_dir).name,
@@ -133,10 +129,10 @@ def build_new_layer(job: Job, layer: OutputLayer, allow_nonfinite: bool) -> tupl
                else "fix the checkpoint or pass --allow-nonfinite")
         for k in layer.sources:
             check_finite(source.block(k), source.arch.layer_prefix(k), "source", fix)
-    block, report = job.method.build(*source.canonical_pair(layer.sources, job.device, job.dtype))
+    block, report = job.method.build(*source.canonical_pair(layer.sources, job.device, job.dtype, job.decisions))
     block = source.arch.from_canonical(block, source.layout)
-    for rel in job.zeroed_names(layer):
-        block[rel] = torch.zeros_like(block[rel])
+    for rel, value in job.start_values(layer).items():
+        block[rel] = torch.full_like(block[rel], value)
     if not allow_nonfinite:
         check_finite(block, source.arch.layer_prefix(layer.index), "built")
     return block, report
@@ -159,12 +155,15 @@ def _write_tensors(job: Job, writer: ShardWriter, layer_entries: list[LayerEntry
         copy_tensor(name, name)
     for layer in job.layers:
         if progress:
-            progress(f"layer {layer.index} ({layer.origin}: {layer.method} of {list(layer.sources)})", layer.index, total)
+            progress(f"layer {layer.index} ({layer.origin}: {layer.method} of {list(layer.built_from)})", layer.index, total)
         t0 = time.perf_counter()
         k = layer.sources[0]
         prefix, src_prefix = arch.layer_prefix(layer.index), arch.layer_prefix(k)
-        zeroed = job.zeroed_names(layer)
-        entry = LayerEntry(layer.index, layer.origin, list(layer.sources), layer.method, [prefix + rel for rel in zeroed])
+        start = job.start_values(layer)
+        entry = LayerEntry(layer.index, layer.origin, list(layer.built_from), layer.method,
+                           [prefix + rel for rel, value in start.items() if value == 0],
+                           start_values={prefix + rel: value for rel, value in start.items() if value != 0} or None,
+                           settings_from=layer.settings_from if layer.is_new else None)
         if layer.is_new and not job.method.copies_lower:
             block, report = build_new_layer(job, layer, options.allow_nonfinite)
             for rel in source.blocks[k]:
@@ -175,9 +174,9 @@ def _write_tensors(job: Job, writer: ShardWriter, layer_entries: list[LayerEntry
             if layer.is_new and not options.allow_nonfinite:
                 check_finite(source.block(k), src_prefix, "source")
             for rel in source.blocks[k]:
-                if rel in zeroed:
+                if rel in start:
                     meta = ckpt.meta(src_prefix + rel)
-                    writer.write(prefix + rel, torch.zeros(meta.shape, dtype=job.out_dtype(meta)))
+                    writer.write(prefix + rel, torch.full(meta.shape, start[rel], dtype=job.out_dtype(meta)))
                 else:
                     copy_tensor(prefix + rel, src_prefix + rel)
         if layer.is_new:

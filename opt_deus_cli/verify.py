@@ -28,8 +28,56 @@ from .manifest import Manifest, read_manifest
 RELATIVE_TOLERANCE = 1e-5
 
 
-def fixed_token_batch(vocab_size: int, batch: int = 2, length: int = 48, seed: int = 0) -> torch.Tensor:
+LOGIT_LENGTH = 48  # tokens per row of the logit check, unless the family has a sliding window
+PAST_WINDOW = 64  # with a sliding window: this many tokens past it, so a wrong sliding/full type shows
+
+
+def fixed_token_batch(vocab_size: int, batch: int = 2, length: int = LOGIT_LENGTH, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def sliding_window(hf_config) -> int | None:
+    """The attention window of the base's sliding layers; None when no layer slides (no window,
+    or every layer_types entry is full attention, as in a Qwen2 with use_sliding_window false)."""
+    window = getattr(hf_config, "sliding_window", None)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        return None
+    types = getattr(hf_config, "layer_types", None)
+    if isinstance(types, (list, tuple)) and "sliding_attention" not in types:
+        return None
+    if getattr(hf_config, "use_sliding_window", True) is False:
+        return None
+    return window
+
+
+def logit_length(hf_config) -> tuple[int, int | None]:
+    """(tokens per row of the logit check, the sliding window it covers or None): past the window
+    where the family has one, within max_position_embeddings."""
+    max_positions = getattr(hf_config, "max_position_embeddings", None) or 1 << 30
+    window = sliding_window(hf_config)
+    if window is None or window >= max_positions:  # nothing slides within the positions the model takes
+        return min(LOGIT_LENGTH, max_positions), None
+    return min(max(LOGIT_LENGTH, window + PAST_WINDOW), max_positions), window
+
+
+def post_norm_warning(manifest: Manifest) -> str | None:
+    """An output of an older opt-deus whose new layers zero o_proj/down_proj in front of a
+    post-norm (Gemma 2/3): function-preserving, but the first training step wrecks it."""
+    from .architectures import SUPPORTED
+
+    arch = SUPPORTED.get(manifest.base.model_type)
+    if arch is None or not arch.post_norms or manifest.training is not None:
+        return None
+    writers = tuple(arch.weight(role) for role in arch.post_norms if role in arch.projections)
+    layers = [entry.index for entry in manifest.layers
+              if entry.is_new and any(name.endswith(writers) for name in entry.zeroed)]
+    if not layers:
+        return None
+    norms = ", ".join(name.removesuffix(".weight") for name in arch.post_norms.values())
+    return (f"new layers {', '.join(map(str, layers))} start with o_proj/down_proj at zero in front of {norms} "
+            "(an output of an older opt-deus): the first training step will be unstable (a norm of a zero branch "
+            "amplifies its gradient about 1/sqrt(eps) times; measured on Gemma-3-270M: loss 4.4 -> 27.7). "
+            "Run `opt-deus upscale` again: it starts these branches at zero by the post-norm's scale instead")
 
 
 def _load(model_dir: Path, device: torch.device):
@@ -142,8 +190,13 @@ def verify(base_dir: Path | str, out_dir: Path | str, device: torch.device, text
                     "function_preserving": preserving,
                     "files_checked": {"output": len(manifest.output.files), "base": len(manifest.base.files)}}
 
+    from .configs import load_hf_config
+
     base_config = read_config(base_dir)
-    ids = fixed_token_batch(int(base_config["vocab_size"])).to(device)
+    length, window = logit_length(load_hf_config(base_dir))
+    ids = fixed_token_batch(int(base_config["vocab_size"]), length=length).to(device)
+    warning = post_norm_warning(manifest)
+    report["warnings"] = [warning] if warning else []
     token_ids = _tokenize(base_dir, text) if text else None
     window = min(int(base_config.get("max_position_embeddings") or 512), 512)
     results = {}
@@ -161,6 +214,7 @@ def verify(base_dir: Path | str, out_dir: Path | str, device: torch.device, text
         del model
 
     report["tokens"] = list(ids.shape)
+    report["sliding_window"] = window  # the logit check's rows are longer than it, when not None
     if len(results) == 2:
         base_logits, out_logits = results["base"]["logits"], results["output"]["logits"]
         diff = (base_logits - out_logits).abs()

@@ -3,6 +3,7 @@ user's would be; canonical blocks as methods see them; Hub-shaped checkpoints an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -19,8 +20,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-MORE_FAMILIES = ("gemma2", "gemma3_text", "phi3", "mixtral", "qwen3_moe")
+
+def llama_shaped(arch) -> bool:
+    """The family's block is LLaMA's (projection names, two norms, no fused tensors, no experts),
+    up to q/k head norms and the sliding-window key."""
+    return dataclasses.replace(arch, model_type="llama", head_norms=(), window_layers_key=None) == SUPPORTED["llama"]
+
+
+# every family opt-deus supports (a new one is one SUPPORTED entry): the LLaMA-shaped ones, the rest
+FAMILIES = tuple(name for name, arch in SUPPORTED.items() if llama_shaped(arch))
+MORE_FAMILIES = tuple(name for name in SUPPORTED if name not in FAMILIES)
+MOE_FAMILIES = tuple(name for name, arch in SUPPORTED.items() if arch.experts)
 # what a tiny model of a family needs beyond the shared sizes
 FAMILY_KWARGS = {
     "gemma2": dict(pad_token_id=0, eos_token_id=1, bos_token_id=2, sliding_window=8),

@@ -18,15 +18,15 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from conftest import load_model
+from conftest import FAMILIES, MOE_FAMILIES, MORE_FAMILIES, load_model
 from opt_deus_cli.errors import UsageError
 from opt_deus_cli.handoff import DIALECTS, HandoffTarget, handoff, render, target_from_output
 from opt_deus_cli.manifest import MANIFEST_FILE
 from opt_deus_cli.recipe import parse_recipe
 from opt_deus_cli.upscale import Options, upscale
 
-ALL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen3_moe")
-MOE = ("mixtral", "qwen3_moe")
+ALL_FAMILIES = FAMILIES + MORE_FAMILIES
+MOE = MOE_FAMILIES
 
 # layouts of the new layers: (base depth, recipe) -> new layers of the output
 LAYOUTS = {

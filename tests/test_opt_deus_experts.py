@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import EXACT, SHARP_SINKHORN, SINKHORN, assert_blocks_close, check_report, load_model, logits, planted_permutation
+from conftest import EXACT, MOE_FAMILIES, SHARP_SINKHORN, SINKHORN, assert_blocks_close, check_report, load_model, logits, planted_permutation
 from opt_deus_cli.architectures import ATTENTION_ROLES, MLP_ROLES, SUPPORTED, HeadLayout
 from opt_deus_cli.errors import UsageError
 from opt_deus_cli.methods.base import BuildContext
@@ -20,7 +20,7 @@ from opt_deus_cli.recipe import parse_recipe
 from opt_deus_cli.job import Options
 from opt_deus_cli.upscale import upscale
 
-MOE = ("mixtral", "qwen3_moe")
+MOE = MOE_FAMILIES
 LAYOUT = HeadLayout(hidden=32, num_heads=4, num_kv_heads=2, head_dim=8, intermediate=24, num_experts=4)
 
 

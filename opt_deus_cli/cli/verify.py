@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .common import app, console, out, run
+from .common import app, console, out, run, warn
 
 
 @app.command(short_help="Check a result against its manifest: files, loading, logits, perplexity.")
@@ -47,6 +47,8 @@ def _base_path(spec: str, out_dir: Path) -> Path:
 
 
 def _print_report(report: dict, text: Path | None) -> None:
+    for warning in report.get("warnings", []):
+        warn(warning)
     preserving = report["function_preserving"]
     files = report["files_checked"]
     out.print(f"recipe {report['method']}, function-preserving: {'yes' if preserving else 'no'}; "
@@ -54,7 +56,8 @@ def _print_report(report: dict, text: Path | None) -> None:
     if "max_abs_logit_diff" not in report:
         return  # a model did not load: the problems say which
     out.print(f"base {report['base_layers']} layers, output {report['output_layers']} layers; both loaded and ran")
-    measured = (f"logits of both models on {report['tokens'][0]}x{report['tokens'][1]} fixed token ids: "
+    window = f" (longer than the sliding window, {report['sliding_window']})" if report.get("sliding_window") else ""
+    measured = (f"logits of both models on {report['tokens'][0]}x{report['tokens'][1]} fixed token ids{window}: "
                 f"max |diff| {report['max_abs_logit_diff']:.3g}, mean |diff| {report['mean_abs_logit_diff']:.3g}")
     if preserving:
         out.print(f"{measured} (tolerance {report['tolerance']:.3g}): the recipe is function-preserving, so they must agree")

@@ -2,22 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import OptDeusError
-from .base import Block, BuildContext, Fusion, Method
-
-
-def average_blocks(lower: Block, upper: Block, alpha: float, ctx: BuildContext) -> Block:
-    """alpha * lower + (1 - alpha) * upper, tensor by tensor, computed in float32."""
-    import torch
-
-    if lower.keys() != upper.keys():
-        raise OptDeusError(f"layers to average have different tensors: {sorted(lower.keys() ^ upper.keys())}")
-    out = {}
-    for name, a in lower.items():
-        b = upper[name]
-        mixed = alpha * a.to(ctx.device, torch.float32) + (1 - alpha) * b.to(ctx.device, torch.float32)
-        out[name] = ctx.result(mixed, b)
-    return out
+from .base import Block, BuildContext, Fusion, Method, average_blocks
 
 
 class AverageMethod(Method):
@@ -28,6 +13,9 @@ class AverageMethod(Method):
 
     def __init__(self, fusion: Fusion = Fusion()):
         self.alpha = fusion.alpha
+
+    def composition(self, sources: tuple[int, ...]) -> tuple[tuple[int, float], ...]:
+        return ((sources[0], self.alpha), (sources[1], 1.0 - self.alpha))
 
     def build(self, lower: Block, upper: Block | None, ctx: BuildContext) -> tuple[Block, dict]:
         assert upper is not None

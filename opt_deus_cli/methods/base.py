@@ -1,39 +1,54 @@
 """What every layer-building method is. A method describes itself (name, where its layers go,
 its settings, what it can build) and builds one new block from the tensors of its source base
-layers. Reading, zero-init, dtype and writing are the pipeline's job.
+layers. Reading, zero-init, dtype and writing are the pipeline's job. Also here: the plain
+average of two blocks, which fusing methods share (a method never imports another method).
 
 Imports no torch at module level: the recipe parser reads these descriptions."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
+from ..block import Block as Block, BuildContext as BuildContext, Decisions as Decisions  # re-exported
+from ..block import OutputLayer
+from ..errors import OptDeusError
 from ..settings import check_settings, setting
 
 if TYPE_CHECKING:
     import torch
 
-    from ..architectures import Architecture, HeadLayout
+    from ..source import SourceModel
 
-Block = dict  # tensor name relative to the block prefix -> torch.Tensor
 Progress = Callable[[str, int, int], None]  # (description, done, total)
 
 
-@dataclass(frozen=True)
-class BuildContext:
-    arch: "Architecture"
-    layout: "HeadLayout"
-    device: "torch.device"
-    sources: tuple[int, ...] = ()  # base indices of the layers being fused (lower first)
-    out_dtype: "torch.dtype | None" = None  # --dtype of the output; None: each tensor keeps its source dtype
+class RecipeName(Protocol):
+    @property
+    def source(self) -> str: ...  # the recipe's name or file, for messages
 
-    def result(self, t, like):
-        """A computed tensor as the pipeline wants it: CPU, contiguous, in the dtype it will be
-        stored in (so a float32 output keeps the float32 computation, not a bf16 rounding of it)."""
-        dtype = self.out_dtype if self.out_dtype is not None and like.is_floating_point() else like.dtype
-        return t.to(device="cpu", dtype=dtype).contiguous()
+
+class JobView(Protocol):
+    """The resolved job as a method reads it in check() and prepare(); job.Job is one (methods/
+    cannot import job.py, which imports them). Everything else a method needs comes in its
+    settings or, in build(), in the BuildContext."""
+
+    @property
+    def source(self) -> "SourceModel": ...  # the base model: family, layout, tensors
+    @property
+    def recipe(self) -> RecipeName: ...
+    @property
+    def layers(self) -> Sequence[OutputLayer]: ...  # every output layer, where it comes from
+    @property
+    def base_layers(self) -> int: ...
+    @property
+    def dtype(self) -> "torch.dtype | None": ...  # the output's floating dtype; None keeps each tensor's own
+    @property
+    def device(self) -> "torch.device": ...
+    @property
+    def memory_budget(self) -> int | None: ...  # bytes a new layer may use; None: what is free
 
 
 @dataclass(frozen=True)
@@ -66,15 +81,23 @@ class Method(ABC):
     # argument of the same name of __init__
     settings: ClassVar[dict[str, type]] = {}
 
-    def check(self, job) -> None:
+    def check(self, job: JobView) -> Decisions:
         """Cheap refusals from metadata alone (family, depth, settings), before any weight is read:
-        runs when the job is resolved, so --dry-run and `opt-deus recipes MODEL` see them too."""
+        runs when the job is resolved, so --dry-run and `opt-deus recipes MODEL` see them too.
+        Returns what it decided for this job; the pipeline passes that to build() in the context."""
+        return Decisions()
 
-    def prepare(self, job, progress: Progress | None = None) -> list[str]:
+    def prepare(self, job: JobView, progress: Progress | None = None) -> list[str]:
         """Runs once before any layer is written: refuse what build() would refuse, or learn from
-        the whole stack (LESA; it may read any base tensor through job.source, a job.Job). Returns warnings
+        the whole stack (LESA; it may read any base tensor through job.source). Returns warnings
         for the user (said once per run, not once per layer)."""
         return []
+
+    def composition(self, sources: tuple[int, ...]) -> tuple[tuple[int, float], ...]:
+        """What a new layer read from `sources` (k, or k and k + 1) is built from: (base layer,
+        weight) pairs. The manifest lists these layers, and the new layer takes the per-layer
+        config of the heaviest (ties to the upper). Default: every source, evenly."""
+        return tuple((j, 1.0 / len(sources)) for j in sources)
 
     @abstractmethod
     def build(self, lower: Block, upper: Block | None, ctx: BuildContext) -> tuple[Block, dict]:
@@ -84,3 +107,17 @@ class Method(ABC):
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> "Method":
         return cls(**settings)
+
+
+def average_blocks(lower: Block, upper: Block, alpha: float, ctx: BuildContext) -> Block:
+    """alpha * lower + (1 - alpha) * upper, tensor by tensor, computed in float32."""
+    import torch
+
+    if lower.keys() != upper.keys():
+        raise OptDeusError(f"layers to average have different tensors: {sorted(lower.keys() ^ upper.keys())}")
+    out = {}
+    for name, a in lower.items():
+        b = upper[name]
+        mixed = alpha * a.to(ctx.device, torch.float32) + (1 - alpha) * b.to(ctx.device, torch.float32)
+        out[name] = ctx.result(mixed, b)
+    return out

@@ -50,6 +50,9 @@ class CopyMethod(Method):
     def copies_lower(self) -> bool:  # the pipeline then copies bytes instead of calling build()
         return self.copy.neighbour == "lower" and self.copy.scale == 1.0
 
+    def composition(self, sources: tuple[int, ...]) -> tuple[tuple[int, float], ...]:
+        return ((sources[-1] if self.needs_upper else sources[0], 1.0),)  # a copy of one layer
+
     def build(self, lower: Block, upper: Block | None, ctx: BuildContext) -> tuple[Block, dict]:
         source = upper if self.needs_upper else lower
         assert source is not None, "the layer plan gives an upper copy both neighbours"

@@ -12,17 +12,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..checkpoint import INDEX_FILE, Checkpoint, sha256_file, write_json
+from ..checkpoint import INDEX_FILE, Checkpoint, copy_side_files, sha256_file, write_json
 from ..errors import OptDeusError
 from ..manifest import MANIFEST_FILE, FileEntry, Manifest, OutputInfo
 from ..output import OutputTransaction
-from ..upscale import NOT_COPIED_SUFFIXES
 
 TRAINING_FILE = "opt-deus-training.json"  # the record, beside an output whose input had no manifest
 CHUNK = 64 << 20  # bytes compared at a time
@@ -58,13 +56,11 @@ def cast_like_input(state_dict: dict, input_ckpt: Checkpoint, model) -> dict:
     return cast
 
 
-def copy_side_files(model_dir: Path, out: Path) -> None:
+def copy_input_files(model_dir: Path, out: Path) -> None:
     """config.json verbatim (the architecture and stored dtype are the input's) and every other
     non-weight file (tokenizer, generation config, ...), over what save_pretrained wrote."""
-    skipped = {INDEX_FILE, MANIFEST_FILE, TRAINING_FILE}
-    for path in sorted(Path(model_dir).iterdir()):
-        if path.is_file() and path.name not in skipped and not path.name.endswith(NOT_COPIED_SUFFIXES):
-            shutil.copy2(path, out / path.name)
+    files = [path for path in sorted(Path(model_dir).iterdir()) if path.is_file()]
+    copy_side_files(files, out, {INDEX_FILE, MANIFEST_FILE, TRAINING_FILE})
 
 
 def _same_bytes(a: Checkpoint, b: Checkpoint, name: str) -> bool:
@@ -124,7 +120,7 @@ def write_output(model, state_dict: dict, model_dir: Path, out_dir: Path, overwr
     with transaction as tmp:
         model.save_pretrained(tmp, state_dict=weights, max_shard_size=shard_bytes)
         del weights
-        copy_side_files(model_dir, tmp)
+        copy_input_files(model_dir, tmp)
         record = dict(record, check=check_saved(model_dir, tmp, is_frozen))
         if manifest is None:
             write_json(tmp / TRAINING_FILE, record)

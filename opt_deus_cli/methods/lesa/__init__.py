@@ -49,7 +49,7 @@ from __future__ import annotations
 
 from ...architectures import PROJECTION_ROLES
 from ...errors import OptDeusError, UsageError
-from ..base import Block, BuildContext, Method, Progress
+from ..base import Block, BuildContext, Decisions, JobView, Method, Progress
 from .settings import LesaSettings
 
 class LesaMethod(Method):
@@ -65,7 +65,7 @@ class LesaMethod(Method):
         self._first: Block = {}  # base layer 0's other tensors, for copy_from "first"
         self._figures: dict = {}  # short projection name -> training figures; "warnings"
 
-    def check(self, job) -> None:
+    def check(self, job: JobView) -> Decisions:
         arch = job.source.arch
         if arch.fused:  # LESA reads one weight type across all layers; fused tensors would need splitting first
             raise UsageError(f"method lesa does not support {arch.model_type}'s fused projections yet; "
@@ -73,8 +73,9 @@ class LesaMethod(Method):
         if job.base_layers < 3:
             raise UsageError(f"recipe {job.recipe.source}: LESA learns from layer triples (l-1, l, l+1) and needs "
                              f"at least 3 base layers; this model has {job.base_layers}")
+        return Decisions()
 
-    def prepare(self, job, progress: Progress | None = None) -> list[str]:
+    def prepare(self, job: JobView, progress: Progress | None = None) -> list[str]:
         from .predictor import predict_role
 
         s, source, arch = self.lesa, job.source, job.source.arch

@@ -19,7 +19,7 @@ returned here are the fused ones. Importing this module imports no torch.
 from __future__ import annotations
 
 from ...errors import OptDeusError
-from ..base import Block, BuildContext, Fusion, Method
+from ..base import Block, BuildContext, Decisions, Fusion, JobView, Method, Progress
 from .settings import PUBLISHED, AlignmentSettings, ReferenceSolver, refuse_reference_experts
 
 REFERENCE_WARNING = (
@@ -43,19 +43,22 @@ class OptDeusMethod(Method):
         self.alignment = alignment
         self.alpha = fusion.alpha
         self.reference_solver = reference_solver
-        self.overlap = True  # solve the MLP's assignment beside attention; check() decides for a job
 
-    def check(self, job) -> None:
+    def check(self, job: JobView) -> Decisions:
         """Refusals from metadata alone, so --dry-run and `recipes MODEL` say them too: reference
-        mode on experts, and a job whose new layers would not fit the memory budget."""
+        mode on experts, and a job whose new layers would not fit the memory budget. Decides
+        whether a layer's MLP assignment may be solved beside its attention (the memory guard)."""
         from .memory import guard
 
         refuse_reference_experts(self.alignment, job.source.arch)
         # the published solver holds dense float32 plans, as the entropic one does
-        self.overlap = guard(job, "sinkhorn" if self.alignment.mode == "reference" else self.alignment.solver)
+        return Decisions(overlap=guard(job, "sinkhorn" if self.alignment.mode == "reference" else self.alignment.solver))
 
-    def prepare(self, job, progress=None) -> list[str]:
+    def prepare(self, job: JobView, progress: Progress | None = None) -> list[str]:
         return [REFERENCE_WARNING] if self.alignment.mode == "reference" else []
+
+    def composition(self, sources: tuple[int, ...]) -> tuple[tuple[int, float], ...]:
+        return ((sources[0], self.alpha), (sources[1], 1.0 - self.alpha))  # aligned lower, upper
 
     def build(self, lower: Block, upper: Block | None, ctx: BuildContext) -> tuple[Block, dict]:
         if upper is None:
@@ -70,4 +73,4 @@ class OptDeusMethod(Method):
             return build_reference(lower, upper, ctx, self.alpha, self.reference_solver)
         from .corrected import build_corrected
 
-        return build_corrected(lower, upper, ctx, self.alignment, self.alpha, self.overlap)
+        return build_corrected(lower, upper, ctx, self.alignment, self.alpha)

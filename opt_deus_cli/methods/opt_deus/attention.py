@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ...architectures import Architecture, HeadLayout
-from ...ot import batched_cost, finish_cost
+from ...ot import batched_cost, finish_cost, paired_cost
 from ..base import Block, BuildContext
 from .blocks import F32, mix
 from .plans import Map, Solved, solve, solve_batch, worst_of
@@ -92,15 +92,11 @@ def stacked_parts_cost(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], k
     without building the concatenation, and without the |x|^2 + |y|^2 - 2 x.y cancellation for
     the distances."""
 
-    def total(f) -> torch.Tensor:
-        return sum(f(x[k], y[k]).flatten(1).sum(1, dtype=torch.float64) for k in y)
+    def total(f) -> torch.Tensor:  # f over every (broadcast) entry of every part, summed per unit in float64
+        shape = {k: torch.broadcast_shapes(x[k].shape, y[k].shape) for k in y}
+        return sum(f(x[k], y[k]).expand(shape[k]).flatten(1).sum(1, dtype=torch.float64) for k in y)
 
-    if kind == "cosine":
-        dot = total(lambda a, b: a * b)
-        norms = total(lambda a, b: a.square().expand_as(a * b)) * total(lambda a, b: b.square().expand_as(a * b))
-        return torch.where(norms > 0, 1.0 - dot / norms.sqrt().clamp_min(torch.finfo(torch.float64).tiny), 1.0)
-    sq = total(lambda a, b: (a - b).square())
-    return sq if kind == "sqeuclidean" else sq.sqrt()
+    return paired_cost(total, kind)
 
 
 def move_each(maps: list[Map], W: torch.Tensor, dim: int) -> torch.Tensor:

@@ -7,8 +7,7 @@ import torch
 from ...architectures import Architecture, HeadLayout, expected_block_shapes
 from ...errors import OptDeusError
 from ...ot import all_finite
-from ..average import average_blocks
-from ..base import Block, BuildContext
+from ..base import Block, BuildContext, average_blocks
 
 F32 = torch.float32
 

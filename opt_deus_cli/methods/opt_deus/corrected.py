@@ -29,14 +29,14 @@ def _one_core_less(enabled: bool):
         torch.set_num_threads(threads)
 
 
-def build_corrected(lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings, alpha: float,
-                    overlap: bool = True) -> tuple[Block, dict]:
-    """overlap: a dense MLP's cost first, its exact assignment (one core, seconds) then solved in
-    a child process while attention is aligned and fused here (faster; attention's buffers join
-    the cost in memory, and pages the fork shares get copied as they are written). Without it,
+def build_corrected(lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings,
+                    alpha: float) -> tuple[Block, dict]:
+    """ctx.decisions.overlap: a dense MLP's cost first, its exact assignment (one core, seconds) then
+    solved in a child process while attention is aligned and fused here (faster; attention's buffers
+    join the cost in memory, and pages the fork shares get copied as they are written). Without it,
     attention first and the MLP after: the lower peak (OptDeusMethod.check chooses)."""
     notes: list[str] = []
-    background = overlap and settings.solver == "exact" and not ctx.arch.experts
+    background = ctx.decisions.overlap and settings.solver == "exact" and not ctx.arch.experts
     pending_mlp = align_mlp_later(lower, upper, ctx, settings) if background else None
     with _one_core_less(background):
         attention = align_attention(lower, upper, ctx, settings)

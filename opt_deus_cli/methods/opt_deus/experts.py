@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from ...ot import cost_matrix
+from ...ot import cost_kind, cost_matrix
 from ..base import Block, BuildContext
 from .blocks import F32, mix
 from .mlp import MlpAlignment, Source, align_mlp, fuse_mlp, identity_cost, mlp_features, mlp_paths
@@ -26,12 +26,12 @@ SLICES = 128
 DROP_MASS = 1e-3
 
 
-def _sorted_slices(block: Block, paths: dict[str, str], theta: torch.Tensor, cosine: bool) -> torch.Tensor:
+def _sorted_slices(block: Block, paths: dict[str, str], theta: torch.Tensor, angular: bool) -> torch.Tensor:
     """(K, I): the expert's neuron features (as mlp_features) projected on the K unit directions
     theta (D, K), sorted over the neurons along each direction."""
     feats = [f.to(theta.device, F32) for f in mlp_features(block, paths)]
     proj = sum(f @ t for f, t in zip(feats, theta.split([f.shape[1] for f in feats])))  # (I, K)
-    if cosine:  # unit features: |u - v|^2 = 2 (1 - cos)
+    if angular:  # unit features: |u - v|^2 = 2 (1 - cos)
         norms = sum(f.square().sum(1) for f in feats).sqrt().clamp_min(torch.finfo(F32).tiny)
         proj = proj / norms[:, None]
     return proj.T.sort(dim=1).values
@@ -53,18 +53,18 @@ def expert_cost(lower: Block, upper: Block, ctx: BuildContext, kind: str) -> tor
     feature of the expert, spread over its I neurons. euclidean: the square root (an RMS)."""
     arch, dev = ctx.arch, ctx.device
     E, I = ctx.layout.num_experts, ctx.layout.intermediate
-    cosine = kind == "cosine"
+    spec = cost_kind(kind)
     D = sum(f.shape[1] for f in mlp_features(upper, mlp_paths(arch, 0)))
     theta = torch.randn(D, SLICES, generator=torch.Generator().manual_seed(0), dtype=F32)
     theta = (theta / theta.norm(dim=0)).to(dev)  # (D, K), unit columns
-    SA = torch.stack([_sorted_slices(lower, mlp_paths(arch, e), theta, cosine) for e in range(E)])  # (E, K, I)
-    SB = torch.stack([_sorted_slices(upper, mlp_paths(arch, e), theta, cosine) for e in range(E)])
+    SA = torch.stack([_sorted_slices(lower, mlp_paths(arch, e), theta, spec.angular) for e in range(E)])  # (E, K, I)
+    SB = torch.stack([_sorted_slices(upper, mlp_paths(arch, e), theta, spec.angular) for e in range(E)])
     sliced = D * torch.stack([(SA[a] - SB).square().mean((1, 2)) for a in range(E)])  # (E, E)
-    if cosine:
+    if spec.angular:
         sliced = sliced / 2
     routers = (lower[arch.router].to(dev, F32), upper[arch.router].to(dev, F32))  # (E, hidden) each
-    cost = (sliced + cost_matrix(*routers, "cosine" if cosine else "sqeuclidean") / I).double().cpu()
-    return cost.sqrt() if kind == "euclidean" else cost
+    cost = (sliced + cost_matrix(*routers, spec.squared) / I).double().cpu()
+    return cost.sqrt() if spec.root else cost
 
 
 def _heaviest(sources: list[tuple[int, float]]) -> tuple[list[tuple[int, float]], float]:

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 from ...errors import UsageError
+from ..base import JobView
 
 GB = 1e9
 RUNTIME = 400_000_000  # the interpreter, torch and transformers, measured ~350 MB on the CPU
@@ -45,8 +46,8 @@ class LayerMemory:
         return sum(self.device.values())
 
 
-def layer_memory(job, solver: str) -> LayerMemory:
-    """The estimate for the largest new layer of `job` (a job.Job) with this solver."""
+def layer_memory(job: JobView, solver: str) -> LayerMemory:
+    """The estimate for the largest new layer of `job` with this solver."""
     source = job.source
 
     def sizes(k: int) -> tuple[int, int, int, int]:
@@ -86,7 +87,7 @@ def _gb(n: int) -> str:
     return f"{n / GB:.1f} GB" if n >= GB else f"{n / 1e6:.0f} MB"
 
 
-def check_memory(job, solver: str, cpu_budget: int | None, device_budget: int | None) -> LayerMemory:
+def check_memory(job: JobView, solver: str, cpu_budget: int | None, device_budget: int | None) -> LayerMemory:
     """Refuse (UsageError) a job whose new layers would not fit the budgets (bytes; None: no
     limit); the message names what needs the memory and the ways out."""
     need = layer_memory(job, solver)
@@ -128,7 +129,7 @@ def free_device_memory(device) -> int | None:
     return torch.cuda.mem_get_info(device)[0]
 
 
-def guard(job, solver: str) -> bool:
+def guard(job: JobView, solver: str) -> bool:
     """check_memory against --memory-budget, or else against what is free now; then whether the
     budget also allows the faster overlapped layer (True): the exact assignment solved in a
     forked child beside attention. Its peak is bounded by twice the in-order one: the child

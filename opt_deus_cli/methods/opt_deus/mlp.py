@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from ...architectures import MLP_ROLES, Architecture
-from ...ot import cost_matrix_blocks, sketch_features
+from ...ot import cost_matrix_blocks, paired_cost, sketch_features
 from ..base import Block, BuildContext
 from .blocks import F32, mix
 from .plans import Solved, solve, solve_later
@@ -145,16 +145,10 @@ def matched_cost(Xs: list[torch.Tensor], Ys: list[torch.Tensor], match: torch.Te
     for lo in range(0, n, 2048):
         rows, cols = slice(lo, lo + 2048), match[lo : lo + 2048].to(Ys[0].device)
 
-        def total(f) -> torch.Tensor:  # a per-row quantity summed over the column blocks
-            return sum(f(x[rows].to(device, F32), y[cols].to(device, F32)) for x, y in zip(Xs, Ys))
+        def total(f) -> torch.Tensor:  # f summed per row over the column blocks
+            return sum(f(x[rows].to(device, F32), y[cols].to(device, F32)).sum(1) for x, y in zip(Xs, Ys))
 
-        if kind == "cosine":
-            dot = total(lambda x, y: (x * y).sum(1))
-            norms = total(lambda x, y: x.square().sum(1)) * total(lambda x, y: y.square().sum(1))
-            parts.append(1.0 - dot / norms.sqrt().clamp_min(torch.finfo(F32).tiny))
-        else:
-            sq = total(lambda x, y: (x - y).square().sum(1))
-            parts.append(sq if kind == "sqeuclidean" else sq.sqrt())
+        parts.append(paired_cost(total, kind))
     return torch.cat(parts)
 
 

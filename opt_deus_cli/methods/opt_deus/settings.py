@@ -6,11 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from ...errors import UsageError
+from ...ot_names import COST_KINDS, SOLVERS
 from ...settings import check_settings, setting
 
 MODES = ("corrected", "reference")
-SOLVERS = ("exact", "sinkhorn")
-COST_KINDS = ("euclidean", "sqeuclidean", "cosine")
 
 
 @dataclass(frozen=True)
