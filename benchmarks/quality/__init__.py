@@ -14,6 +14,11 @@ same for every arm) and one JSON file; reports are rebuilt from the files.
     report   the markdown tables
     plot     one figure per regime: loss against step and the paired gap to copy
 
+Up-scaling, training and measuring a run, the statistics and the curves are `opt-deus compare`'s
+own code (opt_deus_cli.compare: runner.build_model, runner.train_and_measure, stats, plot), so
+the study and the command cannot drift; this package holds the study's parameters (models, arms,
+corpora, budgets) and the tables that span several comparisons (budgets, positions, timing).
+
     python -m benchmarks.quality list                      # the parts, and how many runs are saved
     python -m benchmarks.quality run methods-60            # one part (resumes; about two hours or less)
     python -m benchmarks.quality report                    # tables and figures from the saved runs

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from opt_deus_cli.compare.plot import draw_band, pyplot
+
 from .stats import Row, Table
 from .study import ALL_ARMS, Variant
 
@@ -39,24 +41,17 @@ def panels(table: Table) -> list[tuple[str, list[Row], str]]:
 
 
 def regime_figure(tables: list[Table], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     columns = [(t, *panel) for t in tables if t.evaluate for panel in panels(t)]
     fig, axes = plt.subplots(2, len(columns), figsize=(5.8 * len(columns), 8), squeeze=False, sharex="col")
     for col, (table, title, rows, reference) in enumerate(columns):
         loss_ax, gap_ax = axes[0][col], axes[1][col]
         for row in rows:
             hue = colour_of(row.variant)
-            c = row.curve()
-            loss_ax.plot(c["steps"], c["mean"], color=hue, lw=1.5, label=row.variant)
-            loss_ax.fill_between(c["steps"], c["min"], c["max"], color=hue, alpha=0.2, lw=0)
+            draw_band(loss_ax, row.curve(), hue, row.variant)
             gap = table.paired_curve(row.variant, reference)
             if gap is not None and row.variant != reference:
-                gap_ax.plot(gap["steps"], gap["mean"], color=hue, lw=1.5, label=row.variant)
-                gap_ax.fill_between(gap["steps"], gap["min"], gap["max"], color=hue, alpha=0.2, lw=0)
+                draw_band(gap_ax, gap, hue, row.variant)
         # the curves fall fast at first: show the last two thirds, where the variants separate
         tail = [v for row in rows for v in row.curve()["max"][len(row.curve()["max"]) // 3:]]
         low = min(v for row in rows for v in row.curve()["min"])

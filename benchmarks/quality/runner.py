@@ -1,17 +1,15 @@
 """Running a part: the corpora as data files, every variant up-scaled once, then every run not yet
-saved trained through the tool (`opt_deus_cli.training.train`, transformers' Trainer), one JSON
-per run written the moment it finishes. An interrupted part resumes where it stopped; a run whose
-settings changed since it was saved is run again."""
+saved trained and measured by `opt-deus compare`'s own code (opt_deus_cli.compare.runner:
+build_model, train_and_measure), one JSON per run written the moment it finishes. An interrupted
+part resumes where it stopped; a run whose settings changed since it was saved is run again."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
-import shutil
 import tempfile
 import time
-import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
@@ -40,33 +38,18 @@ def corpus_files(model: str, domain: str, places: Places) -> dict:
 
 
 def build_variant(model: str, name: str, places: Places) -> dict:
-    """Up-scale the base with the variant's recipe (kept and reused while recipe and base agree)."""
+    """Up-scale the base with the variant's recipe, as `opt-deus compare` does (kept and reused
+    while recipe and base agree)."""
     from opt_deus_cli.checkpoint import read_config
-    from opt_deus_cli.job import Options
-    from opt_deus_cli.manifest import read_manifest
+    from opt_deus_cli.compare.runner import build_model
     from opt_deus_cli.recipe import parse_recipe
-    from opt_deus_cli.upscale import upscale
 
     m = MODELS[model]
     depth = read_config(m.dir)["num_hidden_layers"]
     recipe = parse_recipe(Variant.parse(name).recipe(m, depth), name)
-    out = places.work / "models" / model / name
-    manifest = read_manifest(out)
-    base_files = {f.name: f.bytes for f in manifest.base.files} if manifest else None
-    if manifest is None or manifest.recipe != recipe.to_dict() or base_files != _sizes(m.dir):
-        start = time.perf_counter()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():  # reference mode warns by design; the manifest keeps it
-            warnings.simplefilter("ignore")
-            manifest = upscale(m.dir, recipe, out, Options(device="cpu", overwrite=True))
-        print(f"built {model}/{name}: new layers {manifest.new_layers} in {time.perf_counter() - start:.1f} s", flush=True)
-    return {"dir": str(out), "recipe": manifest.recipe, "new_layers": manifest.new_layers,
-            "function_preserving": manifest.function_preserving, "warnings": manifest.warnings[:4],
-            "upscale_seconds": manifest.timings.get("total")}
-
-
-def _sizes(model_dir: Path) -> dict:
-    return {p.name: p.stat().st_size for p in model_dir.glob("*.safetensors")}
+    variant = build_model(m.dir, recipe, places.work / "models" / model / name, device="cpu")
+    print(f"{model}/{name}: new layers {variant['new_layers']}", flush=True)
+    return variant
 
 
 def saved(spec: RunSpec, places: Places, variant: dict | None = None) -> dict | None:
@@ -95,37 +78,31 @@ def trainer_arguments(settings: dict, evaluate: bool) -> dict:
 
 
 def run_one(job: dict) -> dict:
-    """Train one variant with one seed through the tool and save its result file."""
+    """Train one variant with one seed through the tool, as `opt-deus compare` trains a run, and
+    save its result file."""
     import torch
 
     torch.set_num_threads(1)  # the machine has 2 cores; at most 2 runs at once
-    from opt_deus_cli.training import TrainOptions, train
+    from opt_deus_cli.compare.runner import train_and_measure
+    from opt_deus_cli.training import TrainOptions
 
     spec, settings = RunSpec(**job["spec"]), job["settings"]
-    out = Path(tempfile.mkdtemp(prefix="run-", dir=job["scratch"])) / "trained"
     options = TrainOptions(
         train=spec.train, steps=spec.steps, lr=settings["lr"], batch_size=settings["batch_size"],
         seq_len=settings["seq_len"], device=settings["device"], dtype=settings["dtype"], seed=spec.seed,
         eval_data=(Path(job["corpus"]["eval_file"]),) if spec.evaluate else (), eval_every=settings["eval_every"],
         trainer_args=trainer_arguments(settings, spec.evaluate), overwrite=True)
     load_before = os.getloadavg()
-    start = time.perf_counter()
-    try:
-        record = train(job["variant"]["dir"], [Path(job["corpus"]["train_file"])], out, options)
-    finally:
-        shutil.rmtree(out.parent, ignore_errors=True)
-    history = record["history"]
-    evals = [(row["step"], row["eval_loss"]) for row in history if "eval_loss" in row]
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=job["scratch"]))
+    m = train_and_measure(Path(job["variant"]["dir"]), [Path(job["corpus"]["train_file"])], options, work)
+    evals = m["curves"]["eval_loss"]
     result = {
         "spec": asdict(spec), "settings": settings, "variant": job["variant"], "corpus": job["corpus"],
         "eval_steps": [s for s, _ in evals], "eval_loss": [loss for _, loss in evals],
-        "train_loss": [(row["step"], row["loss"]) for row in history if "loss" in row],
-        "seconds_per_step": record["seconds_per_step"], "train_seconds": record["seconds"],
-        "wall_seconds": round(time.perf_counter() - start, 2),
-        "trainable_parameters": record["trainable_parameters"], "total_parameters": record["total_parameters"],
-        "tokens": record["tokens"], "train_blocks": record["train_blocks"], "eval_blocks": record["eval_blocks"],
-        "data_sha256": [d["sha256"] for d in record["data"] + record["eval_data"]],
-        "versions": record["versions"], "machine": machine(), "load_average": [load_before, os.getloadavg()],
+        "train_loss": m["curves"]["train_loss"], **{k: m[k] for k in (
+            "seconds_per_step", "train_seconds", "wall_seconds", "trainable_parameters", "total_parameters",
+            "tokens", "train_blocks", "eval_blocks", "data_sha256", "versions")},
+        "machine": machine(), "load_average": [load_before, os.getloadavg()],
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     path = Path(job["results"]) / spec.key

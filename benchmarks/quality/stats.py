@@ -1,14 +1,16 @@
 """From saved runs to figures: runs grouped into tables (one regime, one training budget), each
 variant's final loss over seeds, its curve, and its differences from a reference variant taken seed
 by seed. A seed fixes the data order for every variant, so a per-seed difference cancels the
-order's effect, which dominates the seed-to-seed spread."""
+order's effect, which dominates the seed-to-seed spread. The statistics are `opt-deus compare`'s
+(opt_deus_cli.compare.stats); this module only groups the study's runs."""
 
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
+
+from opt_deus_cli.compare.stats import band, paired, paired_band, spread
 
 from .study import RunSpec
 
@@ -17,11 +19,6 @@ PAIRED_AGAINST = ("copy", "opt-deus-exact")  # LLaMA-Pro, and the recipe the too
 
 def load_runs(results: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((results / "runs").rglob("*.json"))]
-
-
-def spread(xs: list[float]) -> dict:
-    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-            "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
 @dataclass
@@ -42,11 +39,13 @@ class Row:
     def seconds_per_step(self) -> dict:
         return spread([r["seconds_per_step"] for r in self.runs])
 
+    def curves(self) -> dict[int, dict[int, float]]:
+        """seed -> {eval step: held-out loss}."""
+        return {r["spec"]["seed"]: dict(zip(r["eval_steps"], r["eval_loss"])) for r in self.runs}
+
     def curve(self) -> dict:
         """Held-out loss per eval step: mean, min and max over seeds."""
-        per_step = list(zip(*(r["eval_loss"] for r in self.runs)))
-        return {"steps": self.runs[0]["eval_steps"], "mean": [statistics.fmean(c) for c in per_step],
-                "min": [min(c) for c in per_step], "max": [max(c) for c in per_step]}
+        return band(list(self.curves().values()))
 
 
 @dataclass
@@ -68,26 +67,15 @@ class Table:
         """Final loss of `variant` minus `against`'s, per shared seed; None if one is missing."""
         if variant not in self.rows or against not in self.rows or variant == against:
             return None
-        ref = {r["spec"]["seed"]: r["eval_loss"][-1] for r in self.rows[against].runs}
-        diffs = {s: r["eval_loss"][-1] - ref[s] for s, r in zip(self.rows[variant].seeds, self.rows[variant].runs) if s in ref}
-        if not diffs:
-            return None
-        values = list(diffs.values())
-        return {"vs": against, "seeds": list(diffs), "diffs": values, **spread(values),
-                "below": sum(d < 0 for d in values)}
+        final = lambda row: {r["spec"]["seed"]: r["eval_loss"][-1] for r in row.runs}  # noqa: E731
+        found = paired(final(self.rows[variant]), final(self.rows[against]))
+        return None if found is None else {"vs": against, **found}
 
     def paired_curve(self, variant: str, against: str) -> dict | None:
         """Per eval step, variant minus `against` over shared seeds: mean, min, max."""
         if variant not in self.rows or against not in self.rows:
             return None
-        ref = {r["spec"]["seed"]: r["eval_loss"] for r in self.rows[against].runs}
-        per_seed = [[a - b for a, b in zip(r["eval_loss"], ref[s])]
-                    for s, r in zip(self.rows[variant].seeds, self.rows[variant].runs) if s in ref]
-        if not per_seed:
-            return None
-        per_step = list(zip(*per_seed))
-        return {"steps": self.rows[variant].runs[0]["eval_steps"], "mean": [statistics.fmean(c) for c in per_step],
-                "min": [min(c) for c in per_step], "max": [max(c) for c in per_step]}
+        return paired_band(self.rows[variant].curves(), self.rows[against].curves())
 
     def ordered(self) -> list[Row]:
         if not self.evaluate:
