@@ -3,7 +3,6 @@ refusals, a failing launcher, and the statistics and recommendation of its repor
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -16,7 +15,6 @@ from opt_deus_cli.compare import stats
 from opt_deus_cli.compare.report import analyse, markdown, signed
 from opt_deus_cli.compare.runner import train_flags
 from opt_deus_cli.compare.spec import with_train_fields
-from opt_deus_cli.errors import UsageError
 from opt_deus_cli.training import TrainOptions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,43 +148,30 @@ def test_an_out_holding_something_else_is_refused(corpus, tmp_path):
     assert result.exit_code == 2 and "holds no comparison" in result.output
 
 
-def test_sft_options_pass_through_by_name_or_are_refused():
-    assert with_train_fields(TrainOptions(), {"lr": 0.5, "seed": None}).lr == 0.5
-    with pytest.raises(UsageError, match="--no-such-field: this opt-deus train has no such option"):
-        with_train_fields(TrainOptions(), {"no_such_field": 1})
-    has_format = "format" in {f.name for f in dataclasses.fields(TrainOptions)}
-    result = invoke(["compare", str(TINY), "--recipes", "upper-copy", "--data", "x.txt", "--steps", "1", "--seeds", "0",
-                     "--out", "never", "--format", "chat"])
-    if not has_format:  # before SFT lands in opt-deus train: refused, not ignored
-        assert result.exit_code == 2 and "--format: this opt-deus train has no such option" in result.output
-    else:
-        assert "no such option" not in result.output
+def test_sft_options_reach_train_options():
+    options = with_train_fields(TrainOptions(), {"format": "chat", "loss_on": "all", "packing": True, "seed": None})
+    assert (options.format, options.loss_on, options.packing, options.seed) == ("chat", "all", True, TrainOptions().seed)
 
 
-def test_tasks_need_opt_deus_eval(corpus, tmp_path):
-    try:
-        import opt_deus_cli.evaluation  # noqa: F401
-    except ImportError:
-        result = invoke(compare_args(corpus, tmp_path / "cmp", "--tasks", "arc_easy"))
-        assert result.exit_code == 2 and "--tasks needs opt-deus eval" in result.output
-        assert not (tmp_path / "cmp").exists()
-    else:
-        pytest.skip("opt-deus eval is installed: its own tests cover it")
+def test_an_unknown_task_is_refused_before_anything_runs(corpus, tmp_path):
+    result = invoke(compare_args(corpus, tmp_path / "cmp", "--tasks", "python_syntx", "--include-path",
+                                 str(ROOT / "examples" / "tasks")))
+    assert result.exit_code == 2 and "unknown task 'python_syntx'" in result.output
+    assert not (tmp_path / "cmp").exists()
 
 
-def test_task_scores_are_read_from_lm_evals_results_block():
-    """lm-eval's simple_evaluate result: results -> task -> "metric,filter" (stderr beside each)."""
+def test_task_scores_are_read_from_opt_deus_evals_task_block():
+    """opt-deus eval's per-model tasks: lm-eval's "metric,filter" names, standard errors beside each."""
     from opt_deus_cli.compare.tasks import flatten_scores, lower_is_better
 
-    result = {"results": {"arc_easy": {"alias": "arc_easy", "acc,none": 0.25, "acc_stderr,none": 0.04, "acc_norm,none": 0.5},
-                          "wikitext": {"word_perplexity,none": 40.0, "bits_per_byte,none": 1.1, "alias": "wikitext"}}}
-    scores = flatten_scores(result, "m")
+    tasks = {"arc_easy": {"metric": "acc", "value": 0.25,
+                          "metrics": {"alias": "arc_easy", "acc,none": 0.25, "acc_stderr,none": 0.04, "acc_norm,none": 0.5}},
+             "wikitext": {"metric": "word_perplexity", "value": 40.0,
+                          "metrics": {"word_perplexity,none": 40.0, "bits_per_byte,none": 1.1, "alias": "wikitext"}}}
+    scores = flatten_scores(tasks)
     assert scores == {"arc_easy/acc": 0.25, "arc_easy/acc_norm": 0.5, "wikitext/word_perplexity": 40.0,
                       "wikitext/bits_per_byte": 1.1}
-    assert flatten_scores({"m": result}, "m") == scores  # one block per model
     assert [lower_is_better(m) for m in scores] == [False, False, True, True] and lower_is_better("eval_loss")
-    with pytest.raises(UsageError, match="no lm-eval results block"):
-        flatten_scores({"other": 1}, "m")
 
 
 def test_train_flags_are_opt_deus_train_options(tmp_path):

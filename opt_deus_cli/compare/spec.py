@@ -41,16 +41,8 @@ class CompareSpec:
 
 
 def with_train_fields(options: TrainOptions, values: dict) -> TrainOptions:
-    """Set TrainOptions fields by name (the SFT options among them), refusing a name this
-    installation's `opt-deus train` does not have rather than ignoring it."""
-    known = {f.name for f in dataclasses.fields(TrainOptions)}
-    given = {k: v for k, v in values.items() if v is not None}
-    missing = [k for k in given if k not in known]
-    if missing:
-        flags = ", ".join(f"--{k.replace('_', '-')}" for k in missing)
-        raise UsageError(f"{flags}: this opt-deus train has no such option (supervised fine-tuning is not in this "
-                         "installation); leave it out to run continued pre-training")
-    return dataclasses.replace(options, **given)
+    """TrainOptions with the fields given on the command line (None: not given, the default stays)."""
+    return dataclasses.replace(options, **{k: v for k, v in values.items() if v is not None})
 
 
 def check(spec: CompareSpec) -> None:
@@ -85,9 +77,11 @@ def check(spec: CompareSpec) -> None:
         if not words or shutil.which(words[0]) is None:
             raise UsageError(f"--launcher {spec.launcher!r}: no program {words[0] if words else '(empty)'!r} on PATH")
     if spec.tasks:
-        from .tasks import evaluate_function
+        from ..evaluation.tasks import check_names, select_tasks, task_manager
 
-        evaluate_function()  # the one-line error when opt-deus eval is not installed
+        # an unknown task is refused here, before any run, with the names lm-eval knows
+        selection = select_tasks(list(spec.tasks), spec.task_options.get("num_fewshot"))
+        check_names(selection.names, task_manager(spec.task_options.get("include_path"), selection.names))
 
 
 def _sha256(path: Path) -> str:
