@@ -41,7 +41,7 @@ def _load(model_dir: Path, device: torch.device):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False,
                                                      use_safetensors=True, local_files_only=True)
     except Exception as e:  # transformers raises many kinds; name the directory and the reason
-        raise OptDeusError(f"transformers cannot load {model_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        raise OptDeusError(f"transformers cannot load {model_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     return model.to(device).eval()
 
 
@@ -66,11 +66,11 @@ def _tokenize(model_dir: Path, text_file: Path) -> list[int]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
     except Exception as e:
-        raise UsageError(f"{model_dir} has no usable tokenizer for --text ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        raise UsageError(f"{model_dir} has no usable tokenizer for --text ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
     try:
         text = Path(text_file).read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read --text {text_file}: {e}")
+        raise UsageError(f"cannot read --text {text_file}: {e}") from e
     hf_logging.set_verbosity_error()  # the text is scored in windows: its length is no problem
     ids = tokenizer(text)["input_ids"]
     if len(ids) < 2:

@@ -55,7 +55,7 @@ def make_model(path: Path, model_type: str, layers: int = 6, tied: bool = False,
     config = AutoConfig.for_model(model_type, **kwargs)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # norms away from 1 so averaging and copying are visible
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.copy_(1 + 0.3 * torch.randn_like(p))
     model = model.to(dtype)
@@ -162,7 +162,7 @@ def assert_blocks_close(got: dict, want: dict, atol: float, rtol: float = 0.0) -
     for name in want:
         assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape, name
         assert got[name].device.type == "cpu", name
-        torch.testing.assert_close(got[name], want[name], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], want[name], atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def check_report(report: dict) -> None:
@@ -224,7 +224,7 @@ def make_hub_model(path: Path, fixture_name: str, seed: int = 0, shard: str | No
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         with torch.no_grad():  # norms (and biases) away from their init so copies and averages show
-            for name, p in model.named_parameters():
+            for p in model.parameters():
                 if p.dim() == 1:
                     p.copy_(1 + 0.3 * torch.randn_like(p))
         model = model.to(dtype)

@@ -72,7 +72,9 @@ def test_alpha_one_is_a_nontrivial_permutation_of_the_copy(trained):
     permuted, copied = layer_tensors(trained["alpha1"]["dir"], new_layer), layer_tensors(trained["copy"]["dir"], new_layer)
     up_a, up_c = permuted["mlp.up_proj.weight"], copied["mlp.up_proj.weight"]
     assert not torch.equal(up_a, up_c)  # the alignment moved neurons: the test is not trivially true
-    rows = lambda w: sorted(map(tuple, w.float().tolist()))
+    def rows(w):
+        return sorted(map(tuple, w.float().tolist()))
+
     assert rows(up_a) == rows(up_c)  # the same rows in another order
     for name in ("input_layernorm.weight", "post_attention_layernorm.weight"):
         assert torch.equal(permuted[name], copied[name])

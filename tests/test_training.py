@@ -81,7 +81,8 @@ def test_blocks_and_sampler():
     take = lambda s: [next(s).tolist() for _ in range(7)]  # noqa: E731  (crosses an epoch)
     a, b = take(T.batch_sampler(10, 3, seed=1)), take(T.batch_sampler(10, 3, seed=1))
     assert a == b and a != take(T.batch_sampler(10, 3, seed=2))
-    assert sorted(sum(a[:3], [])) == sorted(set(sum(a[:3], [])))  # no repeats within an epoch
+    epoch = [i for part in a[:3] for i in part]
+    assert sorted(epoch) == sorted(set(epoch))  # no repeats within an epoch
 
 
 def test_loss_decreases_and_is_deterministic():
