@@ -15,6 +15,9 @@ from opt_deus_cli.architectures import PROJECTION_ROLES, SUPPORTED, HeadLayout
 from opt_deus_cli.methods.base import BuildContext
 from opt_deus_cli.methods.opt_deus.settings import AlignmentSettings
 
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: tests may sit in subfolders of tests/
+SHIPPED_MODEL = ROOT / "examples" / "tiny-llama"
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # tiny tensors: thread start-up costs more than it saves, and a shared machine makes it worse
 torch.set_num_threads(1)
@@ -102,12 +105,13 @@ def model_factory(tmp_path_factory):
 # ---- markers: `pytest -m "not slow"` is the quick loop ----------------------------------------
 # end to end: builds checkpoints, runs the pipeline or the CLI, loads models with transformers
 E2E_FIXTURES = {"model_factory", "hub_model_factory"}
-E2E_MODULES = {"test_cli", "test_reliability", "test_verify", "test_inspect", "test_quality", "test_training"}
+E2E_MODULES = {"test_cli", "test_reliability", "test_verify", "test_inspect", "test_quality", "test_training",
+               "test_benchmark_training"}
 
 
 def pytest_collection_modifyitems(items):
-    for item in items:
-        if E2E_FIXTURES & set(item.fixturenames) or item.module.__name__ in E2E_MODULES:
+    for item in items:  # a module's own name, wherever it sits under tests/
+        if E2E_FIXTURES & set(item.fixturenames) or item.module.__name__.rsplit(".", 1)[-1] in E2E_MODULES:
             item.add_marker(pytest.mark.slow)
 
 

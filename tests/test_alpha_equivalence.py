@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import SHIPPED_MODEL
 from opt_deus_cli.job import Options
 from opt_deus_cli.recipe import parse_recipe
 from opt_deus_cli.upscale import upscale
 
-TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny-llama"
+TINY = SHIPPED_MODEL
 ZERO = ["o_proj", "down_proj"]
 RECIPES = {
     "copy": {"method": "copy", "positions": "top", "count": 2, "zero_init": ZERO},

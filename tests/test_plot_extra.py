@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT
+
 WITHOUT_MATPLOTLIB = (
     "import sys; sys.modules['matplotlib'] = None; from opt_deus_cli.cli import app; sys.argv[0] = 'opt-deus'; app()"
 )

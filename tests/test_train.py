@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conftest import checkpoint_tensors, load_model
+from conftest import SHIPPED_MODEL, checkpoint_tensors, load_model
 from opt_deus_cli.cli import app
 from opt_deus_cli.errors import OptDeusError, UsageError
 from opt_deus_cli.manifest import MANIFEST_FILE, read_manifest
@@ -25,7 +25,7 @@ from opt_deus_cli.training.options import merged_settings, read_args_file
 from opt_deus_cli.training.save import TRAINING_FILE, check_saved
 from opt_deus_cli.upscale import Options, upscale
 
-SHIPPED = Path(__file__).resolve().parent.parent / "examples" / "tiny-llama"
+SHIPPED = SHIPPED_MODEL
 TEXT = (SHIPPED / "heldout.txt").read_text()
 runner = CliRunner()
 

@@ -1,15 +1,11 @@
 """Fast checks (seconds) for benchmarks/training.py on a tiny LLaMA."""
 
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import training as T  # noqa: E402
+from benchmarks import training as T  # the checkout's root is on the path (pyproject.toml: pythonpath)
 
 FROZEN_REGEX = r"^model\.layers\.(?:2|3)\."
 
