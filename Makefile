@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= out/demo
 
-.PHONY: install demo test bench-io bench-speed bench-quality bench-model clean
+.PHONY: install demo test lint bench-io bench-speed bench-quality bench-model clean
 
 install: $(BIN)/.installed
 
@@ -26,6 +26,12 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# ruff (lint, then the formatting as a check) and mypy on the core modules; settings in pyproject.toml
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench-io: install
 	$(BIN)/python -m benchmarks.io_bench

@@ -66,8 +66,8 @@ def opt_deus_command(*args: str) -> list[str]:
     """`opt-deus ARGS` run so that it reports its own peak RSS on exit (measure() reads it): the
     kernel's figure for a child (os.wait4) is the largest of it and ITS children, and OpT-DeUS
     solves an assignment in a forked child, which maps the parent's pages (shared, copy-on-write)."""
-    code = ("import atexit, resource, sys; atexit.register(lambda: print(%r, resource.getrusage(resource.RUSAGE_SELF)"
-            ".ru_maxrss, file=sys.stderr)); from opt_deus_cli.cli import app; sys.argv[0] = 'opt-deus'; app()" % SELF_RSS)
+    code = (f"import atexit, resource, sys; atexit.register(lambda: print({SELF_RSS!r}, resource.getrusage(resource.RUSAGE_SELF)"
+            ".ru_maxrss, file=sys.stderr)); from opt_deus_cli.cli import app; sys.argv[0] = 'opt-deus'; app()")
     return [sys.executable, "-c", code, *args]
 
 

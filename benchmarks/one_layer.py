@@ -125,7 +125,7 @@ def worker(case: str, shapes: str, noise: float, independent: bool, max_iter: in
     if max_iter and 2 * max_iter < full_iter:
         # Two capped builds, N and 2N iterations: a unit that ran into both caps costs
         # fixed + slope * iterations; extrapolate it from 2N to the full budget.
-        seconds_1, report_1 = build(max_iter)
+        _, report_1 = build(max_iter)
         seconds, report = build(2 * max_iter)
         runs = 2
         t1, t2 = timings(report_1), timings(report)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-
 from benchmarks import training as T
+
+REPO = Path(__file__).resolve().parent.parent
 
 HELDOUT_TXT_BYTES = 48_000
 

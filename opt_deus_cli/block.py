@@ -60,11 +60,11 @@ class Decisions:
 
 @dataclass(frozen=True)
 class BuildContext:
-    arch: "Architecture"
-    layout: "HeadLayout"
-    device: "torch.device"
+    arch: Architecture
+    layout: HeadLayout
+    device: torch.device
     sources: tuple[int, ...] = ()  # base indices of the layers being fused (lower first)
-    out_dtype: "torch.dtype | None" = None  # --dtype of the output; None: each tensor keeps its source dtype
+    out_dtype: torch.dtype | None = None  # --dtype of the output; None: each tensor keeps its source dtype
     decisions: Decisions = Decisions()  # what the method's check() decided for this job
 
     def result(self, t, like):

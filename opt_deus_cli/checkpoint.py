@@ -22,6 +22,7 @@ import json
 import os
 import re
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import OptDeusError
-from .hashing import Hashing, sha256_file  # noqa: F401  (sha256_file: readers of checksums import it from here)
+from .hashing import Hashing, HashStream, sha256_file  # noqa: F401  (sha256_file: readers of checksums import it from here)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -71,9 +72,9 @@ def read_config(model_dir: Path) -> dict:
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise OptDeusError(f"{path} is not valid JSON ({e}); restore it from the model's source")
+        raise OptDeusError(f"{path} is not valid JSON ({e}); restore it from the model's source") from e
     except OSError as e:
-        raise OptDeusError(f"cannot read {path}: {e.strerror or e}")
+        raise OptDeusError(f"cannot read {path}: {e.strerror or e}") from e
     if not isinstance(config, dict) or "model_type" not in config:
         raise OptDeusError(f"{path} has no 'model_type'; opt-deus needs it to know the architecture")
     if not isinstance(config["model_type"], str):
@@ -155,7 +156,7 @@ class Checkpoint:
                 with safe_open(str(path), framework="pt", device="cpu") as f:
                     checked = {n: (f.get_slice(n).get_dtype(), tuple(f.get_slice(n).get_shape())) for n in f.keys()}
             except (SafetensorError, OSError, ValueError, UnicodeDecodeError) as e:
-                raise OptDeusError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupted")
+                raise OptDeusError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupted") from e
             for name, where in self.weight_map.items():
                 if where == shard and name not in checked:
                     raise OptDeusError(f"index says tensor {name} is in {shard}, but that shard does not hold it")
@@ -180,7 +181,7 @@ class Checkpoint:
                 if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                     raise TypeError("weight_map is not a mapping of tensor names to file names")
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, OSError) as e:
-                raise OptDeusError(f"{index} is not a valid safetensors index ({e}); re-save the model with save_pretrained")
+                raise OptDeusError(f"{index} is not a valid safetensors index ({e}); re-save the model with save_pretrained") from e
             for shard in set(weight_map.values()):
                 if not _inside(self.dir, shard).is_file():
                     raise OptDeusError(f"index names shard {shard}, which is missing from {self.dir}")
@@ -192,7 +193,7 @@ class Checkpoint:
                 with safe_open(str(single), framework="pt") as f:
                     return {name: SINGLE_FILE for name in f.keys()}
             except (SafetensorError, OSError, ValueError) as e:
-                raise OptDeusError(f"{single} is not a readable safetensors file ({e}); it may be truncated or corrupted")
+                raise OptDeusError(f"{single} is not a readable safetensors file ({e}); it may be truncated or corrupted") from e
         shards = sorted(p.name for p in self.dir.glob("*.safetensors"))
         if shards:
             raise OptDeusError(f"{self.dir} has {', '.join(shards)} but no {INDEX_FILE}; re-save with save_pretrained")
@@ -227,7 +228,7 @@ class Checkpoint:
         fd, offset, nbytes = self.raw(name)
         meta = self._meta[name]
         buffer = torch.empty(nbytes, dtype=torch.uint8)
-        view = memoryview(buffer.numpy())
+        view = buffer.numpy().data  # a memoryview of the tensor's bytes
         done = 0
         while done < nbytes:
             got = os.preadv(fd, [view[done:]], offset + done)
@@ -245,16 +246,6 @@ class Checkpoint:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-
-
-def copy_side_files(files: list[Path], out: Path, skipped: set[str]) -> None:
-    """Copy the files of a model directory that are not weights (tokenizer, generation config, chat
-    template, licence, ...) into `out`, but those named in `skipped` (the caller writes its own)."""
-    import shutil
-
-    for path in files:
-        if path.name not in skipped and not path.name.endswith(WEIGHT_SUFFIXES):
-            shutil.copy2(path, out / path.name)
 
 
 # ---- writing -----------------------------------------------------------------------------
@@ -310,11 +301,11 @@ class ShardWriter:
         self._fd: int | None = None  # the open shard, written at self._offset
         self._read_fd = -1  # the same file read-only, for hashing it back
         self._offset = 0
-        self._stream = None
+        self._stream: HashStream | None = None
         self._shard = -1
         self._owns_hashing = hashing is None
         self.hashing = hashing if hashing is not None else Hashing()
-        self._futures: dict[str, object] = {}  # file -> future of (bytes, sha256)
+        self._futures: dict[str, Future] = {}  # file -> future of (bytes, sha256)
         self.digests: dict[str, tuple[int, str]] = {}  # file -> (bytes, sha256), filled by finish()
         self.io_seconds = 0.0
         self.hash_wait_seconds = 0.0  # waiting, after the last byte, for the output's checksums
@@ -334,19 +325,26 @@ class ShardWriter:
         self._offset, self._shard = 0, i
         self._put(len(raw).to_bytes(8, "little") + raw)
 
+    def _shard_open(self) -> tuple[int, HashStream]:
+        """The open shard's file descriptor and checksum stream (_next opened them)."""
+        assert self._fd is not None and self._stream is not None, "no shard is open"
+        return self._fd, self._stream
+
     def _put(self, data) -> None:
         start = time.perf_counter()
         view, done = memoryview(data).cast("B"), 0
+        fd, stream = self._shard_open()
         while done < len(view):
-            done += os.pwrite(self._fd, view[done:], self._offset + done)
-        self._stream.add(self._read_fd, self._offset, done)
+            done += os.pwrite(fd, view[done:], self._offset + done)
+        stream.add(self._read_fd, self._offset, done)
         self._offset += done
         self.io_seconds += time.perf_counter() - start
 
     def _close_shard(self) -> None:
-        fd, self._fd = self._fd, None
+        fd, stream = self._shard_open()
+        self._fd = None
         os.close(fd)
-        self._futures[self.file_names[self._shard]] = self._stream.close()
+        self._futures[self.file_names[self._shard]] = stream.close()
         self._stream = None
 
     def _next(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
@@ -369,8 +367,9 @@ class ShardWriter:
         """Append bytes of an input file unchanged: copied by the kernel, hashed from the source."""
         self._next(name, meta.dtype, meta.shape)
         start = time.perf_counter()
-        _copy_range(fd, offset, self._fd, self._offset, nbytes, name)
-        self._stream.add(fd, offset, nbytes)  # the same bytes: hashed from the source's pages
+        out_fd, stream = self._shard_open()
+        _copy_range(fd, offset, out_fd, self._offset, nbytes, name)
+        stream.add(fd, offset, nbytes)  # the same bytes: hashed from the source's pages
         self._offset += nbytes
         self.io_seconds += time.perf_counter() - start
 
@@ -403,7 +402,7 @@ class ShardWriter:
                 fd, self._fd = self._fd, None
                 os.close(fd)
             if self._stream is not None:
-                self._stream, stream = None, self._stream
+                stream, self._stream = self._stream, None
                 stream.close()
         finally:
             if self._owns_hashing:

@@ -42,7 +42,7 @@ def load_hf_config(model_dir: Path):
     except Exception as e:  # transformers raises many kinds; name the file and the reason, on one line
         reason = " ".join(str(e).split())[:400] or type(e).__name__
         raise OptDeusError(f"transformers cannot read {Path(model_dir) / 'config.json'}: {reason}; fix the file "
-                           "or restore it from the model's source")
+                           "or restore it from the model's source") from e
     finally:
         hf_logging.set_verbosity(verbosity)
 

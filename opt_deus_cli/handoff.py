@@ -121,9 +121,9 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise OptDeusError(f"{path} is missing")
+        raise OptDeusError(f"{path} is missing") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise OptDeusError(f"{path} cannot be read as JSON ({e})")
+        raise OptDeusError(f"{path} cannot be read as JSON ({e})") from e
     if not isinstance(data, dict):
         raise OptDeusError(f"{path} is not a JSON object")
     return data

@@ -53,17 +53,17 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
     except hub_errors.GatedRepoError:
-        raise OptDeusError(f"Hub repo {repo_id} is gated: accept its licence on the Hub, then set HF_TOKEN (or `hf auth login`)")
+        raise OptDeusError(f"Hub repo {repo_id} is gated: accept its licence on the Hub, then set HF_TOKEN (or `hf auth login`)") from None
     except hub_errors.RepositoryNotFoundError:
-        raise OptDeusError(f"no local directory {repo_id}, and no Hub repo {repo_id} (or it is private: set HF_TOKEN)")
+        raise OptDeusError(f"no local directory {repo_id}, and no Hub repo {repo_id} (or it is private: set HF_TOKEN)") from None
     except hub_errors.RevisionNotFoundError:
-        raise OptDeusError(f"Hub repo {repo_id} has no revision {revision}")
+        raise OptDeusError(f"Hub repo {repo_id} has no revision {revision}") from None
     except hub_errors.LocalEntryNotFoundError:
         raise OptDeusError(f"no local directory {repo_id}, and Hub repo {repo_id}{at} is not in the local cache while "
-                           "offline (HF_HUB_OFFLINE); download it once online, or give a local directory")
+                           "offline (HF_HUB_OFFLINE); download it once online, or give a local directory") from None
     except (hub_errors.HfHubHTTPError, OSError, ValueError) as e:
         reason = " ".join(str(e).split())[:300] or type(e).__name__
-        raise OptDeusError(f"cannot fetch Hub repo {repo_id}{at}: {reason}")
+        raise OptDeusError(f"cannot fetch Hub repo {repo_id}{at}: {reason}") from e
 
 
 def _commit_of(snapshot: Path) -> str | None:

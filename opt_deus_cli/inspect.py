@@ -175,7 +175,7 @@ def write_file(path: Path, write) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.absolute().parent)
     except OSError as e:
-        raise OptDeusError(f"cannot write {path}: {e.strerror or e}")
+        raise OptDeusError(f"cannot write {path}: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -184,7 +184,7 @@ def write_file(path: Path, write) -> None:
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise OptDeusError(f"cannot write {path}: {e.strerror or e}")
+            raise OptDeusError(f"cannot write {path}: {e.strerror or e}") from e
         raise
 
 
@@ -204,9 +204,20 @@ def heatmap_panels(m: LayerMatrices) -> list[tuple[str, np.ndarray, str]]:
     ]
 
 
-def _pyplot():
-    import matplotlib
+PLOT_EXTRA = "pip install 'opt-deus-cli[plot]'"  # matplotlib: only drawing needs it
 
+
+def require_matplotlib(what: str):
+    """matplotlib, or one clear error naming the extra that installs it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError(f"{what} needs matplotlib, which is not installed: {PLOT_EXTRA}") from None
+    return matplotlib
+
+
+def _pyplot():
+    matplotlib = require_matplotlib("--png")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -273,9 +284,9 @@ def terminal_heatmap(matrix: np.ndarray, title: str, cmap: str, size: int = 32, 
     """A rich renderable: the matrix downsampled to size x size cells, with a legend. Coloured
     cells on a colour terminal; with `plain`, characters whose density follows the colour's
     brightness (so a good alignment still reads as a bright diagonal when piped or logged)."""
-    import matplotlib
     from rich.text import Text
 
+    matplotlib = require_matplotlib("drawing heatmaps (--layer; --json prints the figures alone)")
     small = downsample(matrix, size)
     lo, hi = float(small.min()), float(small.max())
     colours = matplotlib.colormaps[cmap]

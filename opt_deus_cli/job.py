@@ -5,7 +5,7 @@ the names of the new layers' parameters)."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,7 +41,7 @@ class Job:
     dtype: torch.dtype | None  # the output's floating dtype; None keeps each tensor's own
     device: torch.device
     memory_budget: int | None = None  # bytes a new layer may use (--memory-budget); None: what is free
-    decisions: Decisions = Decisions()  # what the method's check() decided; every BuildContext carries it
+    decisions: Decisions = field(default_factory=Decisions)  # what check() decided; every BuildContext carries it
 
     @property
     def base_layers(self) -> int:

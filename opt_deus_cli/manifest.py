@@ -104,7 +104,7 @@ class Manifest:
             return cls(**values)
         except (KeyError, TypeError) as e:
             raise OptDeusError(f"the manifest does not have the expected layout ({type(e).__name__}: {e}); "
-                               "was it written by another opt-deus version?")
+                               "was it written by another opt-deus version?") from e
 
     def write(self, path: Path) -> None:
         from .checkpoint import write_json
@@ -135,7 +135,7 @@ def read_manifest(model_dir: Path | str, required: bool = False) -> Manifest | N
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise OptDeusError(f"{path} is not valid JSON ({e})")
+        raise OptDeusError(f"{path} is not valid JSON ({e})") from e
     if not isinstance(data, dict):
         raise OptDeusError(f"{path} is not an opt-deus manifest (not a JSON object)")
     return Manifest.from_dict(data)

@@ -1,8 +1,8 @@
 """Optimal-transport building blocks: what each cost kind computes, cost matrices (dense, from
 column blocks, batched, sketched), costs of paired units, the scale a cost has for transport, and
-using a plan (the barycentric map). Device-agnostic torch code; the solvers are in solvers.py. A plan T (n, m) couples the n units (rows, heads, KV groups)
-of the lower layer A with the m units of the upper layer B; with uniform marginals every row of T
-carries mass 1/n and every column 1/m.
+using a plan (the barycentric map). Device-agnostic torch code; the solvers are in solvers.py. A
+plan T (n, m) couples the n units (rows, heads, KV groups) of the lower layer A with the m units
+of the upper layer B; with uniform marginals every row of T carries mass 1/n and every column 1/m.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -100,7 +100,7 @@ def _bf16_products(enabled: bool):
     Only for operands that are bf16 values converted to float32: their bf16 rounding is exact, the
     products of two bf16 are exact in float32, so the result is the float32 one up to summation
     order (~1e-7 relative), ~20% faster on AVX512-BF16 CPUs."""
-    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    matmul: Any = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
     old = getattr(matmul, "fp32_precision", None)
     switched = False
     if enabled and old is not None and _native_bf16_cpu():
@@ -204,6 +204,7 @@ def sketch_features(blocks: list[torch.Tensor], k: int, device: torch.device | s
             for b, r in zip(blocks, signs.split(widths)):
                 part = b[i : i + _TILE].to(device=device, dtype=torch.float32) @ r
                 acc = part if acc is None else acc.add_(part)
+            assert acc is not None  # blocks is not empty
             out[i : i + acc.shape[0]] = acc
     return out.mul_(1.0 / math.sqrt(k))
 

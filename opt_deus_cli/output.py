@@ -2,7 +2,8 @@
 directory beside OUT_DIR and renamed into place only when complete; on any failure (error,
 Ctrl-C, SIGTERM, disk full) the temporary directory is removed and an existing OUT_DIR is left
 as it was. A lock file beside OUT_DIR keeps two runs from writing the same place at once, and
-the next run clears what a killed one (SIGKILL, power loss) left behind."""
+the next run clears what a killed one (SIGKILL, power loss) left behind. Also here: the one copy of
+a model directory's side files (tokenizer, generation config, ...) into an output."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from .checkpoint import WEIGHT_SUFFIXES
 from .errors import OptDeusError, UsageError
 from .manifest import MANIFEST_FILE
 
@@ -32,6 +34,14 @@ def current_umask() -> int:
     mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but nothing else runs yet)
     os.umask(mask)
     return mask
+
+
+def copy_side_files(files: list[Path], out: Path, skipped: set[str]) -> None:
+    """Copy the files of a model directory that are not weights (tokenizer, generation config, chat
+    template, licence, ...) into `out`, but those named in `skipped` (the caller writes its own)."""
+    for path in files:
+        if path.name not in skipped and not path.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(path, out / path.name)
 
 
 class Terminated(BaseException):
@@ -127,7 +137,7 @@ class OutputTransaction:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise OptDeusError(f"another opt-deus run is writing {self.out} (lock {self._lock_path}); wait for it or choose another output")
+                raise OptDeusError(f"another opt-deus run is writing {self.out} (lock {self._lock_path}); wait for it or choose another output") from None
             except BaseException:
                 os.close(fd)
                 raise

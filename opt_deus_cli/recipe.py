@@ -201,9 +201,9 @@ def load_recipe(name_or_path: str) -> Recipe:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e)  # ReaderError has `reason`
-        raise UsageError(f"recipe {path} is not valid YAML{at}: {' '.join(str(problem).split())}")  # one line
+        raise UsageError(f"recipe {path} is not valid YAML{at}: {' '.join(str(problem).split())}") from e  # one line
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read recipe {path}: {e}")
+        raise UsageError(f"cannot read recipe {path}: {e}") from e
     recipe = parse_recipe(data, source=str(path))
     return replace(recipe, model=_beside(path, recipe.model, may_be_repo_id=True), output=_beside(path, recipe.output))
 

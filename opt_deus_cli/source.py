@@ -42,7 +42,7 @@ class SourceModel:
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise TypeError
         except (KeyError, TypeError, ValueError):
-            raise OptDeusError(f"config.json has no valid {arch.depth_key}")
+            raise OptDeusError(f"config.json has no valid {arch.depth_key}") from None
         source = cls(ckpt, hf_config, arch, layout, *_group_tensors(ckpt, arch, n))
         source._check_blocks()
         source._check_outer()

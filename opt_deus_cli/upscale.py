@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import INDEX_FILE, ShardWriter, copy_side_files, parse_size, sha256_file, write_json
+from .checkpoint import INDEX_FILE, ShardWriter, parse_size, sha256_file, write_json
 from .card import CARD_FILE, model_card
 from .configs import rewrite_config
 from .errors import UsageError
@@ -23,7 +23,7 @@ from .job import Job, Options, resolve_job
 from .layers import OutputLayer
 from .manifest import FORMAT_VERSION, MANIFEST_FILE, BaseInfo, FileEntry, LayerEntry, Manifest, OutputInfo, read_manifest, report_warnings
 from .methods.base import Block, Progress
-from .output import OutputTransaction
+from .output import OutputTransaction, copy_side_files
 from .recipe import Recipe
 from .source import SourceModel, check_finite
 

@@ -91,7 +91,7 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype | str =
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=False,
                                                      use_safetensors=True, local_files_only=True)
     except Exception as e:  # transformers raises many kinds; name the directory and the reason
-        raise OptDeusError(f"transformers cannot load {model_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        raise OptDeusError(f"transformers cannot load {model_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     return model.to(device).eval()
 
 

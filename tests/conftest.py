@@ -15,6 +15,9 @@ from opt_deus_cli.architectures import PROJECTION_ROLES, SUPPORTED, HeadLayout
 from opt_deus_cli.methods.base import BuildContext
 from opt_deus_cli.methods.opt_deus.settings import AlignmentSettings
 
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: tests may sit in subfolders of tests/
+SHIPPED_MODEL = ROOT / "examples" / "tiny-llama"
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # tiny tensors: thread start-up costs more than it saves, and a shared machine makes it worse
 torch.set_num_threads(1)
@@ -55,7 +58,7 @@ def make_model(path: Path, model_type: str, layers: int = 6, tied: bool = False,
     config = AutoConfig.for_model(model_type, **kwargs)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # norms away from 1 so averaging and copying are visible
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.copy_(1 + 0.3 * torch.randn_like(p))
     model = model.to(dtype)
@@ -102,12 +105,13 @@ def model_factory(tmp_path_factory):
 # ---- markers: `pytest -m "not slow"` is the quick loop ----------------------------------------
 # end to end: builds checkpoints, runs the pipeline or the CLI, loads models with transformers
 E2E_FIXTURES = {"model_factory", "hub_model_factory"}
-E2E_MODULES = {"test_cli", "test_reliability", "test_verify", "test_inspect", "test_quality", "test_training"}
+E2E_MODULES = {"test_cli", "test_reliability", "test_verify", "test_inspect", "test_quality", "test_training",
+               "test_benchmark_training"}
 
 
 def pytest_collection_modifyitems(items):
-    for item in items:
-        if E2E_FIXTURES & set(item.fixturenames) or item.module.__name__ in E2E_MODULES:
+    for item in items:  # a module's own name, wherever it sits under tests/
+        if E2E_FIXTURES & set(item.fixturenames) or item.module.__name__.rsplit(".", 1)[-1] in E2E_MODULES:
             item.add_marker(pytest.mark.slow)
 
 
@@ -162,7 +166,7 @@ def assert_blocks_close(got: dict, want: dict, atol: float, rtol: float = 0.0) -
     for name in want:
         assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape, name
         assert got[name].device.type == "cpu", name
-        torch.testing.assert_close(got[name], want[name], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], want[name], atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def check_report(report: dict) -> None:
@@ -224,7 +228,7 @@ def make_hub_model(path: Path, fixture_name: str, seed: int = 0, shard: str | No
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         with torch.no_grad():  # norms (and biases) away from their init so copies and averages show
-            for name, p in model.named_parameters():
+            for p in model.parameters():
                 if p.dim() == 1:
                     p.copy_(1 + 0.3 * torch.randn_like(p))
         model = model.to(dtype)

@@ -50,15 +50,19 @@ def test_paired_forms_equal_the_matrix_diagonal(kind):
     y = {"q": rand(9, 2, 4, seed=8), "o": rand(9, 2, 4, seed=9)}
     flat_x = torch.cat([x["q"].flatten(1), shared.expand(9, 2, 4).flatten(1)], 1)
     flat_y = torch.cat([y["q"].flatten(1), y["o"].flatten(1)], 1)
-    torch.testing.assert_close(stacked_parts_cost(x, y, kind), cost_matrix(flat_x, flat_y, kind).diagonal(),
-                               atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(
+        stacked_parts_cost(x, y, kind), cost_matrix(flat_x, flat_y, kind).diagonal(), atol=1e-10, rtol=1e-10
+    )
 
 
 def moe_block(seed: int, scale: float = 1.0) -> dict:
     """The MLP side of a canonical mixtral block (4 experts, router); `scale` multiplies it all."""
     arch, layout = SUPPORTED["mixtral"].canonical(), MOE_LAYOUT
-    block = {arch.experts[role].format(e=e) + ".weight": rand(*layout.weight_shape(role), seed=seed * 100 + 10 * e + i)
-             for i, role in enumerate(MLP_ROLES) for e in range(layout.num_experts)}
+    block = {
+        arch.experts[role].format(e=e) + ".weight": rand(*layout.weight_shape(role), seed=seed * 100 + 10 * e + i)
+        for i, role in enumerate(MLP_ROLES)
+        for e in range(layout.num_experts)
+    }
     block[arch.router] = rand(layout.num_experts, layout.hidden, seed=seed * 100 + 99)
     return {name: scale * t.float() for name, t in block.items()}
 

@@ -27,7 +27,7 @@ def test_exact_costs_are_computed_on_the_gpu_and_moved_once(monkeypatch):
     monkeypatch.setattr("opt_deus_cli.methods.opt_deus.plans.exact_assignments", spy)
     lower = random_block("llama", seed=1, dtype=torch.bfloat16)
     upper = planted_permutation(lower, "llama", seed=2)
-    new, report = OptDeusMethod(EXACT).build(lower, upper, ctx("llama", "cuda"))
+    new, _ = OptDeusMethod(EXACT).build(lower, upper, ctx("llama", "cuda"))
     cpu_new, _ = OptDeusMethod(EXACT).build(lower, upper, ctx("llama"))
     for name in cpu_new:
         assert torch.equal(new[name], cpu_new[name]), name
@@ -42,7 +42,7 @@ def test_sinkhorn_runs_on_the_gpu():
     upper = planted_permutation(lower, "qwen3", seed=4)
     al = align_mlp(lower, upper, ctx("qwen3", "cuda"), SINKHORN)
     assert al.solved.map.P.device.type == "cuda" and al.figures["converged"]
-    new, report = OptDeusMethod(SINKHORN).build(lower, upper, ctx("qwen3", "cuda"))
+    new, _ = OptDeusMethod(SINKHORN).build(lower, upper, ctx("qwen3", "cuda"))
     cpu_new, _ = OptDeusMethod(SINKHORN).build(lower, upper, ctx("qwen3"))
     for name in cpu_new:
         torch.testing.assert_close(new[name], cpu_new[name], atol=1e-5, rtol=1e-5)

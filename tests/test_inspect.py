@@ -42,7 +42,7 @@ def upscaled(tmp_path_factory):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_inspect_output_table_and_layer(upscaled, tmp_path, family):
-    base, out = upscaled(family)
+    _, out = upscaled(family)
     table = invoke("inspect", out)
     assert "4 -> 6 layers" in table and "opt-deus" in table and "→" in table
     rows = json.loads(invoke("inspect", out, "--json"))["layers"]

@@ -21,8 +21,13 @@ from opt_deus_cli.verify import verify
 
 RECIPES = {
     "top-half": {"method": "opt-deus", "positions": "top", "count": "50%"},  # the paper's setting
-    "upper-copy": {"method": "copy", "copy": {"neighbour": "upper"}, "positions": "top", "count": "50%",
-                   "zero_init": ["o_proj", "down_proj"]},
+    "upper-copy": {
+        "method": "copy",
+        "copy": {"neighbour": "upper"},
+        "positions": "top",
+        "count": "50%",
+        "zero_init": ["o_proj", "down_proj"],
+    },
 }
 
 
@@ -34,9 +39,19 @@ def test_the_family_lists_are_the_registry():
 @pytest.mark.parametrize("model_type", ["granite", "helium"])
 def test_a_dense_family_is_one_entry(tmp_path, monkeypatch, model_type):
     assert model_type not in SUPPORTED
-    base = make_model(tmp_path / "base", model_type, layers=4, residual_multiplier=0.5, attention_multiplier=0.2,
-                      logits_scaling=2.0, embedding_multiplier=3.0) if model_type == "granite" else \
-        make_model(tmp_path / "base", model_type, layers=4)
+    base = (
+        make_model(
+            tmp_path / "base",
+            model_type,
+            layers=4,
+            residual_multiplier=0.5,
+            attention_multiplier=0.2,
+            logits_scaling=2.0,
+            embedding_multiplier=3.0,
+        )
+        if model_type == "granite"
+        else make_model(tmp_path / "base", model_type, layers=4)
+    )
     with pytest.raises(OptDeusError, match=f"unsupported model_type '{model_type}'"):
         upscale(base, parse_recipe(RECIPES["top-half"]), tmp_path / "refused", Options(device="cpu"))
     monkeypatch.setitem(SUPPORTED, model_type, Architecture(model_type))  # the one entry
@@ -58,5 +73,13 @@ def test_a_dense_family_is_one_entry(tmp_path, monkeypatch, model_type):
         copied = [torch.equal(tensors[f"model.layers.2.{q}"], base_tensors[f"model.layers.{k}.{q}"]) for k in (1, 2)]
         assert copied == ([False, True] if name == "upper-copy" else [False, False])  # fused by OpT-DeUS
         target = target_from_output(out)
-        assert target.projection_modules == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        assert target.projection_modules == (
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        )
         assert "^model.layers.2." in handoff(out, "axolotl") and "^model.layers.4." in handoff(out, "axolotl")

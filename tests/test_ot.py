@@ -170,7 +170,7 @@ def test_sinkhorn_epsilon_is_scale_free():
 
 def test_sinkhorn_non_convergence_is_reported():
     cost = torch.rand(40, 40, generator=torch.Generator().manual_seed(14))
-    T, report = solve_plan(cost, "sinkhorn", epsilon=1e-3, max_iter=3, tol=1e-12)
+    _, report = solve_plan(cost, "sinkhorn", epsilon=1e-3, max_iter=3, tol=1e-12)
     assert not report.converged and report.iterations == 3 and report.marginal_error > 1e-6
     assert any("did not converge" in w for w in report.warnings)
 
@@ -249,7 +249,7 @@ def test_exact_assignment_in_a_child_process_is_the_same(monkeypatch):
 
     monkeypatch.setattr(solvers, "_lap", broken)  # the child inherits it through the fork
     pending = solvers.exact_assignments_in_background(costs, "MLP neurons")
-    with pytest.raises(OptDeusError, match="MLP neurons: the assignment process failed .*MemoryError: no room"):
+    with pytest.raises(OptDeusError, match=r"MLP neurons: the assignment process failed .*MemoryError: no room"):
         pending()
 
 

@@ -132,7 +132,9 @@ def prepare(domain: str, tokenizer_dir: Path, out: Path, eval_tokens: int,
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    count = lambda text: len(tokenizer(text, add_special_tokens=True)["input_ids"]) + 1  # + the end-of-document token
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=True)["input_ids"]) + 1  # + the end-of-document token
+
     corpus = load_corpus(domain, max_bytes)
     evals = eval_documents(corpus.heldout, count, eval_tokens)
     out.mkdir(parents=True, exist_ok=True)

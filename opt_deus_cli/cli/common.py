@@ -84,16 +84,16 @@ def run(fn, *args, **kwargs):
         fail(e)
     except KeyboardInterrupt as e:
         console.print(f"[bold red]interrupted:[/] {escape(_untouched(e))}")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from e
     except Terminated as e:
         console.print(f"[bold red]terminated:[/] {escape(_untouched(e))}")
-        raise typer.Exit(143)
+        raise typer.Exit(143) from e
     except Exception as e:  # a bug of ours: one line, the traceback on request
         if os.environ.get("OPT_DEUS_DEBUG"):
             raise
         console.print(f"[bold red]internal error:[/] {escape(f'{type(e).__name__}: {e}')} "
                       "(set OPT_DEUS_DEBUG=1 for the traceback; please report it)")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from e
 
 
 def _untouched(interrupt: BaseException) -> str:

@@ -38,6 +38,10 @@ def inspect(
     _refuse_what_does_not_apply(model_dir, manifest, layer, group, save, base, recipe)
     writable_file(png, "--png")
     writable_file(save, "--save")
+    if png:  # before any work: drawing needs the `plot` extra
+        run(ins.require_matplotlib, "--png")
+    if layer is not None and not as_json:
+        run(ins.require_matplotlib, "drawing heatmaps (--layer; --json prints the figures alone)")
     if layer is not None:
         group = group or "mlp"
         m = run(ins.layer_matrices, model_dir, layer, group, base, device)

@@ -100,7 +100,7 @@ def train(
             try:
                 record = run_train(model_dir, data, out_dir, options, on_progress, on_log)
             except OptDeusError as e:
-                raise typer.Exit(e.exit_code)
+                raise typer.Exit(e.exit_code) from e
     if not main:
         return
     if as_json:

@@ -14,6 +14,7 @@ The recipe's `copy:` block makes two ablations of the same idea expressible as r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..architectures import PROJECTION_ROLES
 from ..settings import check_settings, setting
@@ -36,18 +37,18 @@ class CopySettings:
 class CopyMethod(Method):
     name = "copy"
     supports_experts = True  # tensor names do not matter to a copy
-    default_zero_init = ("o_proj", "down_proj")
+    default_zero_init: ClassVar[tuple[str, ...]] = ("o_proj", "down_proj")
     settings = {"copy": CopySettings}
 
     def __init__(self, copy: CopySettings = CopySettings()):
         self.copy = copy
 
     @property
-    def needs_upper(self) -> bool:  # an upper copy is built from k+1, so it needs a layer above k
+    def needs_upper(self) -> bool:  # type: ignore[override]  # (a ClassVar in Method) an upper copy is built from k+1, so it needs a layer above k
         return self.copy.neighbour == "upper"
 
     @property
-    def copies_lower(self) -> bool:  # the pipeline then copies bytes instead of calling build()
+    def copies_lower(self) -> bool:  # type: ignore[override]  # (a ClassVar in Method) the pipeline then copies bytes instead of calling build()
         return self.copy.neighbour == "lower" and self.copy.scale == 1.0
 
     def composition(self, sources: tuple[int, ...]) -> tuple[tuple[int, float], ...]:

@@ -75,7 +75,7 @@ def read_file(path: Path, cache_dir: Path | None = None):
                             cache_dir=str(cache_dir) if cache_dir else None, **kwargs)
     except Exception as e:  # datasets raises many kinds for a malformed file
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise OptDeusError(f"cannot read {path} as {builder}: {first}")
+        raise OptDeusError(f"cannot read {path} as {builder}: {first}") from e
 
 
 def load_documents(files: list[Path], text_field: str, cache_dir: Path | None = None):
@@ -162,7 +162,7 @@ def load_tokenizer(model_dir: Path):
         return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise OptDeusError(f"{model_dir} has no usable tokenizer ({first}); copy the base model's tokenizer files into it")
+        raise OptDeusError(f"{model_dir} has no usable tokenizer ({first}); copy the base model's tokenizer files into it") from e
 
 
 def build_blocks(paths: list[Path], tokenizer, seq_len: int, text_field: str, what: str, first=nullcontext,

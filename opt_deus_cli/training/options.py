@@ -117,10 +117,10 @@ def read_args_file(path: Path | str) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise UsageError(f"--args file {path} does not exist")
+        raise UsageError(f"--args file {path} does not exist") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"--args {path} is not readable YAML ({first})")
+        raise UsageError(f"--args {path} is not readable YAML ({first})") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -209,4 +209,4 @@ def training_arguments(options: TrainOptions, work_dir: Path, has_experts: bool 
         return TrainingArguments(**settings)
     except (ValueError, TypeError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"TrainingArguments refused the settings: {first}")
+        raise UsageError(f"TrainingArguments refused the settings: {first}") from e

@@ -215,7 +215,7 @@ def _load_model(model_dir: Path, dtype: str):
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, trust_remote_code=False,
                                                     use_safetensors=True, local_files_only=True)
     except Exception as e:  # transformers raises many kinds; name the directory and the reason
-        raise OptDeusError(f"transformers cannot load {model_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        raise OptDeusError(f"transformers cannot load {model_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
 
 def _history(log_history: list[dict]) -> list[dict]:

@@ -17,10 +17,10 @@ from typing import Callable
 
 import torch
 
-from ..checkpoint import INDEX_FILE, Checkpoint, copy_side_files, sha256_file, write_json
+from ..checkpoint import INDEX_FILE, Checkpoint, sha256_file, write_json
 from ..errors import OptDeusError
 from ..manifest import MANIFEST_FILE, FileEntry, Manifest, OutputInfo
-from ..output import OutputTransaction
+from ..output import OutputTransaction, copy_side_files
 
 TRAINING_FILE = "opt-deus-training.json"  # the record, beside an output whose input had no manifest
 CHUNK = 64 << 20  # bytes compared at a time
@@ -33,7 +33,7 @@ def gathered_state_dict(trainer) -> dict:
     try:
         return trainer.accelerator.get_state_dict(engine)
     except ValueError as e:  # accelerate's refusal for ZeRO-3 without the gather setting
-        raise OptDeusError(f"cannot gather the trained weights: {str(e).splitlines()[0]}")
+        raise OptDeusError(f"cannot gather the trained weights: {str(e).splitlines()[0]}") from e
 
 
 def cast_like_input(state_dict: dict, input_ckpt: Checkpoint, model) -> dict:

@@ -36,7 +36,7 @@ freed before the next. Peak memory: one float32 copy of a weight type's whole st
 (out, out) float64 Gram matrix, one layer in float64, plus the predicted weights of every new
 layer until they are written.
 
-What the method can promise (tests/test_lesa.py): a stack of equal layers is reproduced (the
+What the method can promise (tests/methods/test_lesa.py): a stack of equal layers is reproduced (the
 inputs at any position are training inputs). A stack varying linearly with depth,
 W_l = A + l B, is NOT recovered exactly at the midpoint A + (k + 1/2) B: the predictor learns
 from triples two layers apart, (l-1, l+1) -> l, and is then asked about neighbours one layer

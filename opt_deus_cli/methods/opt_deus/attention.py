@@ -36,8 +36,11 @@ class Heads:
     def of(cls, block: Block, arch: Architecture, layout: HeadLayout, device: torch.device) -> "Heads":
         G, r, d, h = layout.num_kv_heads, layout.heads_per_group, layout.head_dim, layout.hidden
 
-        def get(name: str, *shape: int) -> torch.Tensor | None:
-            return block[name].to(device, F32).reshape(shape) if name in block else None
+        def get(name: str, *shape: int) -> torch.Tensor:
+            return block[name].to(device, F32).reshape(shape)
+
+        def optional(name: str, *shape: int) -> torch.Tensor | None:  # a bias
+            return get(name, *shape) if name in block else None
 
         return cls(
             q=get(arch.weight("q"), G, r, d, h),
@@ -45,9 +48,9 @@ class Heads:
             v=get(arch.weight("v"), G, d, h),
             # o_proj (h, H*d): its transpose lists the columns head by head, dim by dim
             o=block[arch.weight("o")].to(device, F32).T.reshape(G, r, d, h),
-            qb=get(arch.bias("q"), G, r, d),
-            kb=get(arch.bias("k"), G, d),
-            vb=get(arch.bias("v"), G, d),
+            qb=optional(arch.bias("q"), G, r, d),
+            kb=optional(arch.bias("k"), G, d),
+            vb=optional(arch.bias("v"), G, d),
         )
 
     def groups(self) -> dict[str, torch.Tensor]:
@@ -81,6 +84,7 @@ def head_costs(a: dict[str, torch.Tensor], o_moved: torch.Tensor, B: "Heads", ki
     a_norm = a["q"].reshape(r, -1).square().sum(1) + o_moved.reshape(G, r, -1).square().sum(2)  # (G, r)
     b_norm = B.q.reshape(G, r, -1).square().sum(2) + B.o.reshape(G, r, -1).square().sum(2)
     if "qb" in a:
+        assert B.qb is not None  # both blocks have the same tensors (check_blocks)
         dot = dot + shared(a["qb"], B.qb)
         a_norm, b_norm = a_norm + a["qb"].square().sum(1), b_norm + B.qb.square().sum(2)
     return finish_cost(dot, a_norm, b_norm, kind)
@@ -104,14 +108,15 @@ def move_each(maps: list[Map], W: torch.Tensor, dim: int) -> torch.Tensor:
     pass W.expand(N, ...) to move one tensor by every map. Index maps gather (no arithmetic),
     entropic maps multiply."""
     axis, N = dim + 1, len(maps)
-    if all(m.index is not None for m in maps):  # one gather per map straight into the result
+    indexes = [m.index for m in maps if m.index is not None]
+    if len(indexes) == N:  # one gather per map straight into the result
         shape = list(W.shape)
-        shape[axis] = maps[0].index.numel()
+        shape[axis] = indexes[0].numel()
         out = W.new_empty(shape)
-        for k, m in enumerate(maps):
-            torch.index_select(W[k], dim, m.index.to(W.device), out=out[k])
+        for k, index in enumerate(indexes):
+            torch.index_select(W[k], dim, index.to(W.device), out=out[k])
         return out
-    P = torch.stack([m.P for m in maps]).to(W.device, W.dtype)  # (N, m, n)
+    P = torch.stack([m.weights() for m in maps]).to(W.device, W.dtype)  # (N, m, n)
     rows = W.movedim(axis, -1)[..., None, :]  # (N, ..., 1, n)
     Pt = P.transpose(1, 2).reshape(N, *([1] * (rows.dim() - 3)), P.shape[2], P.shape[1])  # (N, 1.., n, m)
     return (rows @ Pt).squeeze(-2).movedim(-1, axis)
@@ -175,17 +180,17 @@ def align_attention(lower: Block, upper: Block, ctx: BuildContext, settings: Ali
     v_cost = batched_cost(v_feats_A[:, None], v_feats_B[None], kind)  # (G, G, d, d)
     v_dims = solve_batch(v_cost.flatten(0, 1), settings, "attention value dims")
     v_maps = [s.map for s in v_dims]
-    head_cost, heads, group_cost = [], [], []
+    head_costs_of, heads, group_costs_of = [], [], []  # per group a of A
     for a in range(G):  # group a against every group b at once
         maps = v_maps[a * G : (a + 1) * G]
         o_moved = move_each(maps, parts_A[a]["o"].expand(G, *parts_A[a]["o"].shape), 1)  # (G, r, d, h)
-        head_cost.append(head_costs(parts_A[a], o_moved, B, kind))  # (G, r, r)
-        solved = solve_batch(head_cost[-1], settings, "attention query heads")
+        head_costs_of.append(head_costs(parts_A[a], o_moved, B, kind))  # (G, r, r)
+        solved = solve_batch(head_costs_of[-1], settings, "attention query heads")
         heads += solved
         aligned = align_group(parts_A[a], [s.map for s in solved], maps, o_moved)
-        group_cost.append(stacked_parts_cost(aligned, parts_B, kind))
+        group_costs_of.append(stacked_parts_cost(aligned, parts_B, kind))
         del o_moved, aligned
-    head_cost, group_cost = torch.stack(head_cost), torch.stack(group_cost).cpu()  # (G, G, r, r), (G, G) float64
+    head_cost, group_cost = torch.stack(head_costs_of), torch.stack(group_costs_of).cpu()  # (G, G, r, r), (G, G) float64
     cost_before = float(stacked_parts_cost(A.groups(), parts_B, kind).mean())
     group = solve(group_cost, settings, "attention KV groups")  # (G, G) on the CPU: too small for a device
     used = {(a, b): w / G for b in range(G) for a, w in group.map.sources(b)}  # mass of the KV-group plan
@@ -223,6 +228,7 @@ def fuse_attention(al: AttentionAlignment, upper: Block, ctx: BuildContext, alph
             moved = align_group(al.A.group(a), [pair.heads.map], [pair.v_dims.map])
             weighted = {k: w * t[0] for k, t in moved.items()}
             aligned = weighted if aligned is None else {k: aligned[k] + weighted[k] for k in weighted}
+        assert aligned is not None  # every group of B receives mass
         fused_groups.append({k: mix(alpha, aligned[k], target[k]) for k in target})
     stacked = {k: torch.stack([g[k] for g in fused_groups]) for k in fused_groups[0]}
     arch, h = ctx.arch, ctx.layout.hidden

@@ -5,6 +5,7 @@ without a rule are averaged (the residual dimension is never transported)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -41,14 +42,14 @@ def build_corrected(lower: Block, upper: Block, ctx: BuildContext, settings: Ali
     with _one_core_less(background):
         attention = align_attention(lower, upper, ctx, settings)
         out = fuse_attention(attention, upper, ctx, alpha)
-    report = {"attention": attention.figures}
+    report: dict[str, Any] = {"attention": attention.figures}
     del attention
     if ctx.arch.experts:
         fused, figures = build_experts(lower, upper, ctx, settings, alpha)
         out.update(fused)
         report.update(figures)
     else:
-        mlp = pending_mlp() if background else align_mlp(lower, upper, ctx, settings)
+        mlp = pending_mlp() if pending_mlp is not None else align_mlp(lower, upper, ctx, settings)
         del pending_mlp  # frees the n x n cost before the fusion's float32 copies
         mlp.figures["overlapped"] = background  # solved beside attention, or after it
         out.update(fuse_mlp([(1.0, None, mlp)], lower, upper, ctx, alpha))

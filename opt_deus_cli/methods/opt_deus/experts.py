@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 
@@ -32,7 +32,7 @@ def _sorted_slices(block: Block, paths: dict[str, str], theta: torch.Tensor, ang
     feats = [f.to(theta.device, F32) for f in mlp_features(block, paths)]
     proj = sum(f @ t for f, t in zip(feats, theta.split([f.shape[1] for f in feats])))  # (I, K)
     if angular:  # unit features: |u - v|^2 = 2 (1 - cos)
-        norms = sum(f.square().sum(1) for f in feats).sqrt().clamp_min(torch.finfo(F32).tiny)
+        norms = cast(torch.Tensor, sum(f.square().sum(1) for f in feats)).sqrt().clamp_min(torch.finfo(F32).tiny)
         proj = proj / norms[:, None]
     return proj.T.sort(dim=1).values
 
@@ -111,7 +111,7 @@ def align_expert_neurons(ex: ExpertAlignment, lower: Block, upper: Block, ctx: B
     arch, E = ctx.arch, ctx.layout.num_experts
     used: list[tuple[float, dict]] = []  # (mass, figures) of every neuron plan
     for b, src in enumerate(ex.sources):
-        aligned = [(w, a, align(lower, upper, ctx, settings, (a, b))) for a, w in src]
+        aligned: list[Source] = [(w, a, align(lower, upper, ctx, settings, (a, b))) for a, w in src]
         on_expert(b, aligned)
         used += [(w / E, al.figures) for w, _, al in aligned]
     before = torch.cat([

@@ -132,6 +132,7 @@ def fuse_mlp(sources: list[Source], lower: Block, upper: Block, ctx: BuildContex
             moved = t if dim is None else al.solved.map.apply(t, dim)
             moved = moved if w == 1.0 else w * moved  # the exact solver's single source: a pure gather
             aligned = moved if aligned is None else aligned + moved
+        assert aligned is not None  # sources is not empty
         out[name] = ctx.result(mix(alpha, aligned, upper[name].to(dev, F32)), upper[name])
         del aligned
     return out
@@ -145,7 +146,7 @@ def matched_cost(Xs: list[torch.Tensor], Ys: list[torch.Tensor], match: torch.Te
     for lo in range(0, n, 2048):
         rows, cols = slice(lo, lo + 2048), match[lo : lo + 2048].to(Ys[0].device)
 
-        def total(f) -> torch.Tensor:  # f summed per row over the column blocks
+        def total(f, rows=rows, cols=cols) -> torch.Tensor:  # f summed per row over the column blocks
             return sum(f(x[rows].to(device, F32), y[cols].to(device, F32)).sum(1) for x, y in zip(Xs, Ys))
 
         parts.append(paired_cost(total, kind))

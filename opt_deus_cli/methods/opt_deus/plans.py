@@ -29,24 +29,30 @@ class Map:
     def __init__(self, index: torch.Tensor | None = None, P: torch.Tensor | None = None, colsum: torch.Tensor | None = None):
         self.index, self.P, self.colsum = index, P, colsum
 
+    def weights(self) -> torch.Tensor:
+        """P of an entropic map."""
+        assert self.P is not None, "an index map has no weights"
+        return self.P
+
     def apply(self, W: torch.Tensor, dim: int = 0) -> torch.Tensor:
         if self.index is not None:
             return W.index_select(dim, self.index.to(W.device))
-        P = self.P.to(device=W.device, dtype=W.dtype)
+        P = self.weights().to(device=W.device, dtype=W.dtype)
         return torch.tensordot(P, W, dims=([1], [dim])).movedim(0, dim)
 
     def sources(self, j: int) -> list[tuple[int, float]]:
         """(A unit, weight) pairs that make up B's unit j (weights sum to 1; zeros skipped)."""
         if self.index is not None:
             return [(int(self.index[j]), 1.0)]
-        row = self.P[j]
+        row = self.weights()[j]
         return [(int(i), float(row[i])) for i in torch.nonzero(row > 0).flatten()]
 
     def plan(self) -> torch.Tensor:
         """The transport plan T (n, m), CPU float64: T[i, j] = mass moved from A's i to B's j."""
         if self.index is not None:
             return assignment_plan(torch.argsort(self.index.cpu()))  # col[i] = B unit of A unit i
-        return (self.P.cpu().double() * self.colsum.cpu().double()[:, None]).T
+        assert self.colsum is not None
+        return (self.weights().cpu().double() * self.colsum.cpu().double()[:, None]).T
 
 
 @dataclass

@@ -55,8 +55,8 @@ def planted_expert_permutation(block: dict, family: str, seed: int) -> dict:
     for b in range(LAYOUT.num_experts):
         neurons = torch.randperm(LAYOUT.intermediate, generator=g)
         for role in MLP_ROLES:
-            name = lambda e: arch.experts[role].format(e=e) + ".weight"  # noqa: E731
-            out[name(b)] = block[name(int(experts[b]))].index_select(1 if role == "down" else 0, neurons)
+            new, old = (arch.experts[role].format(e=e) + ".weight" for e in (b, int(experts[b])))
+            out[new] = block[old].index_select(1 if role == "down" else 0, neurons)
     out[arch.router] = block[arch.router][experts]
     return out
 

@@ -19,9 +19,13 @@ from opt_deus_cli.methods.registry import method_class, method_names
 from opt_deus_cli.recipe import parse_recipe
 from opt_deus_cli.source import SourceModel
 
-RECIPES = {"copy": {"method": "copy", "count": 1}, "stack": {"method": "stack", "overlap": 1},
-           "lesa": {"method": "lesa", "count": 1, "lesa": {"steps": 2}},
-           "average": {"method": "average", "count": 1}, "opt-deus": {"method": "opt-deus", "count": 1}}
+RECIPES = {
+    "copy": {"method": "copy", "count": 1},
+    "stack": {"method": "stack", "overlap": 1},
+    "lesa": {"method": "lesa", "count": 1, "lesa": {"steps": 2}},
+    "average": {"method": "average", "count": 1},
+    "opt-deus": {"method": "opt-deus", "count": 1},
+}
 
 
 def test_check_decides_without_keeping_state(model_factory):

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import checkpoint_tensors
+from conftest import SHIPPED_MODEL, checkpoint_tensors
 from opt_deus_cli.manifest import read_manifest
 from opt_deus_cli.recipe import parse_recipe
 from opt_deus_cli.upscale import Options, upscale
 
-SHIPPED = Path(__file__).resolve().parent.parent / "examples" / "tiny-llama"
+SHIPPED = SHIPPED_MODEL
 BIN = Path(sys.executable).parent
 
 

@@ -64,7 +64,9 @@ def test_windows_are_whole_lines_from_the_middle_covering_the_text():
 
 def test_eval_sample_spans_files_first_and_stops_at_its_size():
     heldout = [(f"f{i}.h", "".join(f"{i}:{j}\n" for j in range(2000))) for i in range(5)]
-    count = lambda text: len(text.split())
+    def count(text: str) -> int:
+        return len(text.split())
+
     docs = data.eval_documents(heldout, count, 3000)
     firsts = {d.split(":", 1)[0] for d in docs[:5]}
     assert firsts == {"0", "1", "2", "3", "4"}  # one piece of every file before a second piece of any
@@ -89,7 +91,7 @@ def test_runs_are_saved_one_file_each_and_resumed(tmp_path, monkeypatch):
     places = runner.Places(results=tmp_path / "results", work=tmp_path / "work", max_corpus_bytes=120_000, eval_tokens=512)
     specs = [RunSpec("tiny-llama", "in-domain", v, 3, 0) for v in ("copy", "upper-copy")]
     first = runner.run_specs(specs, places, workers=1)
-    for spec, result in zip(specs, first):
+    for spec in specs:
         saved = json.loads((places.results / spec.key).read_text())
         assert saved["eval_steps"] == [0, 1, 2, 3] and len(saved["eval_loss"]) == 4
         assert saved["spec"] == vars(spec) and saved["settings"] == training_settings(spec)

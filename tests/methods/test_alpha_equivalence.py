@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import SHIPPED_MODEL
 from opt_deus_cli.job import Options
 from opt_deus_cli.recipe import parse_recipe
 from opt_deus_cli.upscale import upscale
 
-TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny-llama"
+TINY = SHIPPED_MODEL
 ZERO = ["o_proj", "down_proj"]
 RECIPES = {
     "copy": {"method": "copy", "positions": "top", "count": 2, "zero_init": ZERO},
@@ -72,7 +73,9 @@ def test_alpha_one_is_a_nontrivial_permutation_of_the_copy(trained):
     permuted, copied = layer_tensors(trained["alpha1"]["dir"], new_layer), layer_tensors(trained["copy"]["dir"], new_layer)
     up_a, up_c = permuted["mlp.up_proj.weight"], copied["mlp.up_proj.weight"]
     assert not torch.equal(up_a, up_c)  # the alignment moved neurons: the test is not trivially true
-    rows = lambda w: sorted(map(tuple, w.float().tolist()))
+    def rows(w):
+        return sorted(map(tuple, w.float().tolist()))
+
     assert rows(up_a) == rows(up_c)  # the same rows in another order
     for name in ("input_layernorm.weight", "post_attention_layernorm.weight"):
         assert torch.equal(permuted[name], copied[name])

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conftest import checkpoint_tensors, load_model
+from conftest import SHIPPED_MODEL, checkpoint_tensors, load_model
 from opt_deus_cli.cli import app
 from opt_deus_cli.errors import OptDeusError, UsageError
 from opt_deus_cli.manifest import MANIFEST_FILE, read_manifest
@@ -25,7 +25,7 @@ from opt_deus_cli.training.options import merged_settings, read_args_file
 from opt_deus_cli.training.save import TRAINING_FILE, check_saved
 from opt_deus_cli.upscale import Options, upscale
 
-SHIPPED = Path(__file__).resolve().parent.parent / "examples" / "tiny-llama"
+SHIPPED = SHIPPED_MODEL
 TEXT = (SHIPPED / "heldout.txt").read_text()
 runner = CliRunner()
 
@@ -74,9 +74,9 @@ def test_freeze_base_refuses_the_wrong_model(model_factory, tmp_path):
     base = model_factory("llama")
     out = tmp_path / "out"
     upscale(base, parse_recipe({"method": "copy", "positions": [2]}), out, Options(device="cpu"))
-    with pytest.raises(OptDeusError, match="6 layers.*describes 7"):
+    with pytest.raises(OptDeusError, match=r"6 layers.*describes 7"):
         freeze_base(load_model(base), out)  # the base, not the deeper model
-    with pytest.raises(OptDeusError, match="no opt-deus-manifest.json"):
+    with pytest.raises(OptDeusError, match=r"no opt-deus-manifest.json"):
         freeze_base(load_model(base), base)
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     manifest["trainable_layers"] = []
@@ -148,7 +148,7 @@ def test_every_format_packs_the_same_token_stream(tmp_path):
                          ([tmp_path / "e.json"], "body"), ([tmp_path / "f.parquet"], "text")):
         blocks = build_blocks(check_files(files, "--data"), tokenizer, 16, field, "training data", cache_dir=cache)
         assert [b["input_ids"].tolist() for b in blocks] == expected, files
-    with pytest.raises(OptDeusError, match="no 'text' column .*body"):
+    with pytest.raises(OptDeusError, match=r"no 'text' column .*body"):
         build_blocks([tmp_path / "e.json"], tokenizer, 16, "text", "training data", cache_dir=cache)
     with pytest.raises(OptDeusError, match="fewer tokens than one block"):
         build_blocks([tmp_path / "c.txt"], tokenizer, 4096, "text", "training data", cache_dir=cache)
@@ -243,12 +243,12 @@ def test_check_fails_loudly_when_a_base_tensor_moved(upscaled, trained, tmp_path
     weights = checkpoint_tensors(doctored)
     weights["model.layers.3.self_attn.q_proj.weight"][0, 0] += 1
     save_file(weights, str(doctored / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(OptDeusError, match="base tensor model.layers.3.self_attn.q_proj.weight .* differs"):
+    with pytest.raises(OptDeusError, match=r"base tensor model.layers.3.self_attn.q_proj.weight .* differs"):
         check_saved(upscaled, doctored, frozen)
     weights = checkpoint_tensors(out)
     weights["model.norm.weight"] = weights["model.norm.weight"].float()
     save_file(weights, str(doctored / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(OptDeusError, match="model.norm.weight was saved as .*float32"):
+    with pytest.raises(OptDeusError, match=r"model.norm.weight was saved as .*float32"):
         check_saved(upscaled, doctored, frozen)
 
 

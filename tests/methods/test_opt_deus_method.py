@@ -176,7 +176,7 @@ def test_sketched_mlp_cost_recovers_a_planted_permutation_and_reports_full_costs
     context = BuildContext(SUPPORTED[family], layout, torch.device("cpu"))
     lower = random_block(family, seed=42, layout=layout)
     upper = planted_permutation(lower, family, seed=43, layout=layout)
-    full_new, full = OptDeusMethod(EXACT).build(lower, upper, context)
+    _, full = OptDeusMethod(EXACT).build(lower, upper, context)
     new, report = OptDeusMethod(AlignmentSettings(sketch=16)).build(lower, upper, context)  # 16 of 3 x 32 features
     assert_blocks_close(new, upper, atol=0.0)
     assert report["mlp"]["sketch"] == 16 and report["mlp"]["cost_basis"] == "full features"
