@@ -17,7 +17,7 @@ from opt_deus_cli.compare.runner import train_flags
 from opt_deus_cli.compare.spec import with_train_fields
 from opt_deus_cli.training import TrainOptions
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT  # noqa: E402
 TINY = ROOT / "examples" / "tiny-llama"
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -19,7 +19,7 @@ from opt_deus_cli.manifest import read_manifest
 from opt_deus_cli.recipe import parse_recipe
 from opt_deus_cli.upscale import Options, upscale
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT  # noqa: E402
 SHIPPED = ROOT / "examples" / "tiny-llama"
 BIN = Path(sys.executable).parent
 LAUNCHERS = {

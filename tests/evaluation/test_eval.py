@@ -20,7 +20,7 @@ from opt_deus_cli.cli import app
 from opt_deus_cli.evaluation import evaluate
 from opt_deus_cli.evaluation.table import build_table, table_cells
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT  # noqa: E402
 SHIPPED = ROOT / "examples" / "tiny-llama"
 TASKS = ROOT / "tests" / "fixtures" / "eval_tasks"
 MC_TASK, PPL_TASK = "syntax_mc", "code_ppl"

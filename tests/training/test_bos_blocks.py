@@ -13,7 +13,7 @@ import pytest
 
 from opt_deus_cli.training.data import bos_of, build_blocks, check_files, load_tokenizer
 
-SHIPPED = Path(__file__).resolve().parent.parent / "examples" / "tiny-llama"
+from conftest import SHIPPED_MODEL as SHIPPED  # noqa: E402
 TEXT = (SHIPPED / "heldout.txt").read_text()
 DOCS = [TEXT[:700], TEXT[700:2500], TEXT[2500:2600], TEXT[2600:4000]]
 

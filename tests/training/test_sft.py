@@ -25,7 +25,7 @@ from opt_deus_cli.training import sft
 from opt_deus_cli.training.formats import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
 from opt_deus_cli.upscale import Options, upscale
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT  # noqa: E402
 SHIPPED = ROOT / "examples" / "tiny-llama"
 runner = CliRunner()
 
