@@ -51,7 +51,9 @@ PINNED_SHA256 = {
 DEFAULT_OUT = ROOT / "bench-out" / "models" / "gemma-3-270m"
 DEFAULT_CACHE = ROOT / "bench-out" / "cache" / "gemma3-270m"
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "SOURCE.json")
-CHECK_PROMPT = "The capital of France is"
+# a pretrained (not chat) model: a pattern to continue; plain "The capital of France is" gets
+# "the capital of the country of France." from this 270M model
+CHECK_PROMPT = "Q: What is the capital of Germany?\nA: Berlin\nQ: What is the capital of France?\nA:"
 TERMS = "GEMMA_TERMS.html"
 
 

@@ -155,14 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     results = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "base_first_block_loss": first_batch_loss(args.model, text, args.seq_len), "runs": []}
     print(f"base loss on the first block: {results['base_first_block_loss']:.4f}", flush=True)
-    for arm in args.arms:
-        dirs = variants(args.model, arm, args.out / "models")
-        for start, model_dir in dirs.items():
-            first = first_batch_loss(model_dir, text, args.seq_len)
-            for seed in args.seeds:
+    first: dict[Path, float] = {}
+    for seed in args.seeds:  # every arm's first seed before any second one: a cut-short run still compares them
+        for arm in args.arms:
+            for start, model_dir in variants(args.model, arm, args.out / "models").items():
+                if model_dir not in first:
+                    first[model_dir] = first_batch_loss(model_dir, text, args.seq_len)
                 t0 = time.perf_counter()
                 steps = train_steps(model_dir, text, args, seed, args.out / "scratch")
-                run = {"arm": arm, "start": start, "seed": seed, "first_block_loss": first, "steps": steps,
+                run = {"arm": arm, "start": start, "seed": seed, "first_block_loss": first[model_dir], "steps": steps,
                        "seconds": round(time.perf_counter() - t0, 1)}
                 results["runs"].append(run)
                 print(json.dumps(run), flush=True)
