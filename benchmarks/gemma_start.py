@@ -111,6 +111,7 @@ def variants(base: Path, arm: str, work: Path) -> dict[str, Path]:
     from opt_deus_cli.upscale import upscale
 
     recipe = load_recipe(ARMS[arm]) if isinstance(ARMS[arm], str) else parse_recipe(ARMS[arm], arm)
+    work.mkdir(parents=True, exist_ok=True)
     dirs = {"new": work / f"{arm}-new", "old": work / f"{arm}-old"}
     if not (dirs["new"] / "opt-deus-manifest.json").is_file():
         upscale(base, recipe, dirs["new"], Options(device="cpu", overwrite=True))
