@@ -162,7 +162,7 @@ def verify(base_dir: Path | str, out_dir: Path | str, device: torch.device, text
     from .configs import load_hf_config
 
     base_config = read_config(base_dir)
-    length, window = logit_length(load_hf_config(base_dir))
+    length, sliding = logit_length(load_hf_config(base_dir))
     ids = fixed_token_batch(int(base_config["vocab_size"]), length=length).to(device)
     warning = post_norm_warning(manifest)
     report["warnings"] = [warning] if warning else []
@@ -182,7 +182,7 @@ def verify(base_dir: Path | str, out_dir: Path | str, device: torch.device, text
         del model
 
     report["tokens"] = list(ids.shape)
-    report["sliding_window"] = window  # the logit check's rows are longer than it, when not None
+    report["sliding_window"] = sliding  # the logit check's rows are longer than it, when not None
     if len(results) == 2:
         base_logits, out_logits = results["base"]["logits"], results["output"]["logits"]
         diff = (base_logits - out_logits).abs()

@@ -122,10 +122,11 @@ def check_function_preserved(base_entry, out, manifest) -> None:
 
 
 def check_layers_inherited(base_entry, out, manifest) -> None:
-    """Output layer i behaves like base layer sources[0] (a new layer after k like k)."""
+    """Output layer i behaves like the base layer it takes its settings from (a base layer: itself; a
+    new one: the manifest's settings_from, its heaviest source, ties to the upper)."""
     base_model = base_entry[1]
     model = load(out)
-    inherits = [layer["sources"][0] for layer in manifest["layers"]]
+    inherits = [layer.get("settings_from", layer["sources"][0]) for layer in manifest["layers"]]
     assert len(inherits) == model.config.num_hidden_layers
     wrong = [f"layer {i} (base {j}): {layer_behaviour(model, i)} != {layer_behaviour(base_model, j)}"
              for i, j in enumerate(inherits) if layer_behaviour(model, i) != layer_behaviour(base_model, j)]
@@ -154,7 +155,8 @@ def test_layer_types_survive_insertion(base, deeper, fixture, where):
     check_layers_inherited(entry, out, manifest)
     check_function_preserved(entry, out, manifest)
     written = json.loads((out / "config.json").read_text())
-    assert written["layer_types"] == [entry[1].config.layer_types[layer["sources"][0]] for layer in manifest["layers"]]
+    assert written["layer_types"] == [entry[1].config.layer_types[layer.get("settings_from", layer["sources"][0])]
+                                      for layer in manifest["layers"]]
     assert any(">= 4.53.0" in w for w in manifest["warnings"])
 
 

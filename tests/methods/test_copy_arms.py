@@ -63,7 +63,8 @@ def test_upper_copy_is_layer_k_plus_1(model_factory, tmp_path, zero_init):
     manifest = run(base, tmp_path / "o", method="copy", positions="top", count=2, zero_init=zero_init,
                    copy={"neighbour": "upper"})
     assert manifest["new_layers"] == [4, 6]
-    assert [l["sources"] for l in manifest["layers"] if l["origin"] == "new"] == [[3, 4], [4, 5]]
+    # the record names what the layer is built from: the upper neighbour alone (issue 25, item 6)
+    assert [l["sources"] for l in manifest["layers"] if l["origin"] == "new"] == [[4], [5]]
     got, src = checkpoint_tensors(tmp_path / "o"), checkpoint_tensors(base)
     for new, k in ((4, 3), (6, 4)):
         for rel, t in layer(src, k + 1).items():
@@ -100,10 +101,10 @@ def test_scaled_copy_without_zero_init_changes_the_function(model_factory, tmp_p
     assert not torch.equal(logits(load_model(tmp_path / "o")), logits(load_model(base)))
 
 
-def test_dry_run_names_both_sources(model_factory, tmp_path):
+def test_dry_run_names_the_copied_layer(model_factory, tmp_path):
     base = model_factory("llama")
     plan = dry_run(base, parse_recipe({"method": "copy", "positions": [0], "copy": {"neighbour": "upper"}}), tmp_path / "o")
-    assert [l["sources"] for l in plan["plan"]["layers"] if l["origin"] == "new"] == [[0, 1]]
+    assert [l["sources"] for l in plan["plan"]["layers"] if l["origin"] == "new"] == [[1]]
 
 
 def test_half_upper_copy_is_what_reference_mode_gives_when_its_plans_underflow():
