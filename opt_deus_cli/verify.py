@@ -45,11 +45,17 @@ def _load(model_dir: Path, device: torch.device):
     return model.to(device).eval()
 
 
-def _perplexity(model, token_ids: list[int], window: int, device: torch.device) -> float:
-    """exp(mean next-token loss) over non-overlapping windows of the text."""
+def _windows(token_ids: list[int], window: int) -> range:
+    """Start of each non-overlapping window the perplexity is computed over."""
+    return range(0, len(token_ids) - 1, window)
+
+
+def _perplexity(model, token_ids: list[int], window: int, device: torch.device, step=lambda: None) -> float:
+    """exp(mean next-token loss) over non-overlapping windows of the text; step() after each."""
     total, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(token_ids) - 1, window):
+        for start in _windows(token_ids, window):
+            step()
             chunk = torch.tensor(token_ids[start:start + window + 1], device=device)[None]
             if chunk.shape[1] < 2:
                 break
@@ -78,30 +84,43 @@ def _tokenize(model_dir: Path, text_file: Path) -> list[int]:
     return ids
 
 
-def _changed_files(directory: Path, entries, missing, differs) -> list[str]:
-    """Each recorded file (name, bytes, sha256) missing from directory or changed, said by
-    missing(name) or differs(name)."""
-    problems = []
+def _changed_files(directory: Path, entries, step=lambda: None) -> tuple[list[str], list[str]]:
+    """The recorded files (name, bytes, sha256) missing from directory, and those changed."""
+    missing, differing = [], []
     for entry in entries:
+        step()
         path = directory / entry.name
         if not path.is_file():
-            problems.append(missing(entry.name))
+            missing.append(entry.name)
         elif path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
-            problems.append(differs(entry.name))
-    return problems
+            differing.append(entry.name)
+    return missing, differing
 
 
-def check_files(out_dir: Path, manifest: Manifest) -> list[str]:
-    return _changed_files(out_dir, manifest.output.files, lambda name: f"{name} is missing",
-                          lambda name: f"{name} differs from the file the manifest recorded")
+def _names(names: list[str], limit: int = 3) -> str:
+    """`a, b, c and 4 more`: a problem line stays short however many files it concerns."""
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def check_base_files(base_dir: Path, manifest: Manifest) -> list[str]:
+def check_files(out_dir: Path, manifest: Manifest, step=lambda: None) -> list[str]:
+    missing, differing = _changed_files(out_dir, manifest.output.files, step)
+    return [f"{name} is missing" for name in missing] + \
+        [f"{name} differs from the file the manifest recorded" for name in differing]
+
+
+def check_base_files(base_dir: Path, manifest: Manifest, step=lambda: None) -> list[str]:
     """The base as the up-scaling read it: every file the manifest recorded, same size and sha256
-    (a Hub cache's snapshot links are followed to their blobs)."""
-    return _changed_files(base_dir, manifest.base.files, lambda name: f"base file {name} is missing from {base_dir}",
-                          lambda name: f"base file {name} differs from the one the up-scaling read (sha256 in "
-                          "the manifest): the base changed, or this is another model")
+    (a Hub cache's snapshot links are followed to their blobs). One line for all missing files and
+    one for all changed ones: the reason is said once."""
+    missing, differing = _changed_files(base_dir, manifest.base.files, step)
+    problems = []
+    if missing:
+        plural = len(missing) > 1
+        problems.append(f"base file{'s' if plural else ''} {_names(missing)} {'are' if plural else 'is'} missing from {base_dir}")
+    if differing:
+        problems.append(f"base file{'s' if len(differing) > 1 else ''} {_names(differing)} "
+                        f"differ{'' if len(differing) > 1 else 's'} from what the up-scaling read: another model, or a changed base")
+    return problems
 
 
 def _check_arguments(base_dir: Path, out_dir: Path, text: Path | None) -> Manifest:
@@ -133,31 +152,51 @@ def check_config(out_dir: Path, manifest: Manifest) -> list[str]:
     return problems
 
 
-def verify(base_dir: Path | str, out_dir: Path | str, device: torch.device, text: Path | None = None) -> dict:
+def verify(base_dir: Path | str, out_dir: Path | str, device: torch.device, text: Path | None = None,
+           progress=None) -> dict:
+    """progress(description, done, total), if given, is called before each step: a file hashed,
+    a model loaded or run, a perplexity window."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     manifest = _check_arguments(base_dir, out_dir, text)
     preserving = manifest.function_preserving
-    problems = check_files(out_dir, manifest) + check_base_files(base_dir, manifest) + check_config(out_dir, manifest)
+    base_config = read_config(base_dir)
+    token_ids = _tokenize(base_dir, text) if text else None
+    window = min(int(base_config.get("max_position_embeddings") or 512), 512)
+    windows = len(_windows(token_ids, window)) if token_ids is not None else 0
+    total, done = len(manifest.output.files) + len(manifest.base.files) + 2 * (2 + windows), 0
+
+    def step(description: str):
+        def advance():
+            nonlocal done
+            if progress:
+                progress(description, done, total)
+            done += 1
+        return advance
+
+    problems = check_files(out_dir, manifest, step("output: checking files (sha256)")) + \
+        check_base_files(base_dir, manifest, step("base: checking files (sha256)")) + check_config(out_dir, manifest)
     report: dict = {"base": str(base_dir), "output": str(out_dir), "method": manifest.method,
                     "function_preserving": preserving,
                     "files_checked": {"output": len(manifest.output.files), "base": len(manifest.base.files)}}
+    if manifest.training is not None:  # trained after the up-scaling: why the logits moved
+        report["training_steps"] = manifest.training.get("steps")
 
-    base_config = read_config(base_dir)
     ids = fixed_token_batch(int(base_config["vocab_size"])).to(device)
-    token_ids = _tokenize(base_dir, text) if text else None
-    window = min(int(base_config.get("max_position_embeddings") or 512), 512)
     results = {}
     for name, directory in (("base", base_dir), ("output", out_dir)):
+        step(f"{name}: loading")()
         try:
             model = _load(directory, device)
         except OptDeusError as e:  # a model that does not load is a failed check, not a crash
             problems.append(str(e))
             continue
+        step(f"{name}: logits on fixed token ids")()
         with torch.no_grad():
             logits = model(input_ids=ids).logits.float().cpu()
         results[name] = {"logits": logits, "layers": model.config.num_hidden_layers}
         if token_ids is not None:
-            results[name]["perplexity"] = _perplexity(model, token_ids, window, device)
+            results[name]["perplexity"] = _perplexity(model, token_ids, window, device,
+                                                      step(f"{name}: perplexity on {Path(text).name}"))
         del model
 
     report["tokens"] = list(ids.shape)
@@ -182,6 +221,8 @@ def verify(base_dir: Path | str, out_dir: Path | str, device: torch.device, text
             problems.append(f"the loaded output has {results['output']['layers']} layers, manifest says {manifest.output.num_layers}")
         if preserving and report["max_abs_logit_diff"] > tolerance:
             problems.append(f"recipe is function-preserving but logits differ by up to {report['max_abs_logit_diff']:.3g} (tolerance {tolerance:.3g})")
+    if progress:
+        progress("done", total, total)
     report["problems"] = problems
     report["ok"] = not problems
     return report
