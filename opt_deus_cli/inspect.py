@@ -213,6 +213,26 @@ def _pyplot():
     return plt
 
 
+def image_format(path: Path) -> str:
+    """The format the file's extension names (x.svg -> svg), when matplotlib writes it; else UsageError."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()  # png, jpg, svg, pdf, ... (raw/rgba: no header)
+    written = sorted(f for f in formats if f not in ("raw", "rgba"))
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in written:
+        raise UsageError(f"--png {path}: {'.' + suffix if suffix else 'no extension'} is not an image format matplotlib "
+                         f"writes; end the name with one of .{', .'.join(written)}")
+    return suffix
+
+
+def _save_figure(fig, path: Path) -> None:
+    try:
+        write_file(path, lambda fh: fig.savefig(fh, format=image_format(path)))
+    finally:
+        _pyplot().close(fig)
+
+
 def save_png(path: Path, panels: list[tuple[str, np.ndarray, str]], title: str) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.6), dpi=100)
@@ -224,10 +244,7 @@ def save_png(path: Path, panels: list[tuple[str, np.ndarray, str]], title: str) 
         fig.colorbar(image, ax=ax, fraction=0.046)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    try:
-        write_file(path, lambda fh: fig.savefig(fh, format="png"))
-    finally:
-        plt.close(fig)
+    _save_figure(fig, path)
 
 
 def save_cost_png(path: Path, labels: list[str], costs: dict, what: str, xlabel: str) -> None:
@@ -244,10 +261,7 @@ def save_cost_png(path: Path, labels: list[str], costs: dict, what: str, xlabel:
         ax.tick_params(axis="x", labelrotation=90, labelsize=7)
         ax.legend()
     fig.tight_layout()
-    try:
-        write_file(path, lambda fh: fig.savefig(fh, format="png"))
-    finally:
-        plt.close(fig)
+    _save_figure(fig, path)
 
 
 def save_pair_png(path: Path, survey: dict) -> None:

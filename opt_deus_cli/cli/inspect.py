@@ -17,7 +17,8 @@ def inspect(
     model_dir: str = typer.Argument(..., metavar="DIR", help="An opt-deus output (with its manifest) or a base model (a directory or a Hub repo id)."),
     layer: Optional[int] = typer.Option(None, "--layer", help="On an output: a new layer; recompute and show its cost matrix and plan."),
     group: Optional[str] = typer.Option(None, "--group", help="With --layer: attention | mlp (default mlp)."),
-    png: Optional[Path] = typer.Option(None, "--png", help="Also draw to this PNG file: the layer's matrices (--layer), "
+    png: Optional[Path] = typer.Option(None, "--png", help="Also draw to this image file (PNG, or what its extension names: "
+                                       ".svg, .pdf, .jpg, ...): the layer's matrices (--layer), "
                                        "the new layers' alignment figures (an output), or the adjacent-layer survey (a base model)."),
     save: Optional[Path] = typer.Option(None, "--save", help="With --layer: write the raw matrices to this .npz file."),
     base: Optional[Path] = typer.Option(None, "--base", help="With --layer: the base model, if it moved since the manifest was written."),
@@ -37,6 +38,8 @@ def inspect(
     manifest = run(read_manifest, model_dir)
     _refuse_what_does_not_apply(model_dir, manifest, layer, group, save, base, recipe)
     writable_file(png, "--png")
+    if png:
+        run(ins.image_format, png)  # before any work: the extension names a format matplotlib writes
     writable_file(save, "--save")
     if layer is not None:
         group = group or "mlp"

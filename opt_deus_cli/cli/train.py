@@ -9,8 +9,8 @@ from typing import List, Optional
 
 import typer
 
-from ..errors import OptDeusError
-from .common import app, console, out, progress_bar, run
+from ..errors import OptDeusError, UsageError
+from .common import app, console, fail, out, progress_bar, run
 
 
 def _rank() -> int:
@@ -50,7 +50,7 @@ def train(
     seed: Optional[int] = typer.Option(None, help="Seed of data order and dropout (default 0)."),
     eval_data: Optional[List[Path]] = typer.Option(None, "--eval-data", help="Held-out files: eval loss at the end."),
     eval_every: Optional[int] = typer.Option(None, help="Also evaluate every N steps (needs --eval-data)."),
-    text_field: str = typer.Option("text", help="The text column of json/jsonl/parquet files."),
+    text_field: Optional[str] = typer.Option(None, help="The text column of json/jsonl/parquet files (default text)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Where datasets keeps the read and tokenized data (default: its cache, HF_DATASETS_CACHE)."),
     args_file: Optional[Path] = typer.Option(None, "--args", help="YAML of transformers TrainingArguments fields (FSDP, DeepSpeed, bf16, ...)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output (only once the new one is complete and checked)."),
@@ -63,15 +63,19 @@ def train(
     tensor of OUT is checked bit-identical to the input's. OUT carries the manifest forward with
     a training record (data and sha256, steps, tokens, losses, seconds, world size)."""
     from ..training import TrainOptions
+    from ..training.data import file_format
     from ..training.options import read_args_file
     from ..training.run import train as run_train
 
     main = _rank() == 0
     data = [*data, *(more_data or [])]  # click gives --data one value; the files after it land here
+    if text_field is not None and all(run(file_format, p) == "text" for p in [*data, *(eval_data or [])]):
+        fail(UsageError(f"--text-field {text_field} names a column of .json/.jsonl/.parquet files; these are plain text "
+                        "(each file one document): drop the option"))
     trainer_args = run(read_args_file, args_file) if args_file else {}
     options = TrainOptions(train=train_mode, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
                            grad_accum=grad_accum, seq_len=seq_len, device=device, dtype=dtype, seed=seed,
-                           eval_data=tuple(eval_data or ()), eval_every=eval_every, text_field=text_field,
+                           eval_data=tuple(eval_data or ()), eval_every=eval_every, text_field=text_field or "text",
                            cache_dir=cache_dir, trainer_args=trainer_args, overwrite=overwrite, shard_size=shard_size)
     with progress_bar(enabled=main and not as_json) as bar:
         task = bar.add_task("training", total=None)
