@@ -214,15 +214,16 @@ def _pyplot():
 
 
 def image_format(path: Path) -> str:
-    """The format the file's extension names (x.svg -> svg), when matplotlib writes it; else UsageError."""
+    """The format the file's extension names (x.svg -> svg; no extension: png), when matplotlib
+    writes it; else UsageError."""
     from matplotlib.backend_bases import FigureCanvasBase
 
     formats = FigureCanvasBase.get_supported_filetypes()  # png, jpg, svg, pdf, ... (raw/rgba: no header)
     written = sorted(f for f in formats if f not in ("raw", "rgba"))
-    suffix = Path(path).suffix.lower().lstrip(".")
+    suffix = Path(path).suffix.lower().lstrip(".") or "png"
     if suffix not in written:
-        raise UsageError(f"--png {path}: {'.' + suffix if suffix else 'no extension'} is not an image format matplotlib "
-                         f"writes; end the name with one of .{', .'.join(written)}")
+        raise UsageError(f"--png {path}: .{suffix} is not an image format matplotlib writes; "
+                         f"end the name with one of .{', .'.join(written)}")
     return suffix
 
 

@@ -42,11 +42,11 @@ def test_text_field_is_refused_with_plain_text_data(tmp_path):
 
 def test_png_writes_the_format_its_extension_names(model_factory, tmp_path):
     base = model_factory("llama", layers=3)
-    magic = {"a.png": b"\x89PNG", "a.jpg": b"\xff\xd8\xff", "a.JPEG": b"\xff\xd8\xff", "a.svg": b"<?xml", "a.pdf": b"%PDF"}
+    magic = {"a": b"\x89PNG", "a.png": b"\x89PNG", "a.jpg": b"\xff\xd8\xff", "a.JPEG": b"\xff\xd8\xff", "a.svg": b"<?xml", "a.pdf": b"%PDF"}
     for name, head in magic.items():
         result = runner.invoke(app, ["inspect", str(base), "--png", str(tmp_path / name), "--device", "cpu"])
         assert result.exit_code == 0, result.output
         assert (tmp_path / name).read_bytes().startswith(head), name
-    for name in ("a.bmp", "a", "a.raw"):
+    for name in ("b.bmp", "b.raw", "b.html"):
         refused(["inspect", base, "--png", tmp_path / name, "--device", "cpu"], "is not an image format matplotlib writes")
         assert not (tmp_path / name).exists()
