@@ -58,9 +58,12 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
         raise OptDeusError(f"no local directory {repo_id}, and no Hub repo {repo_id} (or it is private: set HF_TOKEN)")
     except hub_errors.RevisionNotFoundError:
         raise OptDeusError(f"Hub repo {repo_id} has no revision {revision}")
-    except hub_errors.LocalEntryNotFoundError:
-        raise OptDeusError(f"no local directory {repo_id}, and Hub repo {repo_id}{at} is not in the local cache while "
-                           "offline (HF_HUB_OFFLINE); download it once online, or give a local directory")
+    except hub_errors.LocalEntryNotFoundError:  # offline by choice, or the Hub could not be reached
+        from huggingface_hub import constants
+
+        why = "offline: HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "no network"
+        raise OptDeusError(f"no local directory {repo_id}, and Hub repo {repo_id}{at} is not in the local cache "
+                           f"({why}); download it once online, or give a local directory")
     except (hub_errors.HfHubHTTPError, OSError, ValueError) as e:
         reason = " ".join(str(e).split())[:300] or type(e).__name__
         raise OptDeusError(f"cannot fetch Hub repo {repo_id}{at}: {reason}")

@@ -45,6 +45,23 @@ def layer_rows(manifest: Manifest) -> list[dict]:
     return rows
 
 
+def check_output_sizes(model_dir: Path, manifest: Manifest) -> None:
+    """OptDeusError when a file the manifest recorded is missing or has another size (a truncated
+    copy, an interrupted transfer): the table would describe weights that are not there. Sizes
+    only, so inspect stays instant; `verify` compares the sha256s."""
+    wrong = []
+    for entry in manifest.output.files:
+        path = Path(model_dir) / entry.name
+        if not path.is_file():
+            wrong.append(f"{entry.name} is missing")
+        elif path.stat().st_size != entry.bytes:
+            wrong.append(f"{entry.name} has {path.stat().st_size} bytes, the manifest recorded {entry.bytes}")
+    if wrong:
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise OptDeusError(f"{model_dir} is not the output opt-deus wrote: {wrong[0]}{more}; it is truncated or "
+                           "changed (`opt-deus verify BASE OUT` checks every file)")
+
+
 def output_profile(manifest: Manifest) -> dict:
     """The new layers' alignment figures (cost before/after per group), the whole model's
     counterpart of pair_distances for `inspect OUT --png`."""

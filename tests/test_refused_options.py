@@ -36,7 +36,7 @@ def test_text_field_is_refused_with_plain_text_data(tmp_path):
     data = tmp_path / "a.txt"
     data.write_text("one document\n")
     refused(["train", SHIPPED, "--data", data, "--out", tmp_path / "o", "--text-field", "body", "--train", "all"],
-            "--text-field body names a column of .json/.jsonl/.parquet")
+            "--text-field body names a column of .json/.jsonl/.parquet/.csv")
     assert not (tmp_path / "o").exists()
 
 

@@ -37,6 +37,8 @@ def inspect(
     model_dir = run(resolve_model, model_dir).path
     manifest = run(read_manifest, model_dir)
     _refuse_what_does_not_apply(model_dir, manifest, layer, group, save, base, recipe)
+    if manifest is not None:
+        run(ins.check_output_sizes, model_dir, manifest)
     writable_file(png, "--png")
     if png:
         run(ins.image_format, png)  # before any work: the extension names a format matplotlib writes

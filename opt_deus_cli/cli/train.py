@@ -36,7 +36,7 @@ def train(
     model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="An opt-deus output (with its manifest), or any model with --train all."),
     more_data: Optional[List[Path]] = typer.Argument(None, metavar="DATA", show_default=False,
                                                      help="More training files: `--data a.txt b.txt` (or a shell glob) lists several."),
-    data: List[Path] = typer.Option(..., "--data", help="Training files: .txt/.md (one document each), .json/.jsonl, .parquet."),
+    data: List[Path] = typer.Option(..., "--data", help="Training files: .txt/.md (one document each), .json/.jsonl, .parquet, .csv."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output directory: the trained model, loadable like the input."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (max_steps)."),
     epochs: Optional[float] = typer.Option(None, help="Passes over the data (default 1 when --steps is not given)."),
@@ -50,7 +50,7 @@ def train(
     seed: Optional[int] = typer.Option(None, help="Seed of data order and dropout (default 0)."),
     eval_data: Optional[List[Path]] = typer.Option(None, "--eval-data", help="Held-out files: eval loss at the end."),
     eval_every: Optional[int] = typer.Option(None, help="Also evaluate every N steps (needs --eval-data)."),
-    text_field: Optional[str] = typer.Option(None, help="The text column of json/jsonl/parquet files (default text)."),
+    text_field: Optional[str] = typer.Option(None, help="The text column of json/jsonl/parquet/csv files (default text)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Where datasets keeps the read and tokenized data (default: its cache, HF_DATASETS_CACHE)."),
     args_file: Optional[Path] = typer.Option(None, "--args", help="YAML of transformers TrainingArguments fields (FSDP, DeepSpeed, bf16, ...)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output (only once the new one is complete and checked)."),
@@ -70,7 +70,7 @@ def train(
     main = _rank() == 0
     data = [*data, *(more_data or [])]  # click gives --data one value; the files after it land here
     if text_field is not None and all(run(file_format, p) == "text" for p in [*data, *(eval_data or [])]):
-        fail(UsageError(f"--text-field {text_field} names a column of .json/.jsonl/.parquet files; these are plain text "
+        fail(UsageError(f"--text-field {text_field} names a column of .json/.jsonl/.parquet/.csv files; these are plain text "
                         "(each file one document): drop the option"))
     trainer_args = run(read_args_file, args_file) if args_file else {}
     options = TrainOptions(train=train_mode, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
