@@ -9,10 +9,10 @@ import typer
 from rich.table import Table
 
 from ..errors import UsageError
-from .common import app, fail, out, progress_bar, run, warn, writable_file
+from .common import PlainUsage, app, fail, out, progress_bar, run, warn, writable_file
 
 
-@app.command(short_help="An output's layers and alignment figures, or a base model's adjacent layers.")
+@app.command(cls=PlainUsage, short_help="An output's layers and alignment figures, or a base model's adjacent layers.")
 def inspect(
     model_dir: str = typer.Argument(..., metavar="DIR", help="An opt-deus output (with its manifest) or a base model (a directory or a Hub repo id)."),
     layer: Optional[int] = typer.Option(None, "--layer", help="On an output: a new layer; recompute and show its cost matrix and plan."),

@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import OptDeusError, UsageError
-from .common import app, console, fail, out, progress_bar, run
+from .common import PlainUsage, app, console, fail, out, progress_bar, run
 
 
 def _rank() -> int:
@@ -31,7 +31,7 @@ def _log_line(step: int, total: int, logs: dict) -> str | None:
     return None
 
 
-@app.command()
+@app.command(cls=PlainUsage, short_help="Train the new layers (or all) with transformers' Trainer.")
 def train(
     model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="An opt-deus output (with its manifest), or any model with --train all."),
     more_data: Optional[List[Path]] = typer.Argument(None, metavar="DATA", show_default=False,
@@ -53,7 +53,7 @@ def train(
     text_field: Optional[str] = typer.Option(None, help="The text column of json/jsonl/parquet/csv files (default text)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Where datasets keeps the read and tokenized data (default: its cache, HF_DATASETS_CACHE)."),
     args_file: Optional[Path] = typer.Option(None, "--args", help="YAML of transformers TrainingArguments fields (FSDP, DeepSpeed, bf16, ...)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output (only once the new one is complete and checked)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (only once the new one is complete and checked)."),
     shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB, 500MB."),
     as_json: bool = typer.Option(False, "--json", help="Print the training record as JSON."),
 ):

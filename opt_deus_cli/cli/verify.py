@@ -8,10 +8,10 @@ from typing import Optional
 
 import typer
 
-from .common import app, console, out, progress_bar, run
+from .common import PlainUsage, app, console, out, progress_bar, run
 
 
-@app.command(short_help="Check a result against its manifest: files, loading, logits, perplexity.")
+@app.command(cls=PlainUsage, short_help="Check a result against its manifest: files, loading, logits, perplexity.")
 def verify(
     base_dir: str = typer.Argument(..., metavar="BASE", help="The base model: its directory, or its Hub repo id (the commit the manifest records)."),
     out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="The up-scaled model directory (with its manifest)."),
