@@ -51,7 +51,7 @@ def inspect(
         if save:
             run(ins.save_npz, save, m)
         if png:
-            run(ins.save_png, png, panels, title)
+            run(ins.save_png, png, m, title)
         if as_json:
             out.print_json(data={"layer": m.layer, "group": group, "sources": list(m.sources), "shape": list(m.cost.shape),
                                  "report": m.report, "png": str(png) if png else None, "npz": str(save) if save else None})
