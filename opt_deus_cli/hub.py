@@ -27,11 +27,6 @@ class ResolvedModel:
     repo_id: str | None = None
     revision: str | None = None  # the commit hash the snapshot belongs to
 
-    @property
-    def name(self) -> str:
-        """How to name the base (a model card's base_model): the repo id, else the directory name."""
-        return self.repo_id or Path(self.path).resolve().name
-
 
 def resolve_model(spec: str | Path | ResolvedModel, revision: str | None = None) -> ResolvedModel:
     if isinstance(spec, ResolvedModel):

@@ -90,9 +90,9 @@ def upscale(model: Model, recipe: Recipe, out_dir: Path | str, options: Options 
             for path in source.files():
                 if path.name not in NOT_COPIED_NAMES and not path.name.endswith(NOT_COPIED_SUFFIXES):
                     shutil.copy2(path, tmp / path.name)
-            model_card(base_name=model.name, base_dir=source.dir, model_type=source.arch.model_type,
+            model_card(base_repo_id=model.repo_id, base_dir=source.dir, model_type=source.arch.model_type,
                        recipe=recipe.to_dict(), layers=layer_entries, new_layers=job.new_layers,
-                       function_preserving=job.function_preserving, out_name=Path(out_dir).name,
+                       function_preserving=job.function_preserving, out_dir=Path(out_dir),
                        tool_version=__version__).save(tmp / CARD_FILE)
             t0 = time.perf_counter()
             base = [FileEntry(name, *future.result()) for name, future in base_files]
