@@ -159,7 +159,8 @@ def _write_tensors(job: Job, writer: ShardWriter, layer_entries: list[LayerEntry
         copy_tensor(name, name)
     for layer in job.layers:
         if progress:
-            what = f"base layer {layer.sources[0]}" if layer.origin == "base" else f"new: {layer.method} of {list(layer.sources)}"
+            what = (f"base layer {layer.sources[0]}" if layer.origin == "base"
+                    else f"new: {layer.method} of {list(layer.sources)}")
             progress(f"layer {layer.index} ({what})", layer.index, total)
         t0 = time.perf_counter()
         k = layer.sources[0]

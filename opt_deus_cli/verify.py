@@ -116,10 +116,12 @@ def check_base_files(base_dir: Path, manifest: Manifest, step=lambda: None) -> l
     problems = []
     if missing:
         plural = len(missing) > 1
-        problems.append(f"base file{'s' if plural else ''} {_names(missing)} {'are' if plural else 'is'} missing from {base_dir}")
+        problems.append(f"base file{'s' if plural else ''} {_names(missing)} "
+                        f"{'are' if plural else 'is'} missing from {base_dir}")
     if differing:
-        problems.append(f"base file{'s' if len(differing) > 1 else ''} {_names(differing)} "
-                        f"differ{'' if len(differing) > 1 else 's'} from what the up-scaling read: another model, or a changed base")
+        plural = len(differing) > 1
+        problems.append(f"base file{'s' if plural else ''} {_names(differing)} {'differ' if plural else 'differs'} "
+                        "from what the up-scaling read: another model, or a changed base")
     return problems
 
 

@@ -17,8 +17,8 @@ def inspect(
     model_dir: str = typer.Argument(..., metavar="DIR", help="An opt-deus output (with its manifest) or a base model (a directory or a Hub repo id)."),
     layer: Optional[int] = typer.Option(None, "--layer", help="On an output: a new layer; recompute and show its cost matrix and plan."),
     group: Optional[str] = typer.Option(None, "--group", help="With --layer: attention | mlp (default mlp)."),
-    png: Optional[Path] = typer.Option(None, "--png", help="Also draw to this image file (PNG, or what its extension names: "
-                                       ".svg, .pdf, .jpg, ...): the layer's matrices (--layer), "
+    png: Optional[Path] = typer.Option(None, "--png", help="Also draw to this image file (PNG, or what its "
+                                       "extension names: .svg, .pdf, .jpg, ...): the layer's matrices (--layer), "
                                        "the new layers' alignment figures (an output), or the adjacent-layer survey (a base model)."),
     save: Optional[Path] = typer.Option(None, "--save", help="With --layer: write the raw matrices to this .npz file."),
     base: Optional[Path] = typer.Option(None, "--base", help="With --layer: the base model, if it moved since the manifest was written."),

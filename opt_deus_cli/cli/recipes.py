@@ -42,8 +42,8 @@ def recipes(
         else:
             out.print(f"{row['name']:<22} {row['method']:<9} {'does not fit':<18} {row['why']}", markup=False)
     if model is None:
-        out.print(f"depths for a base of {EXAMPLE_DEPTH} layers (LLaMA-3.1-8B); counts like 50% follow the model's depth: "
-                  "`opt-deus recipes MODEL` says which recipes fit a model and how deep each makes it")
+        out.print(f"depths for a base of {EXAMPLE_DEPTH} layers (LLaMA-3.1-8B); counts like 50% follow the "
+                  "model's depth: `opt-deus recipes MODEL` says which recipes fit a model and how deep each makes it")
 
 
 EXAMPLE_DEPTH = 32  # the paper's base, LLaMA-3.1-8B
