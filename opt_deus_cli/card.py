@@ -1,6 +1,8 @@
 """The output's README.md: a model card of its own (huggingface_hub's ModelCard), never the base's.
-Its metadata names the base model, the licence the base's card declares, tags and the library;
-its body says what was done, which layers are new, how to train only them and how to check it."""
+Its metadata names the base model (`base_model`: a Hub repo id, left out for a local base, whose
+path the body names), the licence the base's card declares, tags and the library; its body says
+what was done, which layers are new, how to train only them and how to check it, in commands whose
+paths run as written."""
 
 from __future__ import annotations
 
@@ -27,13 +29,17 @@ def base_license(base_dir: Path) -> str | None:
         return None
 
 
-def model_card(*, base_name: str, base_dir: Path, model_type: str, recipe: dict, layers: list[LayerEntry],
-               new_layers: list[int], function_preserving: bool, out_name: str, tool_version: str):
+def model_card(*, base_repo_id: str | None, base_dir: Path, model_type: str, recipe: dict, layers: list[LayerEntry],
+               new_layers: list[int], function_preserving: bool, out_dir: Path, tool_version: str):
     from huggingface_hub import ModelCard, ModelCardData
 
     method = recipe["method"]
+    # how the commands below name the base and the output: a repo id (verify resolves it to the
+    # commit the manifest records) or an absolute path, so they run from any directory
+    base_name = base_repo_id or str(Path(base_dir).resolve())
+    out_name, out_path = Path(out_dir).name, str(Path(out_dir).absolute())
     data = ModelCardData(
-        base_model=base_name,
+        base_model=base_repo_id,  # None: a local directory is no Hub id, and the key is left out
         license=base_license(base_dir),
         library_name="transformers",
         pipeline_tag="text-generation",
@@ -57,7 +63,7 @@ def model_card(*, base_name: str, base_dir: Path, model_type: str, recipe: dict,
     body = f"""
 # {out_name}
 
-{base_name} ({model_type}) made deeper with [opt-deus](https://pypi.org/project/opt-deus-cli/) {tool_version}:
+{base_repo_id or f"The local model `{base_name}`"} ({model_type}) made deeper with [opt-deus](https://pypi.org/project/opt-deus-cli/) {tool_version}:
 {base_n} -> {len(layers)} decoder layers, method `{method}`. New layers: {new_layers}.
 Function-preserving at initialisation: {preserving}.
 
@@ -80,14 +86,14 @@ recipe and the checksums of the base and of these files.
 ## Training only the new layers
 
 ```bash
-opt-deus train {out_name} --data corpus.txt --out {out_name}-trained   # transformers Trainer, base layers frozen
-opt-deus handoff {out_name} --for axolotl          # or llama-factory, peft, trainer: a ready config
+opt-deus train {out_path} --data corpus.txt --out {out_path}-trained   # your data; transformers Trainer, base layers frozen
+opt-deus handoff {out_path} --for axolotl          # or llama-factory, peft, trainer: a ready config
 ```
 
 ## Checking it
 
 ```bash
-opt-deus verify {base_name} {out_name} --text heldout.txt
+opt-deus verify {base_name} {out_path}   # add --text FILE for both models' perplexity on a text of yours
 ```
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

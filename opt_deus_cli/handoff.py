@@ -16,10 +16,13 @@ and check the selection against a real model's parameter names):
   (src/llamafactory/model/adapter.py, `_setup_freeze_tuning`): with N = `freeze_trainable_layers`
   it trains layers `stride-1, 2*stride-1, ..., num_layers-1` (stride = num_layers / N, which must
   divide) and unfreezes a parameter when the substring `.{layer}.{module}` occurs in its name.
-  Written only when that stride gives exactly our new layers, else UsageError. Modules `all` for
-  dense families; for mixtures of experts the block's own children are listed, because under
-  transformers 4 (which LLaMA-Factory pins) an expert index is a `.{k}.` too and `all` would also
-  unfreeze expert k of every layer.
+  Written only when that stride gives exactly our new layers, else UsageError. Modules `all`,
+  except for mixtures of experts under transformers 4: there an expert index is a `.{k}.` too and
+  `all` would also unfreeze expert k of every layer, so the block's own children are listed, by
+  their transformers-4 names (mixtral's `block_sparse_moe`, which transformers 5 renamed `mlp`: a
+  name of the other major stops LLaMA-Factory with "Module ... is not found"). Under 5 the experts
+  are stacked parameters without an index, and `all` selects exactly the new layers. LLaMA-Factory
+  0.9.5 accepts transformers 4.55 to 5.6, so the major is the one installed, or `--transformers`.
 - PEFT, `LoraConfig` (src/peft/tuners/tuners_utils.py, `check_target_module_exists`): a module is
   wrapped when its name ends with `.{target}` and, with `layers_to_transform`, the number after
   `.{layers_pattern}.` is listed. `layers_pattern="layers"` is set because without it older PEFT
@@ -60,7 +63,7 @@ class HandoffTarget:
     projection_modules: tuple[str, ...] = ()
     # leaf names of the experts' Linear modules under transformers 4 (mixtral: w1, w3, w2)
     expert_modules: tuple[str, ...] = ()
-    # the children of a block that hold parameters (self_attn, mlp, input_layernorm, ...)
+    # the children of a block that hold parameters, as the checkpoint (= transformers 4) names them
     block_modules: tuple[str, ...] = ()
     # major version of the transformers the training runs with (only mixtures of experts differ)
     transformers_major: int = 5
@@ -193,7 +196,8 @@ def llama_factory(target: HandoffTarget) -> str:
             f"LLaMA-Factory cannot train exactly the new layers {new}: use_llama_pro trains every "
             f"(num_layers/N)-th layer up to the last ({rule}); use {OTHER_ROUTES} instead, or up-scale "
             "with method copy, positions: uniform and a count dividing the base depth")
-    modules = ",".join(target.block_modules) if target.has_experts else "all"
+    listed = target.has_experts and target.transformers_major < 5  # expert indices are `.{k}.` only in 4
+    modules = ",".join(target.block_modules) if listed else "all"
     lines = [
         f"### LLaMA-Factory, freeze tuning of only the {_about(target)}",
         f"model_name_or_path: {_q(target.model_dir)}",
@@ -204,7 +208,9 @@ def llama_factory(target: HandoffTarget) -> str:
         "# add stage, do_train, dataset, template, output_dir, learning_rate, ...",
     ]
     if target.has_experts:
-        lines.insert(-1, "# modules are listed (not `all`): an expert index would match `.{layer}.` too")
+        lines.insert(-1, f"# written for transformers {target.transformers_major}" + (
+            " (its module names): modules are listed, not `all`, since an expert index would match `.{layer}.` too"
+            if listed else ": experts are stacked parameters without an index, so `all` selects only the new layers"))
     return "\n".join(lines) + "\n"
 
 
@@ -297,4 +303,7 @@ def handoff(out_dir: Path | str, dialect: str, transformers_major: int | None = 
     """The text `opt-deus handoff OUT --for DIALECT` prints."""
     if dialect not in RENDERERS:  # before reading anything
         raise UsageError(f"--for {dialect!r} not understood; use one of {', '.join(DIALECTS)}")
+    if transformers_major not in (None, 4, 5):
+        raise UsageError(f"--transformers {transformers_major} not understood; use 4 or 5 (the major version of "
+                         "the transformers the training will run with)")
     return render(target_from_output(out_dir, transformers_major), dialect)

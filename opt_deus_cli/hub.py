@@ -27,11 +27,6 @@ class ResolvedModel:
     repo_id: str | None = None
     revision: str | None = None  # the commit hash the snapshot belongs to
 
-    @property
-    def name(self) -> str:
-        """How to name the base (a model card's base_model): the repo id, else the directory name."""
-        return self.repo_id or Path(self.path).resolve().name
-
 
 def resolve_model(spec: str | Path | ResolvedModel, revision: str | None = None) -> ResolvedModel:
     if isinstance(spec, ResolvedModel):
@@ -58,9 +53,12 @@ def _snapshot(repo_id: str, revision: str | None) -> Path:
         raise OptDeusError(f"no local directory {repo_id}, and no Hub repo {repo_id} (or it is private: set HF_TOKEN)") from None
     except hub_errors.RevisionNotFoundError:
         raise OptDeusError(f"Hub repo {repo_id} has no revision {revision}") from None
-    except hub_errors.LocalEntryNotFoundError:
-        raise OptDeusError(f"no local directory {repo_id}, and Hub repo {repo_id}{at} is not in the local cache while "
-                           "offline (HF_HUB_OFFLINE); download it once online, or give a local directory") from None
+    except hub_errors.LocalEntryNotFoundError:  # offline by choice, or the Hub could not be reached
+        from huggingface_hub import constants
+
+        why = "offline: HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "no network"
+        raise OptDeusError(f"no local directory {repo_id}, and Hub repo {repo_id}{at} is not in the local cache "
+                           f"({why}); download it once online, or give a local directory") from None
     except (hub_errors.HfHubHTTPError, OSError, ValueError) as e:
         reason = " ".join(str(e).split())[:300] or type(e).__name__
         raise OptDeusError(f"cannot fetch Hub repo {repo_id}{at}: {reason}") from e

@@ -2,7 +2,8 @@
 
 - on an output directory: the manifest as a table of layers and alignment figures;
 - on one new layer: recompute its cost matrix and plan from the base checkpoint, as heatmaps
-  whose columns are reordered by the matching, so a good alignment reads as a bright diagonal;
+  whose columns are reordered by the matching (a good alignment: a dark diagonal of cost, a bright
+  one of mass) and the matched costs against the unmatched ones;
 - on a base model: how far apart each adjacent pair of layers is before and after alignment.
 Reads at most two base layers at a time (as upscale does)."""
 
@@ -45,6 +46,23 @@ def layer_rows(manifest: Manifest) -> list[dict]:
     return rows
 
 
+def check_output_sizes(model_dir: Path, manifest: Manifest) -> None:
+    """OptDeusError when a file the manifest recorded is missing or has another size (a truncated
+    copy, an interrupted transfer): the table would describe weights that are not there. Sizes
+    only, so inspect stays instant; `verify` compares the sha256s."""
+    wrong = []
+    for entry in manifest.output.files:
+        path = Path(model_dir) / entry.name
+        if not path.is_file():
+            wrong.append(f"{entry.name} is missing")
+        elif path.stat().st_size != entry.bytes:
+            wrong.append(f"{entry.name} has {path.stat().st_size} bytes, the manifest recorded {entry.bytes}")
+    if wrong:
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise OptDeusError(f"{model_dir} is not the output opt-deus wrote: {wrong[0]}{more}; it is truncated or "
+                           "changed (`opt-deus verify BASE OUT` checks every file)")
+
+
 def output_profile(manifest: Manifest) -> dict:
     """The new layers' alignment figures (cost before/after per group), the whole model's
     counterpart of pair_distances for `inspect OUT --png`."""
@@ -68,6 +86,18 @@ class LayerMatrices:
     order: np.ndarray  # (m,) column order that puts each row's match on the diagonal
     report: dict
     extra: dict  # other levels (KV groups, value dims) as arrays
+    units: str = "units"  # what a row / column is: query heads, neurons, experts, rows of q_proj
+
+    @property
+    def matched_costs(self) -> np.ndarray:
+        """(n,) cost of each row's matched column: the diagonal of cost_after."""
+        return np.diagonal(self.cost_after).copy()
+
+    @property
+    def unmatched_costs(self) -> np.ndarray:
+        """Every other entry of the cost matrix: what the matching avoided."""
+        after = self.cost_after
+        return after[~np.eye(*after.shape, dtype=bool)]
 
     @property
     def cost_after(self) -> np.ndarray:
@@ -123,7 +153,11 @@ def pair_matrices(base: Path, sources: tuple[int, int], group: str, settings: Al
     found = alignment_matrices(lower, upper, ctx, settings, group)
     as_np = {k: v.double().numpy() for k, v in found.items() if isinstance(v, torch.Tensor)}
     cost, plan = as_np.pop("cost"), as_np.pop("plan")
-    return LayerMatrices(layer, group, sources, cost, plan, matching_order(plan), found.get("report", {}), as_np)
+    if settings.mode == "reference":  # the published method aligns rows of one tensor
+        units = "rows of q_proj" if group == "attention" else "rows of gate_proj"
+    else:
+        units = "query heads" if group == "attention" else "experts" if source.arch.experts else "neurons"
+    return LayerMatrices(layer, group, sources, cost, plan, matching_order(plan), found.get("report", {}), as_np, units)
 
 
 # ---- base model: how far apart adjacent layers are --------------------------------------------
@@ -196,10 +230,11 @@ def downsample(matrix: np.ndarray, size: int) -> np.ndarray:
 
 
 def heatmap_panels(m: LayerMatrices) -> list[tuple[str, np.ndarray, str]]:
-    """(title, matrix, colour map) of the three pictures: bright = cheap cost / much mass."""
+    """(title, matrix, colour map) of the three pictures; every map runs dark = low to bright =
+    high, so a good alignment is a dark diagonal of cost and a bright diagonal of mass."""
     return [
-        ("cost before alignment (identity pairing)", m.cost, "viridis_r"),
-        ("cost after alignment (columns matched)", m.cost_after, "viridis_r"),
+        ("cost before alignment (identity pairing)", m.cost, "viridis"),
+        ("cost after alignment (columns matched)", m.cost_after, "viridis"),
         ("transport plan (columns matched)", m.plan_after, "magma"),
     ]
 
@@ -224,26 +259,72 @@ def _pyplot():
     return plt
 
 
-def save_png(path: Path, panels: list[tuple[str, np.ndarray, str]], title: str) -> None:
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.6), dpi=100)
-    for ax, (name, matrix, cmap) in zip(np.atleast_1d(axes), panels):
-        image = ax.imshow(matrix, cmap=cmap, interpolation="nearest", aspect="auto")
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("units of the upper layer B")
-        ax.set_ylabel("units of the lower layer A")
-        fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+def image_format(path: Path) -> str:
+    """The format the file's extension names (x.svg -> svg; no extension: png), when matplotlib
+    writes it; else UsageError."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()  # png, jpg, svg, pdf, ... (raw/rgba: no header)
+    written = sorted(f for f in formats if f not in ("raw", "rgba"))
+    suffix = Path(path).suffix.lower().lstrip(".") or "png"
+    if suffix not in written:
+        raise UsageError(f"--png {path}: .{suffix} is not an image format matplotlib writes; "
+                         f"end the name with one of .{', .'.join(written)}")
+    return suffix
+
+
+def _save_figure(fig, path: Path) -> None:
     try:
-        write_file(path, lambda fh: fig.savefig(fh, format="png"))
+        write_file(path, lambda fh: fig.savefig(fh, format=image_format(path)))
     finally:
-        plt.close(fig)
+        _pyplot().close(fig)
+
+
+def layer_figure(m: LayerMatrices, title: str):
+    """The three heatmaps, with integer ticks and the units named, and a fourth panel: the
+    matched costs against every unmatched one (in a 512x512 matrix the matched diagonal is a
+    line one pixel wide; the two distributions show what the matching bought)."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
+    panels = heatmap_panels(m)
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 4.6), dpi=100)
+    lower, upper = m.sources
+    for ax, (name, matrix, cmap) in zip(axes, panels):
+        image = ax.imshow(matrix, cmap=cmap, interpolation="nearest", aspect="auto")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(f"{m.units} of base layer {upper} (B)", fontsize=10)
+        ax.set_ylabel(f"{m.units} of base layer {lower} (A)", fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.colorbar(image, ax=ax, fraction=0.046).set_label("mass" if "plan" in name else "cost", fontsize=9)
+    matched, unmatched = m.matched_costs, m.unmatched_costs
+    hist = axes[-1]
+    bins = np.linspace(min(matched.min(), unmatched.min()), max(matched.max(), unmatched.max()), 40)
+    hist.hist(unmatched, bins=bins, density=True, alpha=0.6, label=f"unmatched pairs ({unmatched.size})")
+    hist.hist(matched, bins=bins, density=True, alpha=0.6, label=f"matched pairs ({matched.size})")
+    for values, colour in ((unmatched, "C0"), (matched, "C1")):
+        hist.axvline(float(values.mean()), color=colour, linestyle="--")
+    hist.set_title("cost of matched vs unmatched pairs (dashed: means)", fontsize=10)
+    hist.set_xlabel("cost", fontsize=10)
+    hist.set_ylabel("density", fontsize=10)
+    hist.legend(fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def save_png(path: Path, m: LayerMatrices, title: str) -> None:
+    _save_figure(layer_figure(m, title), path)
 
 
 def save_cost_png(path: Path, labels: list[str], costs: dict, what: str, xlabel: str) -> None:
+    _save_figure(cost_figure(labels, costs, what, xlabel), path)
+
+
+def cost_figure(labels: list[str], costs: dict, what: str, xlabel: str):
     """One panel per group: the mean matched cost before and after alignment, per item (an
-    adjacent pair of a base model, or a new layer of an output)."""
+    adjacent pair of a base model, or a new layer of an output). Labels upright while they fit."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(GROUPS), figsize=(12, 4), dpi=100)
     for ax, group in zip(axes, GROUPS):
@@ -252,13 +333,12 @@ def save_cost_png(path: Path, labels: list[str], costs: dict, what: str, xlabel:
         ax.plot(labels, after, marker="o", label="after alignment")
         ax.set_title(f"{group}: mean matched cost {what}", fontsize=9)
         ax.set_xlabel(xlabel)
-        ax.tick_params(axis="x", labelrotation=90, labelsize=7)
+        ax.tick_params(axis="x", labelsize=9, labelrotation=0 if len(labels) <= 8 else 45)
+        if len(labels) > 8:
+            plt.setp(ax.get_xticklabels(), ha="right", rotation_mode="anchor")
         ax.legend()
     fig.tight_layout()
-    try:
-        write_file(path, lambda fh: fig.savefig(fh, format="png"))
-    finally:
-        plt.close(fig)
+    return fig
 
 
 def save_pair_png(path: Path, survey: dict) -> None:

@@ -122,6 +122,9 @@ def resolve_job(source: SourceModel, recipe: Recipe, options: Options) -> Job:
     if arch.experts and not method_cls.supports_experts:
         raise UsageError(f"method {recipe.method} cannot build mixture-of-experts layers ({arch.model_type}) yet; "
                          "use copy, average or stack")
+    if options.memory_budget is not None and not method_cls.guards_memory:
+        raise UsageError(f"--memory-budget applies to method opt-deus (its cost matrices and solver); method "
+                         f"{recipe.method} writes each new layer from its sources with no more memory, so drop the option")
     method = method_cls.from_settings(recipe.settings)
     zero_init = recipe.zero_init if recipe.zero_init is not None else method.default_zero_init
     zero_roles = []

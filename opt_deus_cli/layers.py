@@ -22,7 +22,7 @@ def resolve_positions(placement: Positions, base_layers: int, needs_upper: bool,
         bad = [k for k in placement.where if k >= slots]
         if bad:
             raise UsageError(
-                f"{where}: position(s) {bad} out of range for a {n}-layer model (allowed 0..{slots - 1}"
+                f"{where}: position(s) {bad} out of range for a model of {n} layers (allowed 0..{slots - 1}"
                 + ("; the method needs layers k and k+1)" if needs_upper else ")")
             )
         return list(placement.where)
@@ -31,10 +31,10 @@ def resolve_positions(placement: Positions, base_layers: int, needs_upper: bool,
         slots = n - 1  # top, bottom, middle, top-bottom name adjacent pairs
     count = resolve_amount(placement.count, n)
     if count < 1:
-        raise UsageError(f"{where}: count {placement.count!r} is less than one layer for a {n}-layer model")
+        raise UsageError(f"{where}: count {placement.count!r} is less than one layer for a model of {n} layers")
     if count > slots:
         raise UsageError(
-            f"{where}: count {count} is too large for a {n}-layer model: at most {slots} new layers "
+            f"{where}: count {count} is too large for a model of {n} layers: at most {slots} new layers "
             f"with positions {kind!r}; lower count or list positions"
         )
     if kind == "top":  # pairs (N-1-c, N-c) ... (N-2, N-1)
@@ -61,7 +61,7 @@ def resolve_slices(placement: Slices, base_layers: int, where: str) -> list[tupl
         return list(placement.ranges)
     m = resolve_amount(placement.overlap, n)
     if not 1 <= m < n:
-        raise UsageError(f"{where}: overlap {placement.overlap!r} = {m} layers must be between 1 and {n - 1} for a {n}-layer model")
+        raise UsageError(f"{where}: overlap {placement.overlap!r} = {m} layers must be between 1 and {n - 1} for a model of {n} layers")
     return [(0, n - m), (m, n)]  # SOLAR: drop the top m of copy 1 and the bottom m of copy 2
 
 

@@ -36,11 +36,11 @@ def tokenize_text(tokenizer_dir: Path | str, text_file: Path | str, option: str 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False, local_files_only=True)
     except Exception as e:
         raise UsageError(f"{tokenizer_dir} has no usable tokenizer for {option} "
-                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
     try:
         text = Path(text_file).read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {option} {text_file}: {e}")
+        raise UsageError(f"cannot read {option} {text_file}: {e}") from e
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the text is scored in windows: its length is no problem
     try:
@@ -52,21 +52,29 @@ def tokenize_text(tokenizer_dir: Path | str, text_file: Path | str, option: str 
     return TextTokens(str(text_file), list(ids), len(text.split()))
 
 
-def context_window(model) -> int:
-    """Predicted tokens per window: the model's context, at most MAX_WINDOW."""
-    return min(int(getattr(model.config, "max_position_embeddings", None) or MAX_WINDOW), MAX_WINDOW)
+def context_window(config) -> int:
+    """Predicted tokens per window: the model's context (a transformers config), at most MAX_WINDOW."""
+    return min(int(getattr(config, "max_position_embeddings", None) or MAX_WINDOW), MAX_WINDOW)
 
 
-def text_perplexity(model, text: TextTokens, device) -> dict:
+def window_starts(text: TextTokens, window: int) -> range:
+    """Where each window of the text starts (its length is the number of forward passes)."""
+    return range(0, len(text.token_ids) - 1, window)
+
+
+def text_perplexity(model, text: TextTokens, device, on_window=None) -> dict:
     """Token and word perplexity of `model` on `text`:
-    {"file", "tokens" (predicted), "words", "nll" (summed, nats), "token_perplexity", "word_perplexity"}."""
+    {"file", "tokens" (predicted), "words", "nll" (summed, nats), "token_perplexity", "word_perplexity"}.
+    on_window(), if given, is called before each window (progress)."""
     import torch
 
-    window = context_window(model)
+    window = context_window(model.config)
     ids = text.token_ids
     total, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(ids) - 1, window):
+        for start in window_starts(text, window):
+            if on_window:
+                on_window()
             chunk = torch.tensor(ids[start:start + window + 1], device=device)[None]  # (1, <= window + 1)
             if chunk.shape[1] < 2:
                 break

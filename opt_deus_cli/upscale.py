@@ -86,9 +86,9 @@ def upscale(model: Model, recipe: Recipe, out_dir: Path | str, options: Options 
                                                                    job.layers, job.dtype)
             write_json(tmp / "config.json", config)
             copy_side_files(source.files(), tmp, NOT_COPIED_NAMES)
-            model_card(base_name=model.name, base_dir=source.dir, model_type=source.arch.model_type,
+            model_card(base_repo_id=model.repo_id, base_dir=source.dir, model_type=source.arch.model_type,
                        recipe=recipe.to_dict(), layers=layer_entries, new_layers=job.new_layers,
-                       function_preserving=job.function_preserving, out_name=Path(out_dir).name,
+                       function_preserving=job.function_preserving, out_dir=Path(out_dir),
                        tool_version=__version__).save(tmp / CARD_FILE)
             t0 = time.perf_counter()
             base = [FileEntry(name, *future.result()) for name, future in base_files]
@@ -155,7 +155,9 @@ def _write_tensors(job: Job, writer: ShardWriter, layer_entries: list[LayerEntry
         copy_tensor(name, name)
     for layer in job.layers:
         if progress:
-            progress(f"layer {layer.index} ({layer.origin}: {layer.method} of {list(layer.built_from)})", layer.index, total)
+            what = (f"base layer {layer.sources[0]}" if layer.origin == "base"
+                    else f"new: {layer.method} of {list(layer.built_from)}")
+            progress(f"layer {layer.index} ({what})", layer.index, total)
         t0 = time.perf_counter()
         k = layer.sources[0]
         prefix, src_prefix = arch.layer_prefix(layer.index), arch.layer_prefix(k)

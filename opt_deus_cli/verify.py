@@ -21,7 +21,8 @@ import torch
 from .checkpoint import read_config, sha256_file
 from .errors import OptDeusError, UsageError
 from .manifest import Manifest, read_manifest
-from .perplexity import TextTokens, text_perplexity, tokenize_text
+from .configs import load_hf_config
+from .perplexity import TextTokens, context_window, text_perplexity, tokenize_text, window_starts
 
 # logits are compared in float32; zeroed residual writers add exact zeros, so a function-
 # preserving result agrees to rounding (relative to the logits' size)
@@ -95,30 +96,45 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype | str =
     return model.to(device).eval()
 
 
-def _changed_files(directory: Path, entries, missing, differs) -> list[str]:
-    """Each recorded file (name, bytes, sha256) missing from directory or changed, said by
-    missing(name) or differs(name)."""
-    problems = []
+def _changed_files(directory: Path, entries, step=lambda: None) -> tuple[list[str], list[str]]:
+    """The recorded files (name, bytes, sha256) missing from directory, and those changed."""
+    missing, differing = [], []
     for entry in entries:
+        step()
         path = directory / entry.name
         if not path.is_file():
-            problems.append(missing(entry.name))
+            missing.append(entry.name)
         elif path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
-            problems.append(differs(entry.name))
-    return problems
+            differing.append(entry.name)
+    return missing, differing
 
 
-def check_files(out_dir: Path, manifest: Manifest) -> list[str]:
-    return _changed_files(out_dir, manifest.output.files, lambda name: f"{name} is missing",
-                          lambda name: f"{name} differs from the file the manifest recorded")
+def _names(names: list[str], limit: int = 3) -> str:
+    """`a, b, c and 4 more`: a problem line stays short however many files it concerns."""
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def check_base_files(base_dir: Path, manifest: Manifest) -> list[str]:
+def check_files(out_dir: Path, manifest: Manifest, step=lambda: None) -> list[str]:
+    missing, differing = _changed_files(out_dir, manifest.output.files, step)
+    return [f"{name} is missing" for name in missing] + \
+        [f"{name} differs from the file the manifest recorded" for name in differing]
+
+
+def check_base_files(base_dir: Path, manifest: Manifest, step=lambda: None) -> list[str]:
     """The base as the up-scaling read it: every file the manifest recorded, same size and sha256
-    (a Hub cache's snapshot links are followed to their blobs)."""
-    return _changed_files(base_dir, manifest.base.files, lambda name: f"base file {name} is missing from {base_dir}",
-                          lambda name: f"base file {name} differs from the one the up-scaling read (sha256 in "
-                          "the manifest): the base changed, or this is another model")
+    (a Hub cache's snapshot links are followed to their blobs). One line for all missing files and
+    one for all changed ones: the reason is said once."""
+    missing, differing = _changed_files(base_dir, manifest.base.files, step)
+    problems = []
+    if missing:
+        plural = len(missing) > 1
+        problems.append(f"base file{'s' if plural else ''} {_names(missing)} "
+                        f"{'are' if plural else 'is'} missing from {base_dir}")
+    if differing:
+        plural = len(differing) > 1
+        problems.append(f"base file{'s' if plural else ''} {_names(differing)} {'differ' if plural else 'differs'} "
+                        "from what the up-scaling read: another model, or a changed base")
+    return problems
 
 
 def _check_arguments(base_dir: Path, out_dir: Path, text: Path | None) -> Manifest:
@@ -150,35 +166,54 @@ def check_config(out_dir: Path, manifest: Manifest) -> list[str]:
     return problems
 
 
-def verify(base_dir: Path | str, out_dir: Path | str, device: torch.device, text: Path | None = None) -> dict:
+def verify(base_dir: Path | str, out_dir: Path | str, device: torch.device, text: Path | None = None,
+           progress=None) -> dict:
+    """progress(description, done, total), if given, is called before each step: a file hashed,
+    a model loaded or run, a perplexity window."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     manifest = _check_arguments(base_dir, out_dir, text)
     preserving = manifest.function_preserving
-    problems = check_files(out_dir, manifest) + check_base_files(base_dir, manifest) + check_config(out_dir, manifest)
+    base_config = read_config(base_dir)
+    hf_config = load_hf_config(base_dir)
+    text_tokens: TextTokens | None = tokenize_text(base_dir, text) if text else None
+    windows = len(window_starts(text_tokens, context_window(hf_config))) if text_tokens is not None else 0
+    total, done = len(manifest.output.files) + len(manifest.base.files) + 2 * (2 + windows), 0
+
+    def step(description: str):
+        def advance():
+            nonlocal done
+            if progress:
+                progress(description, done, total)
+            done += 1
+        return advance
+
+    problems = check_files(out_dir, manifest, step("output: checking files (sha256)")) + \
+        check_base_files(base_dir, manifest, step("base: checking files (sha256)")) + check_config(out_dir, manifest)
     report: dict = {"base": str(base_dir), "output": str(out_dir), "method": manifest.method,
                     "function_preserving": preserving,
                     "files_checked": {"output": len(manifest.output.files), "base": len(manifest.base.files)}}
+    if manifest.training is not None:  # trained after the up-scaling: why the logits moved
+        report["training_steps"] = manifest.training.get("steps")
 
-    from .configs import load_hf_config
-
-    base_config = read_config(base_dir)
-    length, sliding = logit_length(load_hf_config(base_dir))
+    length, sliding = logit_length(hf_config)
     ids = fixed_token_batch(int(base_config["vocab_size"]), length=length).to(device)
     warning = post_norm_warning(manifest)
     report["warnings"] = [warning] if warning else []
-    text_tokens: TextTokens | None = tokenize_text(base_dir, text) if text else None
     results = {}
     for name, directory in (("base", base_dir), ("output", out_dir)):
+        step(f"{name}: loading")()
         try:
             model = load_model(directory, device)
         except OptDeusError as e:  # a model that does not load is a failed check, not a crash
             problems.append(str(e))
             continue
+        step(f"{name}: logits on fixed token ids")()
         with torch.no_grad():
             logits = model(input_ids=ids).logits.float().cpu()
         results[name] = {"logits": logits, "layers": model.config.num_hidden_layers}
         if text_tokens is not None:
-            results[name]["perplexity"] = text_perplexity(model, text_tokens, device)
+            results[name]["perplexity"] = text_perplexity(model, text_tokens, device,
+                                                          step(f"{name}: perplexity on {Path(text).name}"))
         del model
 
     report["tokens"] = list(ids.shape)
@@ -206,6 +241,8 @@ def verify(base_dir: Path | str, out_dir: Path | str, device: torch.device, text
             problems.append(f"the loaded output has {results['output']['layers']} layers, manifest says {manifest.output.num_layers}")
         if preserving and report["max_abs_logit_diff"] > tolerance:
             problems.append(f"recipe is function-preserving but logits differ by up to {report['max_abs_logit_diff']:.3g} (tolerance {tolerance:.3g})")
+    if progress:
+        progress("done", total, total)
     report["problems"] = problems
     report["ok"] = not problems
     return report

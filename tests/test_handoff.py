@@ -105,8 +105,10 @@ def axolotl_unfrozen(patterns: list[str], names, legacy: bool = False) -> set[st
 
 def llama_factory_trainable(cfg: dict, names) -> set[str]:
     """hiyouga/LLaMA-Factory, src/llamafactory/model/adapter.py `_setup_freeze_tuning` (commit
-    01d87b8267b92bc0caacc746fa4f875e390b64e2) with hparams/finetuning_args.py (modules split on
-    commas). num_layers = config.num_hidden_layers; with use_llama_pro it must be divisible by
+    01d87b8267b92bc0caacc746fa4f875e390b64e2; the same in the llamafactory 0.9.5 wheel on PyPI,
+    which accepts transformers 4.55 to 5.6) with hparams/finetuning_args.py (modules split on
+    commas). Copied, not called: llamafactory installs gradio, torchaudio, modelscope ... and pins
+    accelerate and datasets below this project's. num_layers = config.num_hidden_layers; with use_llama_pro it must be divisible by
     N = freeze_trainable_layers, stride = num_layers // N, layers range(stride - 1, num_layers +
     stride - 1, stride). A module other than `all` must be in hidden_modules: the first name part
     after the first `.0.` (else `.1.`) of any parameter name. Trainable strings are
@@ -236,17 +238,37 @@ def test_manifest_regex_selects_nothing_in_axolotl(upscaled):
 @pytest.mark.parametrize("family,layout", [c for c in CASES if c[1] == "uniform"])
 def test_llama_factory_freezes_all_but_the_new_layers(upscaled, family, layout):
     m = upscaled(family, layout)
-    text = handoff(m.out, "llama-factory")
-    cfg = yaml.safe_load(text)
-    assert cfg["model_name_or_path"] == str(m.out.resolve())
-    cfg["_num_layers"] = json.loads((m.out / "config.json").read_text())["num_hidden_layers"]
-    # LLaMA-Factory pins transformers 4 (<= 4.57): the checkpoint's names
-    assert llama_factory_trainable(cfg, m.ckpt) == {n for n in m.ckpt if m.in_new_layers(n)}
-    if family != "mixtral":  # transformers 5 renamed mixtral's block_sparse_moe to mlp
-        assert llama_factory_trainable(cfg, m.params) == {n for n in m.params if m.in_new_layers(n)}
-    if family in MOE:  # why the modules are listed: with `all`, expert k of every layer matches `.k.`
+    num_layers = json.loads((m.out / "config.json").read_text())["num_hidden_layers"]
+    # LLaMA-Factory 0.9.5 runs on transformers 4 or 5: each major's names (the checkpoint's are 4's;
+    # transformers 5 renamed mixtral's block_sparse_moe to mlp and stacks the experts)
+    for major, names in ((4, m.ckpt), (5, m.params)):
+        cfg = yaml.safe_load(handoff(m.out, "llama-factory", transformers_major=major))
+        assert cfg["model_name_or_path"] == str(m.out.resolve())
+        cfg["_num_layers"] = num_layers
+        assert llama_factory_trainable(cfg, names) == {n for n in names if m.in_new_layers(n)}, major
+    if family in MOE:  # why the modules are listed for 4: with `all`, expert k of every layer matches `.k.`
         everything = dict(cfg, freeze_trainable_modules="all")
         assert llama_factory_trainable(everything, m.ckpt) > {n for n in m.ckpt if m.in_new_layers(n)}
+
+
+def test_llama_factory_handoff_follows_the_installed_transformers(upscaled):
+    """Without --transformers the names are those of the transformers installed (here 5), and the
+    CLI option picks the other; a major that is neither is refused in one line."""
+    from importlib.metadata import version
+
+    from typer.testing import CliRunner
+
+    from opt_deus_cli.cli import app
+
+    m = upscaled("mixtral", "uniform")
+    installed = int(version("transformers").split(".")[0])
+    assert handoff(m.out, "llama-factory") == handoff(m.out, "llama-factory", transformers_major=installed)
+    runner = CliRunner()
+    for major, modules in (("4", "self_attn,block_sparse_moe,input_layernorm,post_attention_layernorm"), ("5", "all")):
+        result = runner.invoke(app, ["handoff", str(m.out), "--for", "llama-factory", "--transformers", major])
+        assert result.exit_code == 0 and yaml.safe_load(result.stdout)["freeze_trainable_modules"] == modules, result.output
+    result = runner.invoke(app, ["handoff", str(m.out), "--for", "llama-factory", "--transformers", "3"])
+    assert result.exit_code == 2 and "use 4 or 5" in result.output and len(result.output.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("family,layout", [c for c in CASES if c[1] != "uniform"])

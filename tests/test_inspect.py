@@ -54,7 +54,7 @@ def test_inspect_output_table_and_layer(upscaled, tmp_path, family):
     text = invoke("inspect", out, "--layer", layer, "--group", "attention", "--png", png, "--save", npz, "--device", "cpu")
     assert "cost before alignment" in text and "transport plan" in text and "legend" in text
     with Image.open(png) as image:
-        assert image.format == "PNG" and image.size == (1500, 460)
+        assert image.format == "PNG" and image.size == (2000, 460)  # three heatmaps and the matched-cost histogram
     saved = np.load(npz)
     assert saved["cost"].shape == (4, 4) and saved["plan"].shape == (4, 4)  # query heads
     assert saved["group_cost"].shape == (2, 2)  # KV groups

@@ -90,7 +90,7 @@ def test_verify_fails_on_a_changed_base(model_factory, tmp_path):
     save_file(tensors, shard, metadata={"format": "pt"})
     code, output = verify(base, tmp_path / "o")
     assert code == 1
-    assert f"base file {shard.name} differs from the one the up-scaling read" in output
+    assert f"base file {shard.name} differs from what the up-scaling read" in output
     (base / "generation_config.json").unlink()
     code, output = verify(base, tmp_path / "o", "--json")
     assert code == 1 and any("generation_config.json is missing" in p for p in json.loads(output)["problems"])

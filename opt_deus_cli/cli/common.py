@@ -6,6 +6,7 @@ lines in a log)."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from .. import __version__
 from ..errors import OptDeusError, UsageError
@@ -53,6 +54,14 @@ class OneLineErrors(TyperGroup):
             console.print("[bold red]error:[/] aborted")
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+class PlainUsage(TyperCommand):
+    """The usage line as the README writes it: `DIR` for a required argument, `[MODEL]` for an
+    optional one (typer writes a required one as `{DIR}`, which reads as a literal brace)."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [re.sub(r"^\{(.*)\}(\.\.\.)?$", r"\1\2", piece) for piece in super().collect_usage_pieces(ctx)]
 
 
 app = typer.Typer(

@@ -8,10 +8,10 @@ from typing import Optional
 
 import typer
 
-from .common import app, run
+from .common import PlainUsage, app, run
 
 
-@app.command()
+@app.command(cls=PlainUsage, short_help="A config that trains only the new layers in another trainer.")
 def handoff(
     out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="An opt-deus output (with its manifest)."),
     dialect: str = typer.Option(..., "--for", help="axolotl | llama-factory | peft | trainer"),

@@ -9,15 +9,16 @@ import typer
 from rich.table import Table
 
 from ..errors import UsageError
-from .common import app, fail, out, progress_bar, run, warn, writable_file
+from .common import PlainUsage, app, fail, out, progress_bar, run, warn, writable_file
 
 
-@app.command(short_help="An output's layers and alignment figures, or a base model's adjacent layers.")
+@app.command(cls=PlainUsage, short_help="An output's layers and alignment figures, or a base model's adjacent layers.")
 def inspect(
     model_dir: str = typer.Argument(..., metavar="DIR", help="An opt-deus output (with its manifest) or a base model (a directory or a Hub repo id)."),
     layer: Optional[int] = typer.Option(None, "--layer", help="On an output: a new layer; recompute and show its cost matrix and plan."),
     group: Optional[str] = typer.Option(None, "--group", help="With --layer: attention | mlp (default mlp)."),
-    png: Optional[Path] = typer.Option(None, "--png", help="Also draw to this PNG file: the layer's matrices (--layer), "
+    png: Optional[Path] = typer.Option(None, "--png", help="Also draw to this image file (PNG, or what its "
+                                       "extension names: .svg, .pdf, .jpg, ...): the layer's matrices (--layer), "
                                        "the new layers' alignment figures (an output), or the adjacent-layer survey (a base model)."),
     save: Optional[Path] = typer.Option(None, "--save", help="With --layer: write the raw matrices to this .npz file."),
     base: Optional[Path] = typer.Option(None, "--base", help="With --layer: the base model, if it moved since the manifest was written."),
@@ -36,7 +37,11 @@ def inspect(
     model_dir = run(resolve_model, model_dir).path
     manifest = run(read_manifest, model_dir)
     _refuse_what_does_not_apply(model_dir, manifest, layer, group, save, base, recipe)
+    if manifest is not None:
+        run(ins.check_output_sizes, model_dir, manifest)
     writable_file(png, "--png")
+    if png:
+        run(ins.image_format, png)  # before any work: the extension names a format matplotlib writes
     writable_file(save, "--save")
     if png:  # before any work: drawing needs the `plot` extra
         run(ins.require_matplotlib, "--png")
@@ -50,7 +55,7 @@ def inspect(
         if save:
             run(ins.save_npz, save, m)
         if png:
-            run(ins.save_png, png, panels, title)
+            run(ins.save_png, png, m, title)
         if as_json:
             out.print_json(data={"layer": m.layer, "group": group, "sources": list(m.sources), "shape": list(m.cost.shape),
                                  "report": m.report, "png": str(png) if png else None, "npz": str(save) if save else None})

@@ -6,12 +6,12 @@ from typing import Optional
 
 import typer
 
-from .common import app, out, run
+from .common import PlainUsage, app, out, run
 
 
-@app.command(short_help="The shipped recipes; with MODEL, which of them fit it.")
+@app.command(cls=PlainUsage, short_help="The shipped recipes; with MODEL, which of them fit it.")
 def recipes(
-    model: Optional[str] = typer.Argument(None, metavar="[MODEL]", help="A base model (directory or Hub repo id): say "
+    model: Optional[str] = typer.Argument(None, metavar="MODEL", help="A base model (directory or Hub repo id): say "
                                           "which recipes fit it and how deep each makes it."),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ):
@@ -34,14 +34,27 @@ def recipes(
         return
     for row in rows:
         if model is None:
-            out.print(f"{row['name']:<22} {row['method']:<9} {row['description']}", markup=False)
+            depth = f"{EXAMPLE_DEPTH} -> {_depth_for(row['name'], EXAMPLE_DEPTH)} layers"
+            out.print(f"{row['name']:<22} {row['method']:<9} {depth:<18} {row['description']}", markup=False)
         elif row["fits"]:
             depth = f"{row['base_layers']} -> {row['output_layers']} layers"
             out.print(f"{row['name']:<22} {row['method']:<9} {depth:<18} {row['description']}", markup=False)
         else:
             out.print(f"{row['name']:<22} {row['method']:<9} {'does not fit':<18} {row['why']}", markup=False)
     if model is None:
-        out.print("counts like 50% follow the model's depth; `opt-deus recipes MODEL` says which recipes fit a model")
+        out.print(f"depths for a base of {EXAMPLE_DEPTH} layers (LLaMA-3.1-8B); counts like 50% follow the "
+                  "model's depth: `opt-deus recipes MODEL` says which recipes fit a model and how deep each makes it")
+
+
+EXAMPLE_DEPTH = 32  # the paper's base, LLaMA-3.1-8B
+
+
+def _depth_for(name: str, base_layers: int) -> int:
+    """Output depth of a shipped recipe for a base of this depth (from the recipe, as upscale resolves it)."""
+    from ..layers import recipe_layers
+    from ..recipe import load_recipe
+
+    return len(recipe_layers(load_recipe(name), base_layers))
 
 
 def _fits(model: str, names: list[str]) -> dict[str, dict]:

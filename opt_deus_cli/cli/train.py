@@ -9,8 +9,8 @@ from typing import List, Optional
 
 import typer
 
-from ..errors import OptDeusError
-from .common import app, console, out, progress_bar, run
+from ..errors import OptDeusError, UsageError
+from .common import PlainUsage, app, console, fail, out, progress_bar, run
 
 
 def _rank() -> int:
@@ -31,12 +31,12 @@ def _log_line(step: int, total: int, logs: dict) -> str | None:
     return None
 
 
-@app.command()
+@app.command(cls=PlainUsage, short_help="Train the new layers (or all) with transformers' Trainer.")
 def train(
     model_dir: Path = typer.Argument(..., metavar="MODEL_DIR", help="An opt-deus output (with its manifest), or any model with --train all."),
     more_data: Optional[List[Path]] = typer.Argument(None, metavar="DATA", show_default=False,
                                                      help="More training files: `--data a.txt b.txt` (or a shell glob) lists several."),
-    data: List[Path] = typer.Option(..., "--data", help="Training files: .txt/.md (one document each), .json/.jsonl, .parquet."),
+    data: List[Path] = typer.Option(..., "--data", help="Training files: .txt/.md (one document each), .json/.jsonl, .parquet, .csv."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output directory: the trained model, loadable like the input."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (max_steps)."),
     epochs: Optional[float] = typer.Option(None, help="Passes over the data (default 1 when --steps is not given)."),
@@ -50,7 +50,7 @@ def train(
     seed: Optional[int] = typer.Option(None, help="Seed of data order and dropout (default 0)."),
     eval_data: Optional[List[Path]] = typer.Option(None, "--eval-data", help="Held-out files: eval loss at the end."),
     eval_every: Optional[int] = typer.Option(None, help="Also evaluate every N steps (needs --eval-data)."),
-    text_field: str = typer.Option("text", help="The text column of json/jsonl/parquet files."),
+    text_field: Optional[str] = typer.Option(None, help="The text column of json/jsonl/parquet/csv files (default text)."),
     data_format: Optional[str] = typer.Option(None, "--format", help="text | chat | prompt-completion | alpaca (default: from the first row's columns)."),
     loss_on: str = typer.Option("completion", help="SFT: completion (only completion / assistant tokens carry loss) | all."),
     packing: bool = typer.Option(False, help="SFT: pack examples into --seq-len rows (TRL's best-fit packing, padding-free)."),
@@ -58,7 +58,7 @@ def train(
     drop_long: bool = typer.Option(False, help="SFT: drop examples longer than --seq-len (default: truncate them, counted in the record)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Where datasets keeps the read and tokenized data (default: its cache, HF_DATASETS_CACHE)."),
     args_file: Optional[Path] = typer.Option(None, "--args", help="YAML of transformers TrainingArguments fields (FSDP, DeepSpeed, bf16, ...); SFTConfig fields for SFT data."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output (only once the new one is complete and checked)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (only once the new one is complete and checked)."),
     shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB, 500MB."),
     as_json: bool = typer.Option(False, "--json", help="Print the training record as JSON."),
 ):
@@ -71,15 +71,19 @@ def train(
     tensor of OUT is checked bit-identical to the input's. OUT carries the manifest forward with
     a training record (data and sha256, steps, tokens, losses, seconds, world size)."""
     from ..training import TrainOptions
+    from ..training.data import file_format
     from ..training.options import read_args_file
     from ..training.run import train as run_train
 
     main = _rank() == 0
     data = [*data, *(more_data or [])]  # click gives --data one value; the files after it land here
+    if text_field is not None and all(run(file_format, p) == "text" for p in [*data, *(eval_data or [])]):
+        fail(UsageError(f"--text-field {text_field} names a column of .json/.jsonl/.parquet/.csv files; these are plain text "
+                        "(each file one document): drop the option"))
     trainer_args = run(read_args_file, args_file) if args_file else {}
     options = TrainOptions(train=train_mode, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
                            grad_accum=grad_accum, seq_len=seq_len, device=device, dtype=dtype, seed=seed,
-                           eval_data=tuple(eval_data or ()), eval_every=eval_every, text_field=text_field,
+                           eval_data=tuple(eval_data or ()), eval_every=eval_every, text_field=text_field or "text",
                            cache_dir=cache_dir, trainer_args=trainer_args, overwrite=overwrite, shard_size=shard_size,
                            format=data_format, loss_on=loss_on, packing=packing, drop_long=drop_long,
                            chat_template=str(chat_template) if chat_template else None)

@@ -9,9 +9,9 @@ import typer
 from rich.table import Table
 
 from ..errors import UsageError
-from .common import app, fail, out, progress_bar, run, warn
+from .common import PlainUsage, app, fail, out, progress_bar, run, warn
 
-@app.command()
+@app.command(cls=PlainUsage, short_help="Build a deeper checkpoint from MODEL with a recipe, and its manifest.")
 def upscale(
     model_dir: Optional[str] = typer.Argument(None, metavar="MODEL", help="Base model: a directory (config.json + *.safetensors) or a Hub repo id (org/name); or `model:` in the recipe."),
     revision: Optional[str] = typer.Option(None, "--revision", help="With a Hub repo id: a branch, tag or commit (default main)."),

@@ -8,10 +8,10 @@ from typing import Optional
 
 import typer
 
-from .common import app, console, out, run, warn
+from .common import PlainUsage, app, console, out, progress_bar, run, warn
 
 
-@app.command(short_help="Check a result against its manifest: files, loading, logits, perplexity.")
+@app.command(cls=PlainUsage, short_help="Check a result against its manifest: files, loading, logits, perplexity.")
 def verify(
     base_dir: str = typer.Argument(..., metavar="BASE", help="The base model: its directory, or its Hub repo id (the commit the manifest records)."),
     out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="The up-scaled model directory (with its manifest)."),
@@ -26,7 +26,14 @@ def verify(
     from ..verify import verify as run_verify
 
     dev = run(resolve_device, device)
-    report = run(run_verify, run(_base_path, base_dir, out_dir), out_dir, dev, text)
+    base = run(_base_path, base_dir, out_dir)
+    with progress_bar(enabled=not as_json) as bar:
+        task = bar.add_task("verifying", total=None)
+
+        def on_progress(description: str, done: int, total: int) -> None:
+            bar.update(task, description=description, completed=done, total=total)
+
+        report = run(run_verify, base, out_dir, dev, text, on_progress)
     if as_json:
         out.print_json(data=report)
     else:
@@ -61,6 +68,10 @@ def _print_report(report: dict, text: Path | None) -> None:
                 f"max |diff| {report['max_abs_logit_diff']:.3g}, mean |diff| {report['mean_abs_logit_diff']:.3g}")
     if preserving:
         out.print(f"{measured} (tolerance {report['tolerance']:.3g}): the recipe is function-preserving, so they must agree")
+    elif "training_steps" in report:
+        out.print(f"{measured}: how far the up-scaling and the training after it ({report['training_steps']} steps, "
+                  "see the manifest's training record) moved the output, a measurement, not a check: a trained "
+                  "model is not meant to compute what the base does")
     else:
         out.print(f"{measured}: how far the up-scaling moved the output, a measurement, not a check: this "
                   "recipe is not function-preserving (its new layers write to the residual stream, or base "
@@ -74,5 +85,6 @@ def _print_report(report: dict, text: Path | None) -> None:
         if preserving:
             out.print("ok: the result is what the manifest promises (same files, same function as the base)")
         else:
+            why = "a trained model" if "training_steps" in report else "a recipe that is not function-preserving"
             out.print("ok: the result is what the manifest promises (same files, loads and runs, finite logits; "
-                      "a recipe that is not function-preserving promises no more)")
+                      f"{why} promises no more)")

@@ -77,6 +77,8 @@ class Method(ABC):
     # True: a new layer is its lower source byte for byte (but zeroed tensors), so the pipeline
     # copies the bytes file to file instead of calling build()
     copies_lower: ClassVar[bool] = False
+    # build() needs working memory beyond the layer it writes, checked against --memory-budget
+    guards_memory: ClassVar[bool] = False
     # recipe key -> settings dataclass; the recipe's block under that key becomes the keyword
     # argument of the same name of __init__
     settings: ClassVar[dict[str, type]] = {}

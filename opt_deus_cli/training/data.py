@@ -18,7 +18,8 @@ from pathlib import Path
 from ..errors import OptDeusError, UsageError
 
 # file suffix -> datasets builder; a compression suffix may follow (datasets decompresses)
-FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+           ".csv": "csv"}
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
 MAP_BATCH = 1000  # documents per tokenize/pack batch
 
@@ -45,7 +46,7 @@ def file_format(path: Path) -> str:
     builder = FORMATS.get(suffixes[-1] if suffixes else "")
     if builder is None:
         raise UsageError(f"cannot tell the format of {path} from its name; use .txt/.md (plain text, "
-                         "one document per file), .json/.jsonl or .parquet (a text column, --text-field)")
+                         "one document per file), .json/.jsonl, .parquet or .csv (a text column, --text-field)")
     return builder
 
 
@@ -55,8 +56,12 @@ def check_files(paths: list[Path | str], what: str) -> list[Path]:
     if not files:
         raise UsageError(f"no {what} files given")
     for path in files:
+        if path.is_dir():
+            known = sorted({p.suffix.lower() for p in path.iterdir() if p.suffix.lower() in FORMATS})
+            example = " ".join(f"{path}/*{suffix}" for suffix in known) or f"{path}/*.txt"
+            raise UsageError(f"{what} {path} is a directory; give its files, e.g. {what} {example}")
         if not path.is_file():
-            raise UsageError(f"{what} file {path} does not exist" + (" (it is a directory; give its files)" if path.is_dir() else ""))
+            raise UsageError(f"{what} file {path} does not exist")
         file_format(path)
     return files
 
@@ -75,6 +80,8 @@ def read_file(path: Path, cache_dir: Path | None = None):
                             cache_dir=str(cache_dir) if cache_dir else None, **kwargs)
     except Exception as e:  # datasets raises many kinds for a malformed file
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if builder == "text" and _caused_by(e, UnicodeDecodeError):  # datasets says only "An error occurred ..."
+            raise OptDeusError(f"{path} is not UTF-8 text (a binary file?); .txt/.md data must be plain text") from e
         raise OptDeusError(f"cannot read {path} as {builder}: {first}") from e
 
 
@@ -89,7 +96,7 @@ def load_documents(files: list[Path], text_field: str, cache_dir: Path | None = 
         if column not in part.column_names:
             raise OptDeusError(f"{path} has no '{column}' column (it has {', '.join(part.column_names) or 'none'}); "
                                f"name the text column with --text-field")
-        if part.features[column].dtype != "string":
+        if part.features[column].dtype not in ("string", "large_string"):  # csv (through pandas) reads large_string
             raise OptDeusError(f"{path}: column '{column}' holds {part.features[column].dtype}, not text")
         part = part.select_columns([column])
         parts.append(part.rename_column(column, "text") if column != "text" else part)
@@ -131,6 +138,14 @@ def pack_stream(stream: list[int], seq_len: int, bos: int | None) -> list[list[i
         blocks.append(block)
         start = end
     return blocks
+
+
+def _caused_by(error: BaseException, kind: type) -> bool:
+    while error is not None:
+        if isinstance(error, kind):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def tokenize_and_pack(documents, tokenizer, seq_len: int):

@@ -23,7 +23,7 @@ import torch
 from transformers import TrainerCallback
 
 from .. import __version__
-from ..checkpoint import parse_size, read_config
+from ..checkpoint import Checkpoint, parse_size, read_config
 from ..errors import OptDeusError, UsageError
 from ..manifest import MANIFEST_FILE, read_manifest
 from ..output import OutputTransaction
@@ -103,6 +103,7 @@ def train(model_dir: Path | str, data: list[Path | str], out_dir: Path | str, op
         raise OptDeusError(f"the --eval-data files are {eval_fmt} but the --data files are {fmt}; evaluate on the same format")
     check_options(fmt, options.loss_on, options.packing, options.chat_template, options.drop_long)
     OutputTransaction(out_dir, options.overwrite, model_dir).check()  # refusals before any work
+    Checkpoint(model_dir).close()  # a truncated or broken safetensors named as upscale names it, not by transformers
     shard_bytes = parse_size(options.shard_size)
     seq_len = _seq_len(options, config)
     work_dir = out_dir.parent / f".{out_dir.name}.trainer"

@@ -176,7 +176,7 @@ def test_recipes_say_which_fit_a_model(model_factory):
     code, output = invoke("recipes", model_factory("llama"), "--json")
     assert code == 0, output
     rows = {row["name"]: row for row in json.loads(output)}
-    assert not rows["top8"]["fits"] and "too large for a 6-layer model" in rows["top8"]["why"]
+    assert not rows["top8"]["fits"] and "too large for a model of 6 layers" in rows["top8"]["why"]
     assert rows["top-half"]["fits"] and rows["top-half"]["output_layers"] == 9
     code, output = invoke("recipes", model_factory("llama"))
     assert code == 0 and "does not fit" in output and "6 -> 9 layers" in output

@@ -152,9 +152,9 @@ def test_every_format_packs_the_same_token_stream(tmp_path):
         build_blocks([tmp_path / "e.json"], tokenizer, 16, "text", "training data", cache_dir=cache)
     with pytest.raises(OptDeusError, match="fewer tokens than one block"):
         build_blocks([tmp_path / "c.txt"], tokenizer, 4096, "text", "training data", cache_dir=cache)
-    (tmp_path / "g.csv").write_text("text\nhello\n")
+    (tmp_path / "g.xml").write_text("<text>hello</text>\n")
     with pytest.raises(UsageError, match="cannot tell the format"):
-        check_files([tmp_path / "g.csv"], "--data")
+        check_files([tmp_path / "g.xml"], "--data")
     with pytest.raises(UsageError, match="does not exist"):
         check_files([tmp_path / "missing.txt"], "--data")
 

@@ -35,6 +35,7 @@ class OptDeusMethod(Method):
     needs_upper = True
     default_zero_init = ("o_proj", "down_proj")
     supports_experts = True  # corrected mode only; reference mode refuses them (see check)
+    guards_memory = True  # cost matrices and the solver's workspace (memory.guard)
     needs_finite = True  # a cost matrix with NaN has no alignment
     settings = {"fusion": Fusion, "alignment": AlignmentSettings}
 
