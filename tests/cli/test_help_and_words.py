@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from opt_deus_cli.cli import app
 
 runner = CliRunner()
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT  # noqa: E402
 SHIPPED = ROOT / "examples" / "tiny-llama"
 COMMANDS = ("upscale", "inspect", "verify", "recipes", "train", "handoff")
 

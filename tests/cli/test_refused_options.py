@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from opt_deus_cli.cli import app
 
 runner = CliRunner()
-SHIPPED = Path(__file__).resolve().parent.parent / "examples" / "tiny-llama"
+from conftest import SHIPPED_MODEL as SHIPPED  # noqa: E402
 
 
 def refused(args: list, message: str) -> None:
