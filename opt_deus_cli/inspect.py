@@ -18,6 +18,7 @@ from scipy.optimize import linear_sum_assignment
 
 from .devices import resolve_device
 from .errors import OptDeusError, UsageError
+from .figures import image_format, pyplot, require_matplotlib
 from .layers import recipe_layers
 from .manifest import Manifest, read_manifest
 from .output import current_umask
@@ -239,38 +240,8 @@ def heatmap_panels(m: LayerMatrices) -> list[tuple[str, np.ndarray, str]]:
     ]
 
 
-PLOT_EXTRA = "pip install 'opt-deus-cli[plot]'"  # matplotlib: only drawing needs it
-
-
-def require_matplotlib(what: str):
-    """matplotlib, or one clear error naming the extra that installs it."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise UsageError(f"{what} needs matplotlib, which is not installed: {PLOT_EXTRA}") from None
-    return matplotlib
-
-
 def _pyplot():
-    matplotlib = require_matplotlib("--png")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def image_format(path: Path) -> str:
-    """The format the file's extension names (x.svg -> svg; no extension: png), when matplotlib
-    writes it; else UsageError."""
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    formats = FigureCanvasBase.get_supported_filetypes()  # png, jpg, svg, pdf, ... (raw/rgba: no header)
-    written = sorted(f for f in formats if f not in ("raw", "rgba"))
-    suffix = Path(path).suffix.lower().lstrip(".") or "png"
-    if suffix not in written:
-        raise UsageError(f"--png {path}: .{suffix} is not an image format matplotlib writes; "
-                         f"end the name with one of .{', .'.join(written)}")
-    return suffix
+    return pyplot("--png")
 
 
 def _save_figure(fig, path: Path) -> None:

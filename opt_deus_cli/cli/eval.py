@@ -11,6 +11,7 @@ import typer
 from rich.markup import escape
 
 from ..errors import UsageError
+from ..figures import image_format
 from .common import app, console, fail, out, progress_bar, run, writable_file
 
 
@@ -40,6 +41,8 @@ def eval_command(
 
     writable_file(out_file, "--out")
     writable_file(png, "--png")
+    if png is not None:
+        run(image_format, png)  # before any work: matplotlib is there and writes the format the name says
     if png is not None and not any(is_checkpoint(m) for m in models):
         fail(UsageError("--png draws score against training step: give training checkpoint directories "
                         "(checkpoint-N, from save_strategy) among the MODELs"))

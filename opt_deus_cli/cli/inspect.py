@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import UsageError
+from ..figures import image_format, require_matplotlib
 from .common import PlainUsage, app, fail, out, progress_bar, run, warn, writable_file
 
 
@@ -41,12 +42,12 @@ def inspect(
         run(ins.check_output_sizes, model_dir, manifest)
     writable_file(png, "--png")
     if png:
-        run(ins.image_format, png)  # before any work: the extension names a format matplotlib writes
+        run(image_format, png)  # before any work: the extension names a format matplotlib writes
     writable_file(save, "--save")
     if png:  # before any work: drawing needs the `plot` extra
-        run(ins.require_matplotlib, "--png")
+        run(require_matplotlib, "--png")
     if layer is not None and not as_json:
-        run(ins.require_matplotlib, "drawing heatmaps (--layer; --json prints the figures alone)")
+        run(require_matplotlib, "drawing heatmaps (--layer; --json prints the figures alone)")
     if layer is not None:
         group = group or "mlp"
         m = run(ins.layer_matrices, model_dir, layer, group, base, device)

@@ -13,12 +13,9 @@ from .stats import band, paired_band
 
 
 def pyplot():
-    import matplotlib
+    from ..figures import pyplot as off_screen
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return off_screen("the comparison's figures")
 
 
 def draw_band(ax, curve: dict, colour, label: str) -> None:

@@ -177,11 +177,15 @@ def markdown(report: dict) -> str:
 
 def write_report(out: Path, reference: str | None = None) -> dict:
     """report.json, report.md and the figures of the comparison in `out`; returns the report."""
+    from ..figures import PLOT_EXTRA, can_draw
     from .plot import figures
 
     comparison, runs, failed = load(out)
     report = analyse(comparison, runs, failed, reference or next(iter(comparison["recipes"])))
-    report["figures"] = [p.name for p in figures(report, runs, out)] if runs else []
+    drawable = can_draw()
+    report["figures"] = [p.name for p in figures(report, runs, out)] if runs and drawable else []
+    if runs and not drawable:
+        report["figures_skipped"] = f"matplotlib is not installed: {PLOT_EXTRA}"
     write_json_atomic(out / "report.json", report)
     text = markdown(report)
     tmp = out / ".report.md.tmp"

@@ -97,12 +97,10 @@ def check_curve(results_models: list[dict]) -> None:
 def save_curve(path: Path, results: dict) -> None:
     """A panel per column: a line per run through its checkpoints (score against step); every
     other model (the base, final outputs) a dashed horizontal line for comparison."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from ..figures import image_format, pyplot
     from ..inspect import write_file
+
+    plt = pyplot()
 
     check_curve(results["models"])
     table = results["table"]
@@ -130,6 +128,6 @@ def save_curve(path: Path, results: dict) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     try:
-        write_file(path, lambda fh: fig.savefig(fh, format="png"))
+        write_file(path, lambda fh: fig.savefig(fh, format=image_format(path)))
     finally:
         plt.close(fig)

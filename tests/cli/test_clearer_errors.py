@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 from opt_deus_cli.cli import app
 from opt_deus_cli.errors import OptDeusError
-from opt_deus_cli.training.data import build_blocks, check_files, load_tokenizer
+from opt_deus_cli.training.data import bos_of, build_blocks, check_files, load_tokenizer, pack_stream
 
 runner = CliRunner()
-SHIPPED = Path(__file__).resolve().parent.parent / "examples" / "tiny-llama"
+from conftest import SHIPPED_MODEL as SHIPPED  # noqa: E402
 TEXT = (SHIPPED / "heldout.txt").read_text()
 
 
@@ -55,7 +55,8 @@ def test_csv_is_read_by_its_text_column(tmp_path):
     stream = [t for d in docs for t in tokenizer(d)["input_ids"] + [tokenizer.eos_token_id]]
     blocks = build_blocks(check_files([tmp_path / "d.csv"], "--data"), tokenizer, 16, "body", "training data",
                           cache_dir=tmp_path / "cache")
-    assert [b["input_ids"].tolist() for b in blocks] == [stream[i:i + 16] for i in range(0, len(stream) // 16 * 16, 16)]
+    # the documents of the csv, in order, packed as every text file is (BOS at each block's start)
+    assert [b["input_ids"].tolist() for b in blocks] == pack_stream(stream, 16, bos_of(tokenizer))
     with pytest.raises(OptDeusError, match="no 'text' column .*body.*--text-field"):
         build_blocks([tmp_path / "d.csv"], tokenizer, 16, "text", "training data", cache_dir=tmp_path / "cache")
 
