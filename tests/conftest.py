@@ -4,14 +4,22 @@ user's would be; canonical blocks as methods see them; Hub-shaped checkpoints an
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from typer.testing import CliRunner
 
 from opt_deus_cli.architectures import PROJECTION_ROLES, SUPPORTED, HeadLayout
+from opt_deus_cli.cli import app
 from opt_deus_cli.methods.base import BuildContext
 from opt_deus_cli.methods.opt_deus.settings import AlignmentSettings
 
@@ -105,8 +113,8 @@ def model_factory(tmp_path_factory):
 # ---- markers: `pytest -m "not slow"` is the quick loop ----------------------------------------
 # end to end: builds checkpoints, runs the pipeline or the CLI, loads models with transformers
 E2E_FIXTURES = {"model_factory", "hub_model_factory"}
-E2E_MODULES = {"test_cli", "test_reliability", "test_verify", "test_inspect", "test_quality", "test_training",
-               "test_benchmark_training"}
+E2E_MODULES = {"test_cli", "test_bad_models", "test_bad_recipes", "test_output_safety", "test_determinism",
+               "test_verify", "test_inspect", "test_quality", "test_benchmark_training"}
 
 
 def pytest_collection_modifyitems(items):
@@ -293,3 +301,124 @@ def hub_model_factory(tmp_path_factory):
 
     return get
 # ---- end of hub-shaped checkpoints ---------------------------------------------------------------
+
+
+# ---- the command line as a user runs it (test_bad_models, test_bad_recipes, test_output_safety,
+# test_determinism): one-line refusals, what is left at an output, damaged checkpoints --------
+runner = CliRunner()
+OPT_DEUS = str(Path(sys.executable).parent / "opt-deus")
+INDEX = "model.safetensors.index.json"
+MANIFEST = "opt-deus-manifest.json"
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def upscale(model, out, *extra, recipe="llama-pro"):
+    return cli("upscale", model, "--recipe", recipe, "--out", out, "--device", "cpu", *extra)
+
+
+# a plain progress line (stderr is not a terminal here): "[5/12 3s] layer 4 (new: ...)"
+PROGRESS_LINE = re.compile(r"\[(\d+/\d+ )?\d+s\] ")
+
+
+def messages(stderr: str) -> list[str]:
+    """stderr without its progress lines: what the run had to say."""
+    return [line for line in stderr.splitlines() if not PROGRESS_LINE.match(line)]
+
+
+def refused(result, code: int, *fragments: str) -> str:
+    """The run failed with exit `code` and exactly one line on stderr besides progress, `error: ...`."""
+    assert not (result.exception and not isinstance(result.exception, SystemExit)), result.exception
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = messages(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def leftovers(out: Path) -> list[str]:
+    """What is at or beside OUT_DIR: the directory itself, temporary directories, the lock."""
+    return sorted(p.name for p in out.parent.iterdir() if p.name == out.name or p.name.startswith(f".{out.name}."))
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+def fake_result(out: Path) -> dict[str, str]:
+    """An existing opt-deus output (as far as --overwrite cares) whose survival is checked."""
+    out.mkdir()
+    (out / "opt-deus-manifest.json").write_text("{}\n")
+    (out / "model.safetensors").write_bytes(b"the old result")
+    return snapshot(out)
+
+
+@pytest.fixture
+def model(model_factory, tmp_path) -> Path:
+    """A private copy of the tiny sharded llama (6 layers, 2 shards) that a test may damage."""
+    return Path(shutil.copytree(model_factory("llama"), tmp_path / "model"))
+
+
+def write_recipe(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def edit_tensors(model_dir: Path, edit) -> None:
+    """Rewrite every shard with edit(name, tensor) -> tensor, or None to drop the tensor."""
+    index_path = model_dir / INDEX
+    index = json.loads(index_path.read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(str(model_dir / shard), "pt") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        kept = {}
+        for name, tensor in tensors.items():
+            new = edit(name, tensor)
+            if new is None:
+                del index["weight_map"][name]
+            else:
+                kept[name] = new
+        save_file(kept, str(model_dir / shard), metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+
+
+def shard_holding(model_dir: Path, tensor: str) -> Path:
+    return model_dir / json.loads((model_dir / INDEX).read_text())["weight_map"][tensor]
+
+
+def edit_header(path: Path, edit) -> None:
+    """Rewrite a safetensors header in place (the data section is kept as it is)."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + size:])
+
+
+class Unpickled:
+    """Unpickling this runs code (touches a file): it proves opt-deus never unpickles."""
+
+    def __init__(self, sentinel: Path):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (Path.touch, (self.sentinel,))
+
+
+def without_timings(value):
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k not in ("timings", "seconds")}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def result_of(out: Path) -> tuple[dict, dict]:
+    files = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != "opt-deus-manifest.json"}
+    return files, without_timings(json.loads((out / "opt-deus-manifest.json").read_text()))
