@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import UsageError
-from .common import app, console, fail, out, progress_bar, run
+from .common import PlainUsage, app, console, fail, out, progress_bar, run
 
 
 def _listed(text: str, option: str) -> list[str]:
@@ -39,7 +39,7 @@ def _recipes(names: list[str]) -> dict:
     return found
 
 
-@app.command()
+@app.command(cls=PlainUsage, short_help="Which recipe trains best on your model and data: recipes x seeds, paired by seed.")
 def compare(
     base: str = typer.Argument(..., metavar="BASE", help="The base model: a directory or a Hub repo id."),
     more_data: Optional[List[Path]] = typer.Argument(None, metavar="DATA", show_default=False,

@@ -12,10 +12,10 @@ from rich.markup import escape
 
 from ..errors import UsageError
 from ..figures import image_format
-from .common import app, console, fail, out, progress_bar, run, writable_file
+from .common import PlainUsage, app, console, fail, out, progress_bar, run, writable_file
 
 
-@app.command(name="eval", short_help="Score models side by side with lm-evaluation-harness (the paper's suite, local tasks, texts).")
+@app.command(name="eval", cls=PlainUsage, short_help="Score models side by side with lm-evaluation-harness (the paper's suite, local tasks, texts).")
 def eval_command(
     models: List[str] = typer.Argument(..., metavar="MODEL...", help="Models in table order, the first the reference: a "
                                        "directory (an opt-deus output, a training checkpoint-N) or a Hub repo id."),

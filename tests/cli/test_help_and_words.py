@@ -15,7 +15,7 @@ from opt_deus_cli.cli import app
 runner = CliRunner()
 from conftest import ROOT  # noqa: E402
 SHIPPED = ROOT / "examples" / "tiny-llama"
-COMMANDS = ("upscale", "inspect", "verify", "recipes", "train", "handoff")
+COMMANDS = ("upscale", "inspect", "verify", "recipes", "train", "eval", "compare", "handoff")
 
 
 def test_recipe_depths_are_those_of_the_model_listed_for():
