@@ -126,6 +126,7 @@ def variants(base: Path, arm: str, work: Path) -> dict[str, Path]:
 def train_steps(model_dir: Path, text: Path, args, seed: int, scratch: Path) -> list[dict]:
     from opt_deus_cli.training import TrainOptions, train
 
+    scratch.mkdir(parents=True, exist_ok=True)
     out = scratch / f"trained-{model_dir.name}-{seed}"
     options = TrainOptions(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
                            device="cpu", seed=seed, overwrite=True,
