@@ -21,11 +21,12 @@ import errno
 import json
 import os
 import re
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import OptDeusError
@@ -35,14 +36,28 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
-# safetensors dtype code <-> torch dtype
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype code -> (torch dtype name, bytes per element); torch is imported only where a
+# tensor is made (reading config.json, parsing sizes and checking headers need none)
 DTYPE_CODES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
+    "U8": ("uint8", 1), "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
 }
-CODE_OF_DTYPE = {v: k for k, v in DTYPE_CODES.items()}
+CODE_OF_NAME = {name: code for code, (name, _) in DTYPE_CODES.items()}
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    import torch
+    return getattr(torch, DTYPE_CODES[code][0])
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "BF16", the safetensors spelling."""
+    return CODE_OF_NAME[str(dtype).removeprefix("torch.")]
 
 
 @dataclass(frozen=True)
@@ -52,10 +67,7 @@ class TensorMeta:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def read_config(model_dir: Path) -> dict:
@@ -128,7 +140,7 @@ def read_header(path: Path) -> tuple[dict, int]:
             raise OptDeusError(f"{path}: header entry of tensor {name} is malformed: {info!r}")
         if code not in DTYPE_CODES:
             raise OptDeusError(f"tensor {name} in {path} has dtype {code}, which opt-deus cannot handle")
-        need = TensorMeta(DTYPE_CODES[code], shape).nbytes
+        need = math.prod(shape) * DTYPE_CODES[code][1]
         if end - begin != need:
             raise OptDeusError(f"header of {path} lies about tensor {name}: {end - begin} bytes for shape {list(shape)} {code}, which needs {need}")
         if end > data_size:
@@ -163,7 +175,7 @@ class Checkpoint:
                     continue
                 if code not in DTYPE_CODES:
                     raise OptDeusError(f"tensor {name} has dtype {code}, which opt-deus cannot handle")
-                meta = TensorMeta(DTYPE_CODES[code], shape)
+                meta = TensorMeta(torch_dtype(code), shape)
                 begin, end = header[name]["data_offsets"]
                 if end - begin != meta.nbytes:
                     raise OptDeusError(f"header of {shard} gives tensor {name} {end - begin} bytes, its shape needs {meta.nbytes}")
@@ -224,6 +236,8 @@ class Checkpoint:
     def read(self, name: str) -> torch.Tensor:
         """One tensor in memory of its own (a private copy: safe to modify, freed when dropped)."""
         fd, offset, nbytes = self.raw(name)
+        import torch
+
         meta = self._meta[name]
         buffer = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(buffer.numpy())
@@ -312,7 +326,7 @@ class ShardWriter:
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0
         for name, meta in self.shards[i]:
-            header[name] = {"dtype": CODE_OF_DTYPE[meta.dtype], "shape": list(meta.shape), "data_offsets": [offset, offset + meta.nbytes]}
+            header[name] = {"dtype": dtype_code(meta.dtype), "shape": list(meta.shape), "data_offsets": [offset, offset + meta.nbytes]}
             offset += meta.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors does
@@ -352,6 +366,8 @@ class ShardWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self._next(name, tensor.dtype, tuple(tensor.shape))
         # raw little-endian bytes of the tensor, without a copy when it is contiguous
+        import torch
+
         self._put(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
     def copy_raw(self, name: str, meta: TensorMeta, fd: int, offset: int, nbytes: int) -> None:

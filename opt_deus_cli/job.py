@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .architectures import PROJECTION_ROLES, RESIDUAL_WRITERS
 from .checkpoint import TensorMeta, parse_size
-from .devices import resolve_device, resolve_dtype
+from .devices import check_device, dtype_name, resolve_device, resolve_dtype
 from .errors import OptDeusError, UsageError
 from .layers import OutputLayer, recipe_layers
 from .methods.base import Method
 from .methods.registry import method_class
 from .recipe import Recipe
 from .source import SourceModel
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,13 @@ class Options:
     overwrite: bool = False
     allow_nonfinite: bool = False
     memory_budget: str | None = None  # "4GB": refuse a job whose layers would need more (None: the free RAM)
+
+    def check(self) -> None:
+        """The values' spelling, refused before any model is read (and before torch is imported)."""
+        check_device(self.device)
+        dtype_name(self.dtype)
+        parse_size(self.shard_size)
+        _memory_budget(self.memory_budget)
 
 
 @dataclass

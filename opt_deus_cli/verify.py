@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .checkpoint import read_config, sha256_file
 from .errors import OptDeusError, UsageError
 from .manifest import Manifest, read_manifest
+
+if TYPE_CHECKING:  # torch is imported by the checks that run models: argument errors come without it
+    import torch
 
 # logits are compared in float32; zeroed residual writers add exact zeros, so a function-
 # preserving result agrees to rounding (relative to the logits' size)
@@ -29,10 +31,13 @@ RELATIVE_TOLERANCE = 1e-5
 
 
 def fixed_token_batch(vocab_size: int, batch: int = 2, length: int = 48, seed: int = 0) -> torch.Tensor:
+    import torch
+
     return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def _load(model_dir: Path, device: torch.device):
+    import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -47,6 +52,8 @@ def _load(model_dir: Path, device: torch.device):
 
 def _perplexity(model, token_ids: list[int], window: int, device: torch.device) -> float:
     """exp(mean next-token loss) over non-overlapping windows of the text."""
+    import torch
+
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(token_ids) - 1, window):
@@ -104,7 +111,7 @@ def check_base_files(base_dir: Path, manifest: Manifest) -> list[str]:
                           "the manifest): the base changed, or this is another model")
 
 
-def _check_arguments(base_dir: Path, out_dir: Path, text: Path | None) -> Manifest:
+def check_arguments(base_dir: Path, out_dir: Path, text: Path | None) -> Manifest:
     """What verify needs before it can check anything; missing pieces are usage errors (exit 2)."""
     for role, directory in (("base model", base_dir), ("output", out_dir)):
         if not directory.is_dir():
@@ -134,8 +141,10 @@ def check_config(out_dir: Path, manifest: Manifest) -> list[str]:
 
 
 def verify(base_dir: Path | str, out_dir: Path | str, device: torch.device, text: Path | None = None) -> dict:
+    import torch
+
     base_dir, out_dir = Path(base_dir), Path(out_dir)
-    manifest = _check_arguments(base_dir, out_dir, text)
+    manifest = check_arguments(base_dir, out_dir, text)
     preserving = manifest.function_preserving
     problems = check_files(out_dir, manifest) + check_base_files(base_dir, manifest) + check_config(out_dir, manifest)
     report: dict = {"base": str(base_dir), "output": str(out_dir), "method": manifest.method,

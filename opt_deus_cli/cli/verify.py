@@ -22,11 +22,14 @@ def verify(
     """Check the result: the output's and the base's files match the sha256s in the manifest, both
     models load and run, and logits agree where the recipe is function-preserving. Exit 0 when the
     result is what the manifest promises, 1 when a check failed, 2 when the arguments are wrong."""
-    from ..devices import resolve_device
-    from ..verify import verify as run_verify
+    from ..devices import check_device, resolve_device
+    from ..verify import check_arguments, verify as run_verify
 
+    run(check_device, device)  # the arguments are checked before torch is imported
+    base = run(_base_path, base_dir, out_dir)
+    run(check_arguments, base, out_dir, text)
     dev = run(resolve_device, device)
-    report = run(run_verify, run(_base_path, base_dir, out_dir), out_dir, dev, text)
+    report = run(run_verify, base, out_dir, dev, text)
     if as_json:
         out.print_json(data=report)
     else:
