@@ -60,14 +60,27 @@ def _save(path: str, shapes: dict, shard: str) -> None:
 
 
 SELF_RSS = "peak RSS of the process itself, kB:"
+CUDA_PEAK = "peak CUDA memory allocated by torch, bytes:"
+
+
+def _report_peaks() -> None:
+    """At exit of an opt_deus_command: the process's own peak RSS, and torch's peak CUDA
+    allocation where the run used a GPU (not torch's cache, nor the CUDA context)."""
+    import resource
+
+    print(SELF_RSS, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        print(CUDA_PEAK, max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())), file=sys.stderr)
 
 
 def opt_deus_command(*args: str) -> list[str]:
-    """`opt-deus ARGS` run so that it reports its own peak RSS on exit (measure() reads it): the
-    kernel's figure for a child (os.wait4) is the largest of it and ITS children, and OpT-DeUS
-    solves an assignment in a forked child, which maps the parent's pages (shared, copy-on-write)."""
-    code = ("import atexit, resource, sys; atexit.register(lambda: print(%r, resource.getrusage(resource.RUSAGE_SELF)"
-            ".ru_maxrss, file=sys.stderr)); from opt_deus_cli.cli import app; sys.argv[0] = 'opt-deus'; app()" % SELF_RSS)
+    """`opt-deus ARGS` run so that it reports its own peak RSS (and peak CUDA memory) on exit
+    (measure() reads them): the kernel's figure for a child (os.wait4) is the largest of it and
+    ITS children, and OpT-DeUS may solve an assignment in a forked child, which maps the parent's
+    pages (shared, copy-on-write)."""
+    code = ("import atexit, sys; from benchmarks.io_bench import _report_peaks; atexit.register(_report_peaks); "
+            "from opt_deus_cli.cli import app; sys.argv[0] = 'opt-deus'; app()")
     return [sys.executable, "-c", code, *args]
 
 
@@ -108,7 +121,9 @@ def measure(cmd: list[str]) -> dict:
     of earlier commands are flushed first so one command's writeback does not slow the next."""
     os.sync()
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    root = str(Path(__file__).resolve().parent.parent)  # opt_deus_command's child imports benchmarks.io_bench
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     stop, peak_pss = threading.Event(), [0]
     sampler = threading.Thread(target=_sample_peak_pss, args=(proc.pid, stop, peak_pss), daemon=True)
     sampler.start()
@@ -126,6 +141,9 @@ def measure(cmd: list[str]) -> dict:
     own = [line for line in err.splitlines() if line.startswith(SELF_RSS)]
     if own:
         row["own_peak_rss_mb"] = round(int(own[-1].split(":")[1]) / 1024, 1)
+    cuda = [line for line in err.splitlines() if line.startswith(CUDA_PEAK)]
+    if cuda:
+        row["peak_cuda_allocated_mb"] = round(int(cuda[-1].split(":")[1]) / 2**20, 1)
     return row
 
 
