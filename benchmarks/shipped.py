@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "bench-out" / "shipped")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
     runs = {r: [] for r in RECIPES}
     load = [os.getloadavg()[0]]
     digests = {}

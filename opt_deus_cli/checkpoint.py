@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError, safe_open
 
+from .dtypes import DTYPE_CODES, dtype_code, torch_dtype, value_bytes
 from .errors import OptDeusError
 from .hashing import Hashing, sha256_file  # noqa: F401  (sha256_file: readers of checksums import it from here)
 
@@ -38,26 +39,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 if TYPE_CHECKING:
     import torch
-
-# safetensors dtype code -> (torch dtype name, bytes per element); torch is imported only where a
-# tensor is made (reading config.json, parsing sizes and checking headers need none)
-DTYPE_CODES = {
-    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
-    "U8": ("uint8", 1), "BOOL": ("bool", 1),
-    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
-}
-CODE_OF_NAME = {name: code for code, (name, _) in DTYPE_CODES.items()}
-
-
-def torch_dtype(code: str) -> torch.dtype:
-    import torch
-    return getattr(torch, DTYPE_CODES[code][0])
-
-
-def dtype_code(dtype: torch.dtype) -> str:
-    """torch.bfloat16 -> "BF16", the safetensors spelling."""
-    return CODE_OF_NAME[str(dtype).removeprefix("torch.")]
 
 
 @dataclass(frozen=True)
@@ -369,6 +350,14 @@ class ShardWriter:
         import torch
 
         self._put(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    def write_constant(self, name: str, meta: TensorMeta, value: float) -> None:
+        """A tensor whose every element is `value` (zero-init), written as bytes: no tensor is made."""
+        self._next(name, meta.dtype, meta.shape)
+        element = value_bytes(dtype_code(meta.dtype), value)
+        chunk = element * max(1, min(meta.nbytes, 1 << 22) // len(element))  # up to 4 MiB at a time
+        for start in range(0, meta.nbytes, len(chunk)):
+            self._put(chunk[: meta.nbytes - start])
 
     def copy_raw(self, name: str, meta: TensorMeta, fd: int, offset: int, nbytes: int) -> None:
         """Append bytes of an input file unchanged: copied by the kernel, hashed from the source."""

@@ -93,6 +93,12 @@ class Job:
         arch, layout = self.source.arch, self.source.layout
         return [n for role in self.zero_roles for n in arch.role_tensors(role, layout) if n in block]
 
+    def constants(self, layer: OutputLayer) -> dict[str, float]:
+        """The tensors of a new layer set to one value in every element, relative name -> value:
+        the zero-initialised ones. The rest of a copied layer is copied byte for byte; these are
+        written as the value's bytes (ShardWriter.write_constant), a computed layer's are filled."""
+        return {rel: 0.0 for rel in self.zeroed_names(layer)}
+
     def trainable_regex(self) -> str:
         """Matches exactly the parameter names of the new layers."""
         if not self.new_layers:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import INDEX_FILE, PICKLE_SUFFIXES, ShardWriter, parse_size, sha256_file, write_json
+from .checkpoint import INDEX_FILE, PICKLE_SUFFIXES, ShardWriter, TensorMeta, parse_size, sha256_file, write_json
 from .card import CARD_FILE, model_card
 from .configs import rewrite_config
 from .errors import UsageError
@@ -135,8 +135,8 @@ def build_new_layer(job: Job, layer: OutputLayer, allow_nonfinite: bool) -> tupl
             check_finite(source.block(k), source.arch.layer_prefix(k), "source", fix)
     block, report = job.method.build(*source.canonical_pair(layer.sources, job.device, job.dtype))
     block = source.arch.from_canonical(block, source.layout)
-    for rel in job.zeroed_names(layer):
-        block[rel] = torch.zeros_like(block[rel])
+    for rel, value in job.constants(layer).items():
+        block[rel] = torch.full_like(block[rel], value)
     if not allow_nonfinite:
         check_finite(block, source.arch.layer_prefix(layer.index), "built")
     return block, report
@@ -171,13 +171,14 @@ def _write_tensors(job: Job, writer: ShardWriter, layer_entries: list[LayerEntry
                 writer.write(prefix + rel, block[rel].to(job.out_dtype(ckpt.meta(src_prefix + rel))))
             del block  # written (hashed from the file): not held while the next layer is built
             entry.report = report or None
-        else:  # a base layer, or a copy of one (LLaMA-Pro, SOLAR): bytes copied, zeroed tensors written
+        else:  # a base layer, or a copy of one (LLaMA-Pro, SOLAR): bytes copied, constants written as bytes
             if layer.is_new and not options.allow_nonfinite:
                 check_finite(source.block(k), src_prefix, "source")
+            constants = job.constants(layer)
             for rel in source.blocks[k]:
-                if rel in zeroed:
+                if rel in constants:
                     meta = ckpt.meta(src_prefix + rel)
-                    writer.write(prefix + rel, torch.zeros(meta.shape, dtype=job.out_dtype(meta)))
+                    writer.write_constant(prefix + rel, TensorMeta(job.out_dtype(meta), meta.shape), constants[rel])
                 else:
                     copy_tensor(prefix + rel, src_prefix + rel)
         if layer.is_new:
