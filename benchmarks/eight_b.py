@@ -59,7 +59,9 @@ def write_checkpoint(path: Path, shapes: dict, shard: str = "1GB", seed: int = 0
     entries = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(shapes["num_hidden_layers"]):
         entries += [(arch.layer_prefix(i) + rel, shape) for rel, shape in sorted(expected_block_shapes(arch, layout).items())]
-    entries += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    entries += [("model.norm.weight", (hidden,))]
+    if not shapes.get("tie_word_embeddings"):
+        entries += [("lm_head.weight", (vocab, hidden))]
     generator = torch.Generator().manual_seed(seed)
 
     def rand(shape) -> torch.Tensor:  # row chunks: no full-size float32 temporary
