@@ -49,6 +49,7 @@ def main() -> None:
     out = WORK / "tiny-llama-llama-pro"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if not (out / "opt-deus-manifest.json").is_file():
+        WORK.mkdir(parents=True, exist_ok=True)
         subprocess.run([script, "upscale", str(SHIPPED), "--recipe", "llama-pro", "--out", str(out), "--overwrite"],
                        check=True, capture_output=True, env=env)
     cases = commands(out)
