@@ -61,6 +61,7 @@ def _save(path: str, shapes: dict, shard: str) -> None:
 
 SELF_RSS = "peak RSS of the process itself, kB:"
 CUDA_PEAK = "peak CUDA memory allocated by torch, bytes:"
+IMPORTED = "heavy modules imported:"
 
 
 def _report_peaks() -> None:
@@ -69,6 +70,7 @@ def _report_peaks() -> None:
     import resource
 
     print(SELF_RSS, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+    print(IMPORTED, ",".join(sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers", "numpy"})), file=sys.stderr)
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         print(CUDA_PEAK, max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())), file=sys.stderr)
@@ -141,6 +143,9 @@ def measure(cmd: list[str]) -> dict:
     own = [line for line in err.splitlines() if line.startswith(SELF_RSS)]
     if own:
         row["own_peak_rss_mb"] = round(int(own[-1].split(":")[1]) / 1024, 1)
+    imported = [line for line in err.splitlines() if line.startswith(IMPORTED)]
+    if imported:  # a copy recipe's goal: no torch (issue 24)
+        row["imported"] = [m for m in imported[-1].split(":", 1)[1].strip().split(",") if m]
     cuda = [line for line in err.splitlines() if line.startswith(CUDA_PEAK)]
     if cuda:
         row["peak_cuda_allocated_mb"] = round(int(cuda[-1].split(":")[1]) / 2**20, 1)
@@ -227,6 +232,7 @@ def main() -> None:
                 "input_gb": round(dir_bytes(base) / 1e9, 3), "output_gb": round(dir_bytes(out) / 1e9, 3),
                 "cp_seconds": [c["seconds"] for c in cps], "upscale_seconds": [u["seconds"] for u in ups],
                 "upscale_cpu_seconds": [u["cpu_seconds"] for u in ups], "peak_rss_mb": max(u["peak_rss_mb"] for u in ups),
+                "imported": ups[-1].get("imported"),
                 "cp_sync_seconds": [c["seconds"] for c in synced],
                 "time_ratio_vs_cp": round(up_s / cp_s, 2), "time_ratio_vs_cp_sync": round(up_s / sync_s, 2), "load_avg": load,
                 # the job's own time and its split (median over the rounds), from the manifest
@@ -241,7 +247,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['recipe']} from a {r['source']} ({r['layers']}, {r['input_gb']} -> {r['output_gb']} GB): cp -r {r['cp_seconds']} s (with sync {r['cp_sync_seconds']} s), "
               f"upscale {r['upscale_seconds']} s (CPU {r['upscale_cpu_seconds']} s, peak {r['peak_rss_mb']} MB), "
-              f"median ratio {r['time_ratio_vs_cp']} ({r['time_ratio_vs_cp_sync']} against cp -r && sync), load {r['load_avg']}; job split {r['timings']}")
+              f"median ratio {r['time_ratio_vs_cp']} ({r['time_ratio_vs_cp_sync']} against cp -r && sync), load {r['load_avg']}; imported {r['imported']}; job split {r['timings']}")
 
 
 if __name__ == "__main__":
