@@ -6,6 +6,7 @@
 freeze  freeze_base(model, model_dir): requires_grad from the manifest's trainable layers
 data    text/json/jsonl/parquet files -> tokenized blocks of --seq-len tokens
 options TrainOptions and the --args file -> transformers TrainingArguments
+request check_request(): every usage error of a run, before torch, transformers or datasets
 run     train(): Trainer on the blocks, only rank 0 writes
 save    the weights in the input's dtypes, the bit-identity check, the manifest's training record
 distributed  rank 0's outcome sent to every rank
