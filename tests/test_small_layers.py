@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import EXACT, ctx, planted_permutation, random_block
+from conftest import EXACT, SINKHORN, ctx, planted_permutation, random_block
 from opt_deus_cli import solvers
 from opt_deus_cli.methods.opt_deus import OptDeusMethod, attention, corrected
 from opt_deus_cli.recipe import load_recipe
@@ -48,11 +48,13 @@ def test_a_small_layer_is_built_on_one_thread_and_the_threads_come_back(monkeypa
     try:
         small, _ = OptDeusMethod(EXACT).build(lower, upper, ctx("llama"))
         assert seen == [1] and torch.get_num_threads() == 2
+        OptDeusMethod(SINKHORN).build(lower, upper, ctx("llama"))  # n x n iterations: every thread
+        assert seen == [1, 2]
         monkeypatch.setattr(corrected, "OVERLAP_MIN_NEURONS", 0)  # the same layer counted as large, in order
         method = OptDeusMethod(EXACT)
         method.overlap = False
         large, _ = method.build(lower, upper, ctx("llama"))
-        assert seen == [1, 2] and torch.get_num_threads() == 2
+        assert seen == [1, 2, 2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(small[name], large[name]) for name in small)

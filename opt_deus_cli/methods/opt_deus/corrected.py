@@ -16,8 +16,8 @@ from .mlp import align_mlp, align_mlp_later, fuse_mlp
 from .settings import AlignmentSettings
 
 
-# A layer is "large" from this many MLP neurons on. A large layer solves its exact MLP assignment in
-# a forked child beside attention (overlap): that pays there. A small layer is built in process
+# An exact layer is "large" from this many MLP neurons on. A large layer solves its MLP assignment
+# in a forked child beside attention (overlap): that pays there. A small one is built in process
 # on one thread: the fork, its copy-on-write pages and attention on one core less cost more than
 # the assignment they hide, and its tensors are too small for a second thread to pay its barriers
 # (on a busy machine each of the hundreds of small ops waits for a preempted thread: 12x slower
@@ -45,8 +45,10 @@ def build_corrected(lower: Block, upper: Block, ctx: BuildContext, settings: Ali
     a child process while attention is aligned and fused here (faster; attention's buffers join
     the cost in memory, and pages the fork shares get copied as they are written), for an MLP of
     at least OVERLAP_MIN_NEURONS. Otherwise attention first and the MLP after, in this process:
-    the lower peak (OptDeusMethod.check chooses); a small layer, on one thread."""
-    large = ctx.layout.intermediate >= OVERLAP_MIN_NEURONS or bool(ctx.arch.experts) or ctx.device.type != "cpu"
+    the lower peak (OptDeusMethod.check chooses); a small exact layer, on one thread."""
+    # Sinkhorn's n x n iterations and a mixture's many experts are work enough for every thread
+    large = (ctx.layout.intermediate >= OVERLAP_MIN_NEURONS or settings.solver != "exact" or bool(ctx.arch.experts)
+             or ctx.device.type != "cpu")
     with _threads(torch.get_num_threads() if large else 1):
         return _build(lower, upper, ctx, settings, alpha, overlap and large)
 
