@@ -15,6 +15,7 @@ disk for the checkpoint and ~24 GB for the output.
 
     python -m benchmarks.eight_b [--work bench-out/eight-b] [--recipe top-half] [--sketch K] [--memory-budget 4GB] [--keep] [--json]
     python -m benchmarks.eight_b --shapes 1b [--sketch K]     # the same measure on io_bench's 1B-shape checkpoint (kept)
+    python -m benchmarks.eight_b --device cuda --solver sinkhorn --count 4 [--keep]   # on a GPU, 4 new layers
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def write_checkpoint(path: Path, shapes: dict, shard: str = "1GB", seed: int = 0
     entries = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(shapes["num_hidden_layers"]):
         entries += [(arch.layer_prefix(i) + rel, shape) for rel, shape in sorted(expected_block_shapes(arch, layout).items())]
-    entries += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    entries += [("model.norm.weight", (hidden,))]
+    if not shapes.get("tie_word_embeddings"):
+        entries += [("lm_head.weight", (vocab, hidden))]
     generator = torch.Generator().manual_seed(seed)
 
     def rand(shape) -> torch.Tensor:  # row chunks: no full-size float32 temporary
@@ -87,6 +90,9 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / "bench-out" / "eight-b")
     p.add_argument("--recipe", default="top-half")
     p.add_argument("--sketch", type=int, help="alignment.sketch for the recipe (default: the recipe's own)")
+    p.add_argument("--solver", choices=("exact", "sinkhorn"), help="alignment.solver for the recipe (default: the recipe's own)")
+    p.add_argument("--count", type=int, help="new layers (the recipe's count; default: its own, 50%%): fewer for a short run")
+    p.add_argument("--device", default="cpu", help="passed to upscale: cpu | cuda | cuda:N")
     p.add_argument("--memory-budget", help="passed to upscale (e.g. 4GB: layers built in order, the lower peak)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint and the output")
     p.add_argument("--json", action="store_true")
@@ -104,13 +110,18 @@ def main() -> None:
         base = make_checkpoint(ROOT / "bench-out" / "llama-1b-shape", LLAMA_1B)
     built = time.perf_counter() - started
     recipe = args.recipe
-    if args.sketch:
+    if args.sketch or args.solver or args.count:
         import yaml
 
         from opt_deus_cli.recipe import shipped_recipes
 
         data = yaml.safe_load(Path(shipped_recipes().get(recipe, recipe)).read_text())
-        data.setdefault("alignment", {})["sketch"] = args.sketch
+        if args.sketch:
+            data.setdefault("alignment", {})["sketch"] = args.sketch
+        if args.solver:
+            data.setdefault("alignment", {})["solver"] = args.solver
+        if args.count:
+            data["count"] = args.count
         recipe = str(args.work / "recipe.yaml")
         Path(recipe).write_text(yaml.safe_dump(data))
     load = [os.getloadavg()[0]]
@@ -119,7 +130,7 @@ def main() -> None:
     shutil.rmtree(copy)
     shutil.rmtree(out, ignore_errors=True)
     budget = ["--memory-budget", args.memory_budget] if args.memory_budget else []
-    up = measure(opt_deus_command("upscale", str(base), "--recipe", recipe, "--out", str(out), "--device", "cpu", "--json", *budget))
+    up = measure(opt_deus_command("upscale", str(base), "--recipe", recipe, "--out", str(out), "--device", args.device, "--json", *budget))
     load.append(os.getloadavg()[0])
     manifest = json.loads((out / "opt-deus-manifest.json").read_text())
     new = [layer for layer in manifest["layers"] if layer["origin"] == "new"]
@@ -127,7 +138,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "checkpoint_seconds": round(built, 1), "input_gb": round(dir_bytes(base) / 1e9, 2),
         "output_gb": round(dir_bytes(out) / 1e9, 2), "layers": f"{manifest['base']['num_layers']} -> {manifest['output']['num_layers']}",
-        "recipe": manifest["recipe"], "memory_budget": args.memory_budget, "cp": cp, "upscale": up, "load_avg": load,
+        "recipe": manifest["recipe"], "device": manifest["resolved"]["device"], "memory_budget": args.memory_budget, "cp": cp, "upscale": up, "load_avg": load,
         "overlapped": sorted({layer["report"]["mlp"].get("overlapped") for layer in new}, key=str),
         "new_layer_seconds": [layer["seconds"] for layer in new],
         "new_layer_groups": [{g: round(layer["report"][g]["seconds"], 2) for g in ("attention", "mlp")} for layer in new],

@@ -60,14 +60,29 @@ def _save(path: str, shapes: dict, shard: str) -> None:
 
 
 SELF_RSS = "peak RSS of the process itself, kB:"
+CUDA_PEAK = "peak CUDA memory allocated by torch, bytes:"
+IMPORTED = "heavy modules imported:"
+
+
+def _report_peaks() -> None:
+    """At exit of an opt_deus_command: the process's own peak RSS, and torch's peak CUDA
+    allocation where the run used a GPU (not torch's cache, nor the CUDA context)."""
+    import resource
+
+    print(SELF_RSS, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+    print(IMPORTED, ",".join(sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers", "numpy"})), file=sys.stderr)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        print(CUDA_PEAK, max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())), file=sys.stderr)
 
 
 def opt_deus_command(*args: str) -> list[str]:
-    """`opt-deus ARGS` run so that it reports its own peak RSS on exit (measure() reads it): the
-    kernel's figure for a child (os.wait4) is the largest of it and ITS children, and OpT-DeUS
-    solves an assignment in a forked child, which maps the parent's pages (shared, copy-on-write)."""
-    code = (f"import atexit, resource, sys; atexit.register(lambda: print({SELF_RSS!r}, resource.getrusage(resource.RUSAGE_SELF)"
-            ".ru_maxrss, file=sys.stderr)); from opt_deus_cli.cli import app; sys.argv[0] = 'opt-deus'; app()")
+    """`opt-deus ARGS` run so that it reports its own peak RSS (and peak CUDA memory) on exit
+    (measure() reads them): the kernel's figure for a child (os.wait4) is the largest of it and
+    ITS children, and OpT-DeUS may solve an assignment in a forked child, which maps the parent's
+    pages (shared, copy-on-write)."""
+    code = ("import atexit, sys; from benchmarks.io_bench import _report_peaks; atexit.register(_report_peaks); "
+            "from opt_deus_cli.cli import app; sys.argv[0] = 'opt-deus'; app()")
     return [sys.executable, "-c", code, *args]
 
 
@@ -108,7 +123,9 @@ def measure(cmd: list[str]) -> dict:
     of earlier commands are flushed first so one command's writeback does not slow the next."""
     os.sync()
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    root = str(Path(__file__).resolve().parent.parent)  # opt_deus_command's child imports benchmarks.io_bench
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     stop, peak_pss = threading.Event(), [0]
     sampler = threading.Thread(target=_sample_peak_pss, args=(proc.pid, stop, peak_pss), daemon=True)
     sampler.start()
@@ -126,6 +143,12 @@ def measure(cmd: list[str]) -> dict:
     own = [line for line in err.splitlines() if line.startswith(SELF_RSS)]
     if own:
         row["own_peak_rss_mb"] = round(int(own[-1].split(":")[1]) / 1024, 1)
+    imported = [line for line in err.splitlines() if line.startswith(IMPORTED)]
+    if imported:  # a copy recipe's goal: no torch (issue 24)
+        row["imported"] = [m for m in imported[-1].split(":", 1)[1].strip().split(",") if m]
+    cuda = [line for line in err.splitlines() if line.startswith(CUDA_PEAK)]
+    if cuda:
+        row["peak_cuda_allocated_mb"] = round(int(cuda[-1].split(":")[1]) / 2**20, 1)
     return row
 
 
@@ -209,6 +232,7 @@ def main() -> None:
                 "input_gb": round(dir_bytes(base) / 1e9, 3), "output_gb": round(dir_bytes(out) / 1e9, 3),
                 "cp_seconds": [c["seconds"] for c in cps], "upscale_seconds": [u["seconds"] for u in ups],
                 "upscale_cpu_seconds": [u["cpu_seconds"] for u in ups], "peak_rss_mb": max(u["peak_rss_mb"] for u in ups),
+                "imported": ups[-1].get("imported"),
                 "cp_sync_seconds": [c["seconds"] for c in synced],
                 "time_ratio_vs_cp": round(up_s / cp_s, 2), "time_ratio_vs_cp_sync": round(up_s / sync_s, 2), "load_avg": load,
                 # the job's own time and its split (median over the rounds), from the manifest
@@ -223,7 +247,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['recipe']} from a {r['source']} ({r['layers']}, {r['input_gb']} -> {r['output_gb']} GB): cp -r {r['cp_seconds']} s (with sync {r['cp_sync_seconds']} s), "
               f"upscale {r['upscale_seconds']} s (CPU {r['upscale_cpu_seconds']} s, peak {r['peak_rss_mb']} MB), "
-              f"median ratio {r['time_ratio_vs_cp']} ({r['time_ratio_vs_cp_sync']} against cp -r && sync), load {r['load_avg']}; job split {r['timings']}")
+              f"median ratio {r['time_ratio_vs_cp']} ({r['time_ratio_vs_cp_sync']} against cp -r && sync), load {r['load_avg']}; imported {r['imported']}; job split {r['timings']}")
 
 
 if __name__ == "__main__":

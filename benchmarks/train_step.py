@@ -8,7 +8,7 @@ JSONL file of CPython standard-library sources (benchmarks/training.py's trainin
 training record gives the median seconds per optimizer step (the first, warm-up step left out).
 Runs alternate between the modes and repeat, so drifting machine load hits both alike.
 
-    python -m benchmarks.train_step [--steps 12] [--repeats 3] [--batch-size 8] [--seq-len 256] [--json]
+    python -m benchmarks.train_step [--steps 12] [--repeats 3] [--batch-size 8] [--seq-len 256] [--device cuda --dtype bfloat16] [--json]
 
 Run it under the heavy-job lock: `flock /tmp/opt-deus-heavy.lock .venv/bin/python -m benchmarks.train_step`.
 """
@@ -67,7 +67,7 @@ def prepare(work: Path) -> tuple[dict[str, Path], Path]:
 
 def run_once(model: Path, data: Path, mode: str, args, out: Path) -> dict:
     result = opt_deus("train", str(model), "--data", str(data), "--out", str(out), "--train", mode, "--steps", str(args.steps),
-                      "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--device", "cpu",
+                      "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--device", args.device, "--dtype", args.dtype,
                       "--cache-dir", str(WORK / "datasets-cache"), "--overwrite", "--json")
     return json.loads(result.stdout)
 
@@ -78,10 +78,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--dtype", default="float32", help="weights while training: float32 | bfloat16 | float16")
+    parser.add_argument("--positions", nargs="+", choices=tuple(RECIPES), default=list(RECIPES))
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     models, data = prepare(WORK)
+    models = {position: models[position] for position in args.positions}
     load_before = os.getloadavg()[0]
     runs: dict[tuple[str, str], list[dict]] = {}
     for repeat in range(args.repeats):
@@ -104,7 +108,7 @@ def main() -> None:
     for row in rows:
         all_row = next(r for r in rows if r["position"] == row["position"] and r["train"] == "all")
         row["vs_all"] = row["seconds_per_step"] / all_row["seconds_per_step"]
-    meta = {"steps": args.steps, "repeats": args.repeats, "batch_size": args.batch_size, "seq_len": args.seq_len,
+    meta = {"device": args.device, "dtype": args.dtype, "steps": args.steps, "repeats": args.repeats, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "torch_threads": records[0]["torch_threads"], "load_before": load_before, "load_after": load_after,
             "python": platform.python_version(), "versions": records[0]["versions"]}
     shutil.rmtree(WORK / "datasets-cache", ignore_errors=True)

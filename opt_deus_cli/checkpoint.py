@@ -21,14 +21,16 @@ import errno
 import json
 import os
 import re
+import math
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError, safe_open
 
+from .dtypes import DTYPE_CODES, dtype_code, torch_dtype, value_bytes
 from .errors import OptDeusError
 from .hashing import Hashing, HashStream, sha256_file  # noqa: F401  (sha256_file: readers of checksums import it from here)
 
@@ -37,14 +39,8 @@ INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 WEIGHT_SUFFIXES = (".safetensors", ".h5", ".msgpack", ".gguf", ".onnx") + PICKLE_SUFFIXES  # never side files
 
-# safetensors dtype code <-> torch dtype
-DTYPE_CODES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-CODE_OF_DTYPE = {v: k for k, v in DTYPE_CODES.items()}
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -54,10 +50,7 @@ class TensorMeta:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def read_config(model_dir: Path) -> dict:
@@ -130,7 +123,7 @@ def read_header(path: Path) -> tuple[dict, int]:
             raise OptDeusError(f"{path}: header entry of tensor {name} is malformed: {info!r}")
         if code not in DTYPE_CODES:
             raise OptDeusError(f"tensor {name} in {path} has dtype {code}, which opt-deus cannot handle")
-        need = TensorMeta(DTYPE_CODES[code], shape).nbytes
+        need = math.prod(shape) * DTYPE_CODES[code][1]
         if end - begin != need:
             raise OptDeusError(f"header of {path} lies about tensor {name}: {end - begin} bytes for shape {list(shape)} {code}, which needs {need}")
         if end > data_size:
@@ -165,7 +158,7 @@ class Checkpoint:
                     continue
                 if code not in DTYPE_CODES:
                     raise OptDeusError(f"tensor {name} has dtype {code}, which opt-deus cannot handle")
-                meta = TensorMeta(DTYPE_CODES[code], shape)
+                meta = TensorMeta(torch_dtype(code), shape)
                 begin, end = header[name]["data_offsets"]
                 if end - begin != meta.nbytes:
                     raise OptDeusError(f"header of {shard} gives tensor {name} {end - begin} bytes, its shape needs {meta.nbytes}")
@@ -226,6 +219,8 @@ class Checkpoint:
     def read(self, name: str) -> torch.Tensor:
         """One tensor in memory of its own (a private copy: safe to modify, freed when dropped)."""
         fd, offset, nbytes = self.raw(name)
+        import torch
+
         meta = self._meta[name]
         buffer = torch.empty(nbytes, dtype=torch.uint8)
         view = buffer.numpy().data  # a memoryview of the tensor's bytes
@@ -314,7 +309,7 @@ class ShardWriter:
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0
         for name, meta in self.shards[i]:
-            header[name] = {"dtype": CODE_OF_DTYPE[meta.dtype], "shape": list(meta.shape), "data_offsets": [offset, offset + meta.nbytes]}
+            header[name] = {"dtype": dtype_code(meta.dtype), "shape": list(meta.shape), "data_offsets": [offset, offset + meta.nbytes]}
             offset += meta.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors does
@@ -361,7 +356,17 @@ class ShardWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self._next(name, tensor.dtype, tuple(tensor.shape))
         # raw little-endian bytes of the tensor, without a copy when it is contiguous
+        import torch
+
         self._put(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    def write_constant(self, name: str, meta: TensorMeta, value: float) -> None:
+        """A tensor whose every element is `value` (zero-init), written as bytes: no tensor is made."""
+        self._next(name, meta.dtype, meta.shape)
+        element = value_bytes(dtype_code(meta.dtype), value)
+        chunk = element * max(1, min(meta.nbytes, 1 << 22) // len(element))  # up to 4 MiB at a time
+        for start in range(0, meta.nbytes, len(chunk)):
+            self._put(chunk[: meta.nbytes - start])
 
     def copy_raw(self, name: str, meta: TensorMeta, fd: int, offset: int, nbytes: int) -> None:
         """Append bytes of an input file unchanged: copied by the kernel, hashed from the source."""

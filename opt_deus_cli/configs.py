@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .architectures import Architecture
 from .block import OutputLayer
-from .devices import DTYPE_NAMES
 from .errors import OptDeusError
+
+if TYPE_CHECKING:
+    import torch
 
 # The first transformers release whose modeling code reads `config.layer_types` for gemma2,
 # gemma3, qwen2 and qwen3 (4.52.4 still chose sliding/full by layer index: gemma2
@@ -90,7 +91,7 @@ def rewrite_config(raw: dict, hf_config, arch: Architecture, layers: list[Output
     if dtype is not None:
         for key in ("dtype", "torch_dtype"):
             if key in out or (key == "dtype" and "torch_dtype" not in out):
-                out[key] = DTYPE_NAMES[dtype]
+                out[key] = str(dtype).removeprefix("torch.")  # torch.bfloat16 -> bfloat16
     _check_reads_back(out, hf_config, {key: out[key] for key in base_lists})
     if base_lists and _derived(out, hf_config, base_lists) != {key: out[key] for key in base_lists}:
         warnings.append(

@@ -13,21 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from scipy.optimize import linear_sum_assignment
 
-from .devices import resolve_device
 from .errors import OptDeusError, UsageError
 from .figures import image_format, pyplot, require_matplotlib
 from .layers import recipe_layers
 from .manifest import Manifest, read_manifest
 from .output import current_umask
 from .methods.opt_deus import OptDeusMethod
-from .methods.opt_deus.matrices import alignment_matrices
 from .methods.opt_deus.settings import AlignmentSettings
 from .recipe import Positions, Recipe, load_recipe, shipped_recipes
 from .settings import parse_settings
-from .source import SourceModel
+
+# torch, scipy and the base model's reading are imported by the functions that compute: an
+# output's table (the manifest alone) and the command's usage errors come without them
 
 GROUPS = ("attention", "mlp")
 
@@ -112,6 +110,8 @@ class LayerMatrices:
 def matching_order(plan: np.ndarray) -> np.ndarray:
     """Columns reordered so that row i's partner sits in column i (a soft plan is rounded to
     the permutation carrying the most mass)."""
+    from scipy.optimize import linear_sum_assignment
+
     rows, cols = linear_sum_assignment(-plan)
     order = np.empty(plan.shape[1], dtype=np.int64)
     order[rows] = cols
@@ -149,6 +149,12 @@ def layer_matrices(out_dir: Path, layer: int, group: str, base_dir: Path | None,
 def pair_matrices(base: Path, sources: tuple[int, int], group: str, settings: AlignmentSettings, device: str, layer: int = -1) -> LayerMatrices:
     if group not in GROUPS:
         raise UsageError(f"--group {group!r}: use attention or mlp")
+    import torch
+
+    from .devices import resolve_device
+    from .methods.opt_deus.matrices import alignment_matrices
+    from .source import SourceModel
+
     source = SourceModel.open(base)
     lower, upper, ctx = source.canonical_pair(sources, resolve_device(device))
     found = alignment_matrices(lower, upper, ctx, settings, group)
@@ -166,6 +172,9 @@ def pair_matrices(base: Path, sources: tuple[int, int], group: str, settings: Al
 def pair_distances(model_dir: Path, settings: AlignmentSettings, device: str, progress=None) -> dict:
     """For each adjacent pair (k, k+1): the mean matched cost before (identity pairing) and after
     alignment, per group, from the same alignment upscale would run."""
+    from .devices import resolve_device
+    from .source import SourceModel
+
     source = SourceModel.open(model_dir)
     dev = resolve_device(device)
     method = OptDeusMethod(settings)
@@ -225,6 +234,8 @@ def write_file(path: Path, write) -> None:
 
 def downsample(matrix: np.ndarray, size: int) -> np.ndarray:
     """Block means down to at most size x size cells (keeps the diagonal a diagonal)."""
+    import torch
+
     t = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float64))[None, None]
     rows, cols = min(size, matrix.shape[0]), min(size, matrix.shape[1])
     return torch.nn.functional.adaptive_avg_pool2d(t, (rows, cols))[0, 0].numpy()

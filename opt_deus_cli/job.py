@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from .architectures import PROJECTION_ROLES, RESIDUAL_WRITERS
 from .block import Decisions
 from .checkpoint import TensorMeta, parse_size
-from .devices import resolve_device, resolve_dtype
+from .devices import check_device, dtype_name, resolve_device, resolve_dtype
 from .errors import OptDeusError, UsageError
 from .layers import OutputLayer, recipe_layers
 from .methods.base import Method
 from .methods.registry import method_class
 from .recipe import Recipe
 from .source import SourceModel
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,13 @@ class Options:
     overwrite: bool = False
     allow_nonfinite: bool = False
     memory_budget: str | None = None  # "4GB": refuse a job whose layers would need more (None: the free RAM)
+
+    def check(self) -> None:
+        """The values' spelling, refused before any model is read (and before torch is imported)."""
+        check_device(self.device)
+        dtype_name(self.dtype)
+        parse_size(self.shard_size)
+        _memory_budget(self.memory_budget)
 
 
 @dataclass
@@ -80,7 +89,8 @@ class Job:
 
     def start_values(self, layer: OutputLayer) -> dict[str, float]:
         """The tensors set to a constant in a new layer so that its branches named by zero_init
-        start at zero: relative name -> value (architectures.Architecture.start_tensors)."""
+        start at zero: relative name -> value (architectures.Architecture.start_tensors). A copied
+        layer's are written as the value's bytes (ShardWriter.write_constant), a computed one's filled."""
         if not layer.is_new:
             return {}
         block = set(self.source.blocks[layer.sources[0]])

@@ -7,14 +7,16 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .architectures import Architecture, HeadLayout, architecture_for, expected_block_shapes
 from .block import Block, BuildContext, Decisions
 from .checkpoint import Checkpoint
 from .configs import load_hf_config
 from .errors import OptDeusError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -154,6 +156,8 @@ def _group_tensors(ckpt: Checkpoint, arch: Architecture, n: int):
 
 
 def check_finite(block: Block, prefix: str, what: str, fix: str = "fix the checkpoint or pass --allow-nonfinite") -> None:
+    import torch
+
     for rel, t in block.items():
         # min and max are finite iff every entry is (NaN propagates through both); one cheap pass
         if t.is_floating_point() and t.numel() and not torch.isfinite(torch.stack(torch.aminmax(t))).all():

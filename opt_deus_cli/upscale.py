@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import INDEX_FILE, ShardWriter, parse_size, sha256_file, write_json
+from .checkpoint import INDEX_FILE, ShardWriter, TensorMeta, parse_size, sha256_file, write_json
 from .card import CARD_FILE, model_card
 from .configs import rewrite_config
 from .errors import UsageError
@@ -172,13 +172,13 @@ def _write_tensors(job: Job, writer: ShardWriter, layer_entries: list[LayerEntry
                 writer.write(prefix + rel, block[rel].to(job.out_dtype(ckpt.meta(src_prefix + rel))))
             del block  # written (hashed from the file): not held while the next layer is built
             entry.report = report or None
-        else:  # a base layer, or a copy of one (LLaMA-Pro, SOLAR): bytes copied, zeroed tensors written
+        else:  # a base layer, or a copy of one (LLaMA-Pro, SOLAR): bytes copied, constants written as bytes
             if layer.is_new and not options.allow_nonfinite:
                 check_finite(source.block(k), src_prefix, "source")
             for rel in source.blocks[k]:
                 if rel in start:
                     meta = ckpt.meta(src_prefix + rel)
-                    writer.write(prefix + rel, torch.full(meta.shape, start[rel], dtype=job.out_dtype(meta)))
+                    writer.write_constant(prefix + rel, TensorMeta(job.out_dtype(meta), meta.shape), start[rel])
                 else:
                     copy_tensor(prefix + rel, src_prefix + rel)
         if layer.is_new:

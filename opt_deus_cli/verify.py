@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .checkpoint import read_config, sha256_file
 from .errors import OptDeusError, UsageError
 from .manifest import Manifest, read_manifest
 from .configs import load_hf_config
 from .perplexity import TextTokens, context_window, text_perplexity, tokenize_text, window_starts
+
+if TYPE_CHECKING:  # torch is imported by the checks that run models: argument errors come without it
+    import torch
 
 # logits are compared in float32; zeroed residual writers add exact zeros, so a function-
 # preserving result agrees to rounding (relative to the logits' size)
@@ -34,6 +36,8 @@ PAST_WINDOW = 64  # with a sliding window: this many tokens past it, so a wrong 
 
 
 def fixed_token_batch(vocab_size: int, batch: int = 2, length: int = LOGIT_LENGTH, seed: int = 0) -> torch.Tensor:
+    import torch
+
     return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
@@ -81,9 +85,13 @@ def post_norm_warning(manifest: Manifest) -> str | None:
             "Run `opt-deus upscale` again: it starts these branches at zero by the post-norm's scale instead")
 
 
-def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype | str = torch.float32):
+def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype | str = "float32"):
     """The model in `model_dir` (safetensors, local files, no remote code) on `device`, in eval
     mode; dtype "auto" keeps the stored one."""
+    import torch
+
+    if dtype == "float32":
+        dtype = torch.float32
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -137,7 +145,7 @@ def check_base_files(base_dir: Path, manifest: Manifest, step=lambda: None) -> l
     return problems
 
 
-def _check_arguments(base_dir: Path, out_dir: Path, text: Path | None) -> Manifest:
+def check_arguments(base_dir: Path, out_dir: Path, text: Path | None) -> Manifest:
     """What verify needs before it can check anything; missing pieces are usage errors (exit 2)."""
     for role, directory in (("base model", base_dir), ("output", out_dir)):
         if not directory.is_dir():
@@ -170,8 +178,10 @@ def verify(base_dir: Path | str, out_dir: Path | str, device: torch.device, text
            progress=None) -> dict:
     """progress(description, done, total), if given, is called before each step: a file hashed,
     a model loaded or run, a perplexity window."""
+    import torch
+
     base_dir, out_dir = Path(base_dir), Path(out_dir)
-    manifest = _check_arguments(base_dir, out_dir, text)
+    manifest = check_arguments(base_dir, out_dir, text)
     preserving = manifest.function_preserving
     base_config = read_config(base_dir)
     hf_config = load_hf_config(base_dir)

@@ -10,15 +10,18 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from typer.core import TyperCommand, TyperGroup
 
 from .. import __version__
 from ..errors import OptDeusError, UsageError
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 try:  # recent typer carries its own copy of click
     from typer._click.exceptions import ClickException
@@ -182,6 +185,8 @@ class PlainProgress:
 
 def progress_bar(enabled: bool) -> Progress | PlainProgress:
     """A rich bar on a terminal; plain lines when stderr goes to a file or a pipe."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # work only
+
     if enabled and not console.is_terminal:
         return PlainProgress()
     return Progress(

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from ..errors import UsageError
 from ..figures import image_format, require_matplotlib
@@ -29,12 +28,14 @@ def inspect(
 ):
     """Look into an up-scaled model (layers, alignment figures, heatmaps of a layer's plan) or a
     base model (how far apart adjacent layers are before and after alignment)."""
+    # an output's table and every refusal need neither torch nor transformers: the work imports them
     from .. import inspect as ins
+    from ..devices import check_device
+    from ..hub import resolve_model
     from ..manifest import read_manifest
     from ..recipe import load_recipe
 
-    from ..hub import resolve_model
-
+    run(check_device, device)
     model_dir = run(resolve_model, model_dir).path
     manifest = run(read_manifest, model_dir)
     _refuse_what_does_not_apply(model_dir, manifest, layer, group, save, base, recipe)
@@ -124,6 +125,8 @@ def _refuse_what_does_not_apply(model_dir, manifest, layer, group, save, base, r
 
 
 def _print_layer_table(manifest, rows: list[dict]) -> None:
+    from rich.table import Table
+
     from .. import inspect as ins
 
     out.print(f"{manifest.base.model_type}: {manifest.base.num_layers} -> {manifest.output.num_layers} layers, "

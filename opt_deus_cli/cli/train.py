@@ -73,20 +73,23 @@ def train(
     from ..training import TrainOptions
     from ..training.data import file_format
     from ..training.options import read_args_file
-    from ..training.run import train as run_train
+    from ..training.request import check_request
 
     main = _rank() == 0
     data = [*data, *(more_data or [])]  # click gives --data one value; the files after it land here
     if text_field is not None and all(run(file_format, p) == "text" for p in [*data, *(eval_data or [])]):
         fail(UsageError(f"--text-field {text_field} names a column of .json/.jsonl/.parquet/.csv files; these are plain text "
                         "(each file one document): drop the option"))
-    trainer_args = run(read_args_file, args_file) if args_file else {}
     options = TrainOptions(train=train_mode, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
                            grad_accum=grad_accum, seq_len=seq_len, device=device, dtype=dtype, seed=seed,
                            eval_data=tuple(eval_data or ()), eval_every=eval_every, text_field=text_field or "text",
-                           cache_dir=cache_dir, trainer_args=trainer_args, overwrite=overwrite, shard_size=shard_size,
+                           cache_dir=cache_dir, overwrite=overwrite, shard_size=shard_size,
                            format=data_format, loss_on=loss_on, packing=packing, drop_long=drop_long,
                            chat_template=str(chat_template) if chat_template else None)
+    run(check_request, model_dir, data, out_dir, options)  # usage errors before torch, transformers, datasets
+    # the --args file's keys are checked against transformers' own TrainingArguments (and SFTConfig)
+    options.trainer_args = run(read_args_file, args_file) if args_file else {}
+    from ..training.run import train as run_train
     with progress_bar(enabled=main and not as_json) as bar:
         task = bar.add_task("training", total=None)
 

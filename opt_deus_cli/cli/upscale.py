@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from ..errors import UsageError
 from .common import PlainUsage, app, fail, out, progress_bar, run, warn
@@ -27,10 +26,10 @@ def upscale(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ):
     """Build a deeper checkpoint from MODEL with a recipe, and a manifest of what was done."""
+    # the arguments are checked before torch or transformers is imported (by the work, below)
     from ..recipe import load_recipe
     from ..job import Options
     from ..hub import resolve_model
-    from ..upscale import dry_run as run_dry_run, upscale as run_upscale
 
     parsed = run(load_recipe, recipe)
     model = model_dir or parsed.model
@@ -41,7 +40,9 @@ def upscale(
         fail(UsageError("no output: give --out OUT_DIR or set `output:` in the recipe"))
     options = Options(device=device, dtype=dtype, shard_size=shard_size, overwrite=overwrite,
                       allow_nonfinite=allow_nonfinite, memory_budget=memory_budget)
+    run(options.check)
     model = run(resolve_model, model, revision)
+    from ..upscale import dry_run as run_dry_run, upscale as run_upscale
     if dry_run:
         result = run(run_dry_run, model, parsed, target, options)
         if as_json:
@@ -85,6 +86,8 @@ def upscale(
 
 
 def _print_plan(plan: dict) -> None:
+    from rich.table import Table
+
     out.print(
         f"{plan['model_type']}: {plan['base_layers']} -> {plan['output_layers']} layers, method {plan['method']}, "
         f"zero_init {plan['zero_init'] or 'none'}, function-preserving: {'yes' if plan['function_preserving'] else 'no'}"

@@ -22,11 +22,13 @@ def verify(
     """Check the result: the output's and the base's files match the sha256s in the manifest, both
     models load and run, and logits agree where the recipe is function-preserving. Exit 0 when the
     result is what the manifest promises, 1 when a check failed, 2 when the arguments are wrong."""
-    from ..devices import resolve_device
-    from ..verify import verify as run_verify
+    from ..devices import check_device, resolve_device
+    from ..verify import check_arguments, verify as run_verify
 
-    dev = run(resolve_device, device)
+    run(check_device, device)  # the arguments are checked before torch is imported
     base = run(_base_path, base_dir, out_dir)
+    run(check_arguments, base, out_dir, text)
+    dev = run(resolve_device, device)
     with progress_bar(enabled=not as_json) as bar:
         task = bar.add_task("verifying", total=None)
 

@@ -44,7 +44,6 @@ def evaluate(models: list[str], tasks: list[str] | str | None = None, include_pa
         "settings", "suite", "versions" (lm_eval, transformers, torch, python), "notes".
     Raises OptDeusError (a UsageError for bad arguments) before loading any model when an argument
     is wrong or a task's dataset cannot be read."""
-    import torch
 
     from ..devices import resolve_device, resolve_dtype
 

@@ -8,6 +8,7 @@ data    text/json/jsonl/parquet files -> tokenized blocks of --seq-len tokens (B
 formats which data format a file holds (text, chat, prompt-completion, alpaca); its rows read and checked
 sft     supervised fine-tuning on TRL's SFTTrainer / SFTConfig (imported on first use)
 options TrainOptions and the --args file -> transformers TrainingArguments
+request check_request(): every usage error of a run, before torch, transformers or datasets
 run     train(): Trainer on the blocks, only rank 0 writes
 save    the weights in the input's dtypes, the bit-identity check, the manifest's training record
 distributed  rank 0's outcome sent to every rank

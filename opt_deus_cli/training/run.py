@@ -23,14 +23,11 @@ import torch
 from transformers import TrainerCallback
 
 from .. import __version__
-from ..checkpoint import Checkpoint, parse_size, read_config
-from ..errors import OptDeusError, UsageError
-from ..manifest import MANIFEST_FILE, read_manifest
-from ..output import OutputTransaction
-from .data import DataFile, bos_of, build_blocks, check_files, collate_blocks, load_tokenizer
-from .formats import check_options, detect_format
+from ..errors import OptDeusError
+from .data import DataFile, bos_of, build_blocks, collate_blocks, load_tokenizer
 from .freeze import freeze_base, is_trainable, layer_pattern, manifest_architecture
 from .options import TrainOptions, training_arguments
+from .request import check_request
 from .distributed import outcome_of_rank_zero
 from .save import gathered_state_dict, json_safe, write_output
 
@@ -89,23 +86,9 @@ def train(model_dir: Path | str, data: list[Path | str], out_dir: Path | str, op
     (on one device type and world size)."""
     started = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    options.check()
-    config = read_config(model_dir)
-    manifest = read_manifest(model_dir)
-    if options.train == "new" and (manifest is None or not manifest.trainable_layers):
-        why = f"has no {MANIFEST_FILE}" if manifest is None else "has a manifest that lists no new layers"
-        raise UsageError(f"{model_dir} {why}, so there are no new layers to train; "
-                         "train every parameter with --train all")
-    files = check_files(data, "--data")
-    eval_files = check_files(options.eval_data, "--eval-data") if options.eval_data else []
-    fmt = detect_format(files, options.text_field, options.format)
-    if eval_files and (eval_fmt := detect_format(eval_files, options.text_field, options.format, "--eval-data")) != fmt:
-        raise OptDeusError(f"the --eval-data files are {eval_fmt} but the --data files are {fmt}; evaluate on the same format")
-    check_options(fmt, options.loss_on, options.packing, options.chat_template, options.drop_long)
-    OutputTransaction(out_dir, options.overwrite, model_dir).check()  # refusals before any work
-    Checkpoint(model_dir).close()  # a truncated or broken safetensors named as upscale names it, not by transformers
-    shard_bytes = parse_size(options.shard_size)
-    seq_len = _seq_len(options, config)
+    request = check_request(model_dir, data, out_dir, options)
+    config, manifest, files, eval_files = request.config, request.manifest, request.files, request.eval_files
+    shard_bytes, seq_len, fmt = request.shard_bytes, request.seq_len, request.format
     work_dir = out_dir.parent / f".{out_dir.name}.trainer"
     has_experts = any(k in config for k in EXPERT_COUNT_KEYS)
     if fmt == "text":
@@ -195,15 +178,6 @@ def _attempt(write: Callable[[], dict], out_dir: Path) -> dict:
         return {"error": str(e), "exit_code": e.exit_code}
     except Exception as e:  # a bug: the other ranks must not wait forever
         return {"error": f"rank 0 failed writing {out_dir}: {type(e).__name__}: {e}", "exit_code": 1}
-
-
-def _seq_len(options: TrainOptions, config: dict) -> int:
-    limit = config.get("max_position_embeddings")
-    if options.seq_len is None:
-        return min(1024, int(limit)) if limit else 1024
-    if limit and options.seq_len > int(limit):
-        raise UsageError(f"--seq-len {options.seq_len} exceeds the model's max_position_embeddings {limit}; choose at most {limit}")
-    return options.seq_len
 
 
 def _load_model(model_dir: Path, dtype: str):

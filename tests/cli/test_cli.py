@@ -220,7 +220,9 @@ def test_verify_device_cuda_without_a_gpu_is_a_usage_error(model_factory, tmp_pa
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")
-    code, output = invoke("verify", model_factory("llama"), tmp_path, "--device", "cuda")
+    base = model_factory("llama")
+    assert invoke("upscale", base, "--recipe", "llama-pro", "--out", tmp_path / "out")[0] == 0
+    code, output = invoke("verify", base, tmp_path / "out", "--device", "cuda")
     assert code == 2 and "CUDA is not available" in one_line_error(output)
 
 

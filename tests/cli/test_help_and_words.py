@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import warnings
-from pathlib import Path
 
 from typer.testing import CliRunner
 

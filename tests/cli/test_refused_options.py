@@ -3,7 +3,6 @@ the format its extension names."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from typer.testing import CliRunner
 

@@ -89,11 +89,14 @@ def test_memory_budget_on_the_command_line(model_factory, tmp_path):
     assert runner.invoke(app, args + ["--memory-budget", "4GB"]).exit_code == 0
 
 
-def test_a_budget_under_twice_the_need_solves_in_order_with_the_same_result(model_factory, tmp_path):
+def test_a_budget_under_twice_the_need_solves_in_order_with_the_same_result(model_factory, tmp_path, monkeypatch):
     """The overlapped layer (MLP assignment in a forked child beside attention) may hold up to
     twice the in-order peak: a budget that does not allow that gets the in-order layer, which
     must be the same layer."""
+    from opt_deus_cli.methods.opt_deus import corrected
     from opt_deus_cli.upscale import prepare
+
+    monkeypatch.setattr(corrected, "OVERLAP_MIN_NEURONS", 0)  # tiny layers overlap only when told to
 
     base = model_factory("llama", layers=4)
     recipe = parse_recipe({"method": "opt-deus", "positions": "top", "count": 2})
