@@ -4,12 +4,11 @@ and without CUDA it stops at once with one line (exit 1) and writes nothing."""
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT  # noqa: E402
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 
 

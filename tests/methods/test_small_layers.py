@@ -15,7 +15,7 @@ from opt_deus_cli.methods.opt_deus import OptDeusMethod, attention, corrected
 from opt_deus_cli.recipe import load_recipe
 from opt_deus_cli.upscale import Options, upscale
 
-SHIPPED = Path(__file__).resolve().parent.parent / "examples" / "tiny-llama"
+from conftest import SHIPPED_MODEL as SHIPPED  # noqa: E402
 
 
 def shard_digests(out: Path) -> dict[str, str]:
