@@ -22,7 +22,7 @@ README = PACKAGE.parent / "README.md"
 # lowest layer its imports allow; a module in no layer fails the test. In "methods" every entry
 # is a silo: a method never imports another one (what they share lives in methods.base).
 LAYERS = (
-    ("base", ("__init__", "errors", "devices", "hashing", "figures")),
+    ("base", ("__init__", "errors", "devices", "dtypes", "hashing", "figures")),
     ("storage", ("checkpoint", "architectures", "ot_names", "ot", "solvers")),
     ("model", ("hub", "block", "configs", "source", "manifest", "card", "output", "settings")),
     ("contract", ("methods", "methods.base")),

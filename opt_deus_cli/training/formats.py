@@ -62,9 +62,8 @@ def _present(row: dict) -> set[str]:
 
 
 def detect_format(files: list[Path], text_field: str, forced: str | None, what: str = "--data") -> str:
-    """The format of the files: --format, else each file's first row (all files must agree)."""
-    from datasets import load_dataset
-
+    """The format of the files: --format, else each file's first row (all files must agree).
+    Plain text files are known by their name: datasets is imported only to read a row."""
     found = {}
     for path in files:
         builder = file_format(path)
@@ -73,10 +72,12 @@ def detect_format(files: list[Path], text_field: str, forced: str | None, what: 
         elif forced is not None:
             continue  # json/parquet rows are checked against --format when read
         else:
+            from datasets import load_dataset
+
             try:  # streaming: reads the first row only, writes no cache
                 first = next(iter(load_dataset(builder, data_files=[str(path.resolve())], split="train", streaming=True)), None)
             except Exception as e:
-                raise OptDeusError(f"cannot read {path} as {builder}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                raise OptDeusError(f"cannot read {path} as {builder}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
             if first is None:
                 raise OptDeusError(f"{path} holds no rows")
             fmt = row_format(_present(first), text_field)

@@ -45,8 +45,10 @@ def check_request(model_dir: Path | str, data: list[Path | str], out_dir: Path |
         raise OptDeusError(f"the --eval-data files are {eval_fmt} but the --data files are {fmt}; evaluate on the same format")
     check_options(fmt, options.loss_on, options.packing, options.chat_template, options.drop_long)
     OutputTransaction(out_dir, options.overwrite, model_dir).check()  # refusals before any work
-    Checkpoint(model_dir).close()  # a truncated or broken safetensors named as upscale names it, not by transformers
-    return Request(config, manifest, files, eval_files, fmt, parse_size(options.shard_size), _seq_len(options, config))
+    request = Request(config, manifest, files, eval_files, fmt, parse_size(options.shard_size), _seq_len(options, config))
+    # last (safetensors' reader brings torch): a truncated or broken shard named as upscale names it
+    Checkpoint(model_dir).close()
+    return request
 
 
 def _seq_len(options: TrainOptions, config: dict) -> int:
