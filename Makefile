@@ -24,7 +24,8 @@ demo: install
 	$(BIN)/opt-deus inspect $(DEMO_OUT)
 	$(BIN)/opt-deus verify examples/tiny-llama $(DEMO_OUT) --text examples/tiny-llama/heldout.txt
 
-test: install
+# the habits first (ruff, mypy: seconds), then the suite
+test: lint
 	$(BIN)/python -m pytest -q tests
 
 # ruff (lint, then the formatting as a check) and mypy on the core modules; settings in pyproject.toml
