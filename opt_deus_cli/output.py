@@ -44,6 +44,15 @@ def copy_side_files(files: list[Path], out: Path, skipped: set[str]) -> None:
             shutil.copy2(path, out / path.name)
 
 
+def umask_modes(directory: Path) -> None:
+    """Give every file in `directory` the mode open() would (0666 less the umask): writers such as
+    safetensors' make theirs 0600, and a copy keeps its source's mode."""
+    mode = 0o666 & ~current_umask()
+    for path in Path(directory).iterdir():
+        if path.is_file():
+            os.chmod(path, mode)
+
+
 class Terminated(BaseException):
     """Raised in the main thread on SIGTERM, so cleanup runs as for Ctrl-C."""
 

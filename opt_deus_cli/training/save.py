@@ -20,7 +20,7 @@ import torch
 from ..checkpoint import INDEX_FILE, Checkpoint, sha256_file, write_json
 from ..errors import OptDeusError
 from ..manifest import MANIFEST_FILE, FileEntry, Manifest, OutputInfo
-from ..output import OutputTransaction, copy_side_files
+from ..output import OutputTransaction, copy_side_files, umask_modes
 
 TRAINING_FILE = "opt-deus-training.json"  # the record, beside an output whose input had no manifest
 CHUNK = 64 << 20  # bytes compared at a time
@@ -121,6 +121,7 @@ def write_output(model, state_dict: dict, model_dir: Path, out_dir: Path, overwr
         model.save_pretrained(tmp, state_dict=weights, max_shard_size=shard_bytes)
         del weights
         copy_input_files(model_dir, tmp)
+        umask_modes(tmp)  # safetensors writes 0600; everything follows the umask, as upscale's output does
         record = dict(record, check=check_saved(model_dir, tmp, is_frozen))
         if manifest is None:
             write_json(tmp / TRAINING_FILE, record)
