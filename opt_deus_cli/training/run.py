@@ -87,8 +87,26 @@ def train(model_dir: Path | str, data: list[Path | str], out_dir: Path | str, op
     """Train, save OUT (config, safetensors, tokenizer, manifest carried forward) and return the
     training record written into OUT's manifest. Deterministic for a given seed and data order
     (on one device type and world size)."""
+    try:
+        return _train(Path(model_dir), data, Path(out_dir), options, progress, log)
+    finally:  # however the run ends (Ctrl-C, an error, success), the Trainer's work directory goes
+        _remove_if_empty(_work_dir(Path(out_dir)))
+
+
+def _work_dir(out_dir: Path) -> Path:
+    """The Trainer's output_dir (unless --args names one): hidden beside OUT."""
+    return out_dir.parent / f".{out_dir.name}.trainer"
+
+
+def _remove_if_empty(work_dir: Path) -> None:
+    """The Trainer's work directory, unless it holds files (checkpoints asked for with --args)."""
+    if work_dir.is_dir() and not any(p.is_file() for p in work_dir.rglob("*")):
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _train(model_dir: Path, data: list[Path | str], out_dir: Path, options: TrainOptions,
+           progress: Progress | None, log: Log | None) -> dict:
     started = time.perf_counter()
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
     options.check()
     config = read_config(model_dir)
     manifest = read_manifest(model_dir)
@@ -106,7 +124,7 @@ def train(model_dir: Path | str, data: list[Path | str], out_dir: Path | str, op
     Checkpoint(model_dir).close()  # a truncated or broken safetensors named as upscale names it, not by transformers
     shard_bytes = parse_size(options.shard_size)
     seq_len = _seq_len(options, config)
-    work_dir = out_dir.parent / f".{out_dir.name}.trainer"
+    work_dir = _work_dir(out_dir)
     has_experts = any(k in config for k in EXPERT_COUNT_KEYS)
     if fmt == "text":
         args = training_arguments(options, work_dir, has_experts)
@@ -178,8 +196,6 @@ def train(model_dir: Path | str, data: list[Path | str], out_dir: Path | str, op
         write = functools.partial(write_output, trainer.accelerator.unwrap_model(trainer.model), state_dict, model_dir,
                                   out_dir, options.overwrite, shard_bytes, manifest, is_frozen, record)
         outcome = _attempt(write, out_dir) if args.world_size > 1 else {"record": write()}
-        if work_dir.is_dir() and not any(work_dir.iterdir()):  # Trainer's work directory, left empty
-            shutil.rmtree(work_dir, ignore_errors=True)
     del state_dict
     outcome = outcome_of_rank_zero(outcome, args.device)
     if "error" in outcome:

@@ -49,3 +49,16 @@ def test_trained_files_follow_the_umask(upscaled, corpus, tmp_path, umask):
     assert "model.safetensors" in modes
     assert modes == {name: 0o666 & ~umask for name in modes}, modes
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, RuntimeError])
+def test_an_interrupted_run_leaves_nothing_beside_out(upscaled, corpus, tmp_path, interrupt):
+    """Ctrl-C (or a crash) inside the training loop: no OUT, no Trainer work directory, no lock."""
+
+    def stop_at_step_one(done: int, total: int) -> None:
+        if done == 1:
+            raise interrupt("stopped")
+
+    with pytest.raises(interrupt):
+        train(upscaled, [corpus], tmp_path / "out", quick(steps=3), progress=stop_at_step_one)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
