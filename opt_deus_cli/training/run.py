@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import shutil
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +43,7 @@ Log = Callable[[int, int, dict], None]
 
 
 IGNORE = -100  # the label of a token that carries no loss
+DIVERGED = 1.25  # a final loss above this many times the first: the run diverged
 
 
 def _counting(trainer_class):
@@ -192,6 +195,8 @@ def _train(model_dir: Path, data: list[Path | str], out_dir: Path, options: Trai
         is_frozen = lambda name: not is_trainable(name, layers, pattern)  # noqa: E731
     outcome = {}
     if trainer.is_world_process_zero():
+        for problem in record["divergence"]:  # on screen (the CLI shows warnings as lines); also in the record
+            warnings.warn(problem, stacklevel=2)
         record["seconds_total"] = round(time.perf_counter() - started, 3)
         write = functools.partial(write_output, trainer.accelerator.unwrap_model(trainer.model), state_dict, model_dir,
                                   out_dir, options.overwrite, shard_bytes, manifest, is_frozen, record)
@@ -246,6 +251,27 @@ def _history(log_history: list[dict]) -> list[dict]:
     return json_safe(rows)
 
 
+def divergence(history: list[dict]) -> list[str]:
+    """What says the run went wrong: a non-finite loss, a final loss well above the first, a
+    gradient norm that became non-finite or collapsed to 0. Empty when none of it happened."""
+    losses = [(row["step"], row["loss"]) for row in history if "loss" in row]
+    norms = [(row["step"], row["grad_norm"]) for row in history if row.get("grad_norm") is not None]
+    found = []
+    bad = [(step, x) for step, x in losses if not math.isfinite(x)]
+    if bad:
+        found.append(f"the training loss became {bad[0][1]} at step {bad[0][0]}: the run diverged; lower --lr")
+    elif len(losses) >= 2 and losses[-1][1] > DIVERGED * losses[0][1]:
+        found.append(f"the final training loss {losses[-1][1]:.4f} is well above the first {losses[0][1]:.4f}: "
+                     "the run diverged and the saved model is worse than the input; lower --lr")
+    bad = [(step, x) for step, x in norms if not math.isfinite(x)]
+    if bad:
+        found.append(f"the gradient norm became {bad[0][1]} at step {bad[0][0]}: the run diverged; lower --lr")
+    elif norms and norms[-1][1] == 0:
+        found.append(f"the gradient norm collapsed to 0 (step {norms[-1][0]}): the trained layers no longer learn "
+                     "(saturated or dead); lower --lr")
+    return found
+
+
 def _record(options, args, trainer, result, report, files, eval_files, seq_len, data_record, loss_tokens,
             manifest, trainable, total) -> dict:
     import datasets
@@ -283,6 +309,7 @@ def _record(options, args, trainer, result, report, files, eval_files, seq_len, 
         "seconds": round(result.metrics.get("train_runtime", 0.0), 3),
         "seconds_per_step": round(statistics.median(steps_timed), 4) if steps_timed else None,
         "history": history,
+        "divergence": divergence(history),
         "trainer_args": json_safe(options.trainer_args),
         "versions": {"opt-deus": __version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "datasets": datasets.__version__},

@@ -62,3 +62,57 @@ def test_an_interrupted_run_leaves_nothing_beside_out(upscaled, corpus, tmp_path
     with pytest.raises(interrupt):
         train(upscaled, [corpus], tmp_path / "out", quick(steps=3), progress=stop_at_step_one)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_divergence_names_what_went_wrong():
+    from opt_deus_cli.training.run import divergence
+
+    def rows(losses, norms):
+        return [{"step": i + 1, "loss": x, "grad_norm": g} for i, (x, g) in enumerate(zip(losses, norms))]
+
+    assert divergence(rows([5.3, 4.9, 4.1], [1.2, 0.8, 0.7])) == []
+    assert divergence(rows([5.3, 5.5, 5.4], [1.0, 1.0, 1.0])) == []  # noise, not divergence
+    found = divergence(rows([5.28, 7.0, 8.32], [3.0, 0.0, 0.0]))
+    assert len(found) == 2 and "final training loss 8.3200 is well above the first 5.2800" in found[0]
+    assert "gradient norm collapsed to 0 (step 3)" in found[1]
+    found = divergence(rows([5.3, float("nan")], [2.0, float("inf")]))
+    assert "loss became nan at step 2" in found[0] and "gradient norm became inf at step 2" in found[1]
+
+
+@pytest.mark.slow
+def test_a_diverged_run_is_warned_about_and_recorded(upscaled, corpus, tmp_path):
+    from typer.testing import CliRunner
+
+    from opt_deus_cli.cli import app
+    from opt_deus_cli.manifest import read_manifest
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["train", str(upscaled), "--data", str(corpus), "--out", str(out), "--steps", "6",
+                                      "--batch-size", "2", "--seq-len", "32", "--lr", "1e30", "--device", "cpu"])
+    # the run: loss 5.11 -> 8.32, then a gradient norm of 0; finite but wrecked weights
+    assert result.exit_code == 0, result.output
+    record = read_manifest(out).training
+    assert len(record["divergence"]) == 2 and "well above the first" in record["divergence"][0]
+    assert "gradient norm collapsed to 0" in record["divergence"][1]
+    for problem in record["divergence"]:
+        assert f"warning: {problem}" in " ".join(result.output.split()), result.output
+
+@pytest.mark.slow
+def test_the_save_check_refuses_non_finite_trained_weights(upscaled, corpus, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from opt_deus_cli.errors import OptDeusError
+    from opt_deus_cli.training.save import check_saved
+
+    out = tmp_path / "out"
+    train(upscaled, [corpus], out, quick())
+    for value in (float("nan"), float("inf")):
+        doctored = tmp_path / f"doctored-{value}"
+        shutil.copytree(out, doctored)
+        weights = load_file(doctored / "model.safetensors")
+        weights["model.layers.9.mlp.down_proj.weight"][0, 0] = value  # a new (trained) layer
+        save_file(weights, str(doctored / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(OptDeusError, match=r"model.layers.9.mlp.down_proj.weight .*NaN or Inf"):
+            check_saved(upscaled, doctored, lambda name: not name.startswith(("model.layers.7.", "model.layers.9.")))
