@@ -60,6 +60,7 @@ def train(
     args_file: Optional[Path] = typer.Option(None, "--args", help="YAML of transformers TrainingArguments fields (FSDP, DeepSpeed, bf16, ...); SFTConfig fields for SFT data."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (only once the new one is complete and checked)."),
     shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB, 500MB."),
+    copy_extra: Optional[List[str]] = typer.Option(None, "--copy-extra", metavar="GLOB", help="Also copy the input's files matching GLOB (repeatable); by default only tokenizer, generation config, chat template, licence and notice files are."),
     as_json: bool = typer.Option(False, "--json", help="Print the training record as JSON."),
 ):
     """Train only the new layers (or all) with transformers' Trainer; write a checked, loadable model.
@@ -86,7 +87,8 @@ def train(
                            eval_data=tuple(eval_data or ()), eval_every=eval_every, text_field=text_field or "text",
                            cache_dir=cache_dir, trainer_args=trainer_args, overwrite=overwrite, shard_size=shard_size,
                            format=data_format, loss_on=loss_on, packing=packing, drop_long=drop_long,
-                           chat_template=str(chat_template) if chat_template else None)
+                           chat_template=str(chat_template) if chat_template else None,
+                           copy_extra=tuple(copy_extra or ()))
     with progress_bar(enabled=main and not as_json) as bar:
         task = bar.add_task("training", total=None)
 

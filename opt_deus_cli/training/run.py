@@ -28,13 +28,13 @@ from .. import __version__
 from ..checkpoint import Checkpoint, parse_size, read_config
 from ..errors import OptDeusError, UsageError
 from ..manifest import MANIFEST_FILE, read_manifest
-from ..output import OutputTransaction
+from ..output import OutputTransaction, check_extra_globs
 from .data import DataFile, bos_of, build_blocks, check_files, collate_blocks, load_tokenizer
 from .formats import check_options, detect_format
 from .freeze import freeze_base, is_trainable, layer_pattern, manifest_architecture
 from .options import TrainOptions, training_arguments
 from .distributed import outcome_of_rank_zero
-from .save import gathered_state_dict, json_safe, write_output
+from .save import gathered_state_dict, input_files, json_safe, write_output
 
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts")  # config keys of a mixture of experts
 # progress(done_steps, total_steps); log(step, total_steps, logs) with Trainer's log dict
@@ -124,6 +124,7 @@ def _train(model_dir: Path, data: list[Path | str], out_dir: Path, options: Trai
         raise OptDeusError(f"the --eval-data files are {eval_fmt} but the --data files are {fmt}; evaluate on the same format")
     check_options(fmt, options.loss_on, options.packing, options.chat_template, options.drop_long)
     OutputTransaction(out_dir, options.overwrite, model_dir).check()  # refusals before any work
+    check_extra_globs(input_files(model_dir), options.copy_extra, model_dir)
     Checkpoint(model_dir).close()  # a truncated or broken safetensors named as upscale names it, not by transformers
     shard_bytes = parse_size(options.shard_size)
     seq_len = _seq_len(options, config)
@@ -199,7 +200,8 @@ def _train(model_dir: Path, data: list[Path | str], out_dir: Path, options: Trai
             warnings.warn(problem, stacklevel=2)
         record["seconds_total"] = round(time.perf_counter() - started, 3)
         write = functools.partial(write_output, trainer.accelerator.unwrap_model(trainer.model), state_dict, model_dir,
-                                  out_dir, options.overwrite, shard_bytes, manifest, is_frozen, record)
+                                  out_dir, options.overwrite, shard_bytes, manifest, is_frozen, record,
+                                  options.copy_extra)
         outcome = _attempt(write, out_dir) if args.world_size > 1 else {"record": write()}
     del state_dict
     outcome = outcome_of_rank_zero(outcome, args.device)
