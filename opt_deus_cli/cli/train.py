@@ -71,29 +71,32 @@ def train(
     With --train new (the default) only the layers the manifest lists train, and every other
     tensor of OUT is checked bit-identical to the input's. OUT carries the manifest forward with
     a training record (data and sha256, steps, tokens, losses, seconds, world size)."""
-    from ..training import TrainOptions
-    from ..training.data import file_format
-    from ..training.options import read_args_file
-    from ..training.run import train as run_train
-
     main = _rank() == 0
-    data = [*data, *(more_data or [])]  # click gives --data one value; the files after it land here
-    if text_field is not None and all(run(file_format, p) == "text" for p in [*data, *(eval_data or [])]):
-        fail(UsageError(f"--text-field {text_field} names a column of .json/.jsonl/.parquet/.csv files; these are plain text "
-                        "(each file one document): drop the option"))
-    trainer_args = run(read_args_file, args_file) if args_file else {}
-    options = TrainOptions(train=train_mode, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
-                           grad_accum=grad_accum, seq_len=seq_len, device=device, dtype=dtype, seed=seed,
-                           eval_data=tuple(eval_data or ()), eval_every=eval_every, text_field=text_field or "text",
-                           cache_dir=cache_dir, trainer_args=trainer_args, overwrite=overwrite, shard_size=shard_size,
-                           format=data_format, loss_on=loss_on, packing=packing, drop_long=drop_long,
-                           chat_template=str(chat_template) if chat_template else None,
-                           copy_extra=tuple(copy_extra or ()))
     with progress_bar(enabled=main and not as_json) as bar:
-        task = bar.add_task("training", total=None)
+        # the first line at once: importing torch and transformers alone takes seconds
+        task = bar.add_task("starting (importing torch, transformers)", total=None)
+        bar.update(task, completed=0)
 
-        def on_progress(done: int, total: int) -> None:
-            bar.update(task, description=f"training ({options.train} layers)", completed=done, total=total)
+        from ..training import TrainOptions
+        from ..training.data import file_format
+        from ..training.options import read_args_file
+        from ..training.run import train as run_train
+
+        data = [*data, *(more_data or [])]  # click gives --data one value; the files after it land here
+        if text_field is not None and all(run(file_format, p) == "text" for p in [*data, *(eval_data or [])]):
+            fail(UsageError(f"--text-field {text_field} names a column of .json/.jsonl/.parquet/.csv files; these are plain text "
+                            "(each file one document): drop the option"))
+        trainer_args = run(read_args_file, args_file) if args_file else {}
+        options = TrainOptions(train=train_mode, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
+                               grad_accum=grad_accum, seq_len=seq_len, device=device, dtype=dtype, seed=seed,
+                               eval_data=tuple(eval_data or ()), eval_every=eval_every, text_field=text_field or "text",
+                               cache_dir=cache_dir, trainer_args=trainer_args, overwrite=overwrite, shard_size=shard_size,
+                               format=data_format, loss_on=loss_on, packing=packing, drop_long=drop_long,
+                               chat_template=str(chat_template) if chat_template else None,
+                               copy_extra=tuple(copy_extra or ()))
+
+        def on_progress(phase: str, done: int, total: int | None) -> None:
+            bar.update(task, description=phase, completed=done, total=total)
 
         def on_log(step: int, total: int, logs: dict) -> None:
             line = _log_line(step, total, logs)

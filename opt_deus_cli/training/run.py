@@ -37,8 +37,9 @@ from .distributed import outcome_of_rank_zero
 from .save import gathered_state_dict, input_files, json_safe, write_output
 
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts")  # config keys of a mixture of experts
-# progress(done_steps, total_steps); log(step, total_steps, logs) with Trainer's log dict
-Progress = Callable[[int, int], None]
+# progress(phase, done, total): each phase named as it starts (total None: not counted), then the
+# training steps; log(step, total_steps, logs) with Trainer's log dict
+Progress = Callable[[str, int, int | None], None]
 Log = Callable[[int, int, dict], None]
 
 
@@ -63,14 +64,14 @@ def _counting(trainer_class):
 class _Report(TrainerCallback):
     """Progress, loss lines and step times, from the world's rank 0 only."""
 
-    def __init__(self, progress: Progress | None, log: Log | None):
-        self.progress, self.log = progress, log
+    def __init__(self, progress: Progress | None, log: Log | None, label: str):
+        self.progress, self.log, self.label = progress, log, label
         self.step_seconds: list[float] = []
         self._started = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.progress:
-            self.progress(0, state.max_steps)
+            self.progress(self.label, 0, state.max_steps)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._started = time.perf_counter()
@@ -78,7 +79,7 @@ class _Report(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.step_seconds.append(time.perf_counter() - self._started)
         if state.is_world_process_zero and self.progress:
-            self.progress(state.global_step, state.max_steps)
+            self.progress(self.label, state.global_step, state.max_steps)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and self.log and logs:
@@ -110,6 +111,7 @@ def _remove_if_empty(work_dir: Path) -> None:
 def _train(model_dir: Path, data: list[Path | str], out_dir: Path, options: TrainOptions,
            progress: Progress | None, log: Log | None) -> dict:
     started = time.perf_counter()
+    phase: Callable[[str], None] = (lambda name: progress(name, 0, None)) if progress else (lambda name: None)
     options.check()
     config = read_config(model_dir)
     manifest = read_manifest(model_dir)
@@ -117,6 +119,7 @@ def _train(model_dir: Path, data: list[Path | str], out_dir: Path, options: Trai
         why = f"has no {MANIFEST_FILE}" if manifest is None else "has a manifest that lists no new layers"
         raise UsageError(f"{model_dir} {why}, so there are no new layers to train; "
                          "train every parameter with --train all")
+    phase("reading data")
     files = check_files(data, "--data")
     eval_files = check_files(options.eval_data, "--eval-data") if options.eval_data else []
     fmt = detect_format(files, options.text_field, options.format)
@@ -137,6 +140,7 @@ def _train(model_dir: Path, data: list[Path | str], out_dir: Path, options: Trai
 
         args = sft.sft_arguments(options, work_dir, has_experts, seq_len, fmt)
 
+    phase("tokenizing")
     tokenizer = load_tokenizer(model_dir)
     if fmt == "text":
         blocks = functools.partial(build_blocks, tokenizer=tokenizer, seq_len=seq_len, text_field=options.text_field,
@@ -150,6 +154,7 @@ def _train(model_dir: Path, data: list[Path | str], out_dir: Path, options: Trai
         with args.main_process_first():
             train_data = examples(files, what="training data")
             eval_data = examples(eval_files, what="eval data") if eval_files else None
+    phase("loading model")
     model = _load_model(model_dir, options.dtype)
     pattern = layer_pattern(manifest_architecture(manifest)) if manifest else None
     if options.train == "new":
@@ -163,7 +168,7 @@ def _train(model_dir: Path, data: list[Path | str], out_dir: Path, options: Trai
 
     from transformers import PrinterCallback, Trainer
 
-    report = _Report(progress, log)
+    report = _Report(progress, log, f"training ({options.train} layers)")
     if fmt == "text":
         trainer = _counting(Trainer)(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                                      data_collator=collate_blocks, callbacks=[report])
@@ -175,6 +180,7 @@ def _train(model_dir: Path, data: list[Path | str], out_dir: Path, options: Trai
     if eval_data is not None and not any(e.get("step") == trainer.state.global_step and "eval_loss" in e for e in history):
         trainer.evaluate()
     loss_tokens = int(trainer.accelerator.reduce(torch.tensor(trainer.loss_tokens, device=args.device), "sum"))
+    phase("gathering weights")
     state_dict = gathered_state_dict(trainer)
 
     if fmt == "text":
@@ -201,7 +207,7 @@ def _train(model_dir: Path, data: list[Path | str], out_dir: Path, options: Trai
         record["seconds_total"] = round(time.perf_counter() - started, 3)
         write = functools.partial(write_output, trainer.accelerator.unwrap_model(trainer.model), state_dict, model_dir,
                                   out_dir, options.overwrite, shard_bytes, manifest, is_frozen, record,
-                                  options.copy_extra)
+                                  options.copy_extra, phase)
         outcome = _attempt(write, out_dir) if args.world_size > 1 else {"record": write()}
     del state_dict
     outcome = outcome_of_rank_zero(outcome, args.device)

@@ -114,7 +114,7 @@ def check_saved(model_dir: Path, out: Path, is_frozen: Callable[[str], bool] | N
 
 def write_output(model, state_dict: dict, model_dir: Path, out_dir: Path, overwrite: bool, shard_bytes: int,
                  manifest: Manifest | None, is_frozen: Callable[[str], bool] | None, record: dict,
-                 copy_extra: tuple[str, ...] = ()) -> dict:
+                 copy_extra: tuple[str, ...] = (), phase: Callable[[str], None] = lambda name: None) -> dict:
     """Rank 0: save, check, record; OUT appears only when all of it succeeded. Returns the record
     with the check's counts."""
     from transformers.utils import logging as hf_logging
@@ -127,10 +127,12 @@ def write_output(model, state_dict: dict, model_dir: Path, out_dir: Path, overwr
         input_ckpt.close()
     transaction = OutputTransaction(out_dir, overwrite, model_dir)
     with transaction as tmp:
+        phase("saving")
         model.save_pretrained(tmp, state_dict=weights, max_shard_size=shard_bytes)
         del weights
         copy_input_files(model_dir, tmp, copy_extra)
         umask_modes(tmp)  # safetensors writes 0600; everything follows the umask, as upscale's output does
+        phase("checking")
         record = dict(record, check=check_saved(model_dir, tmp, is_frozen))
         trained_card(model_dir=model_dir, out_dir=out_dir, record=record, tool_version=__version__).save(tmp / CARD_FILE)
         if manifest is None:

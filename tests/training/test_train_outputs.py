@@ -55,7 +55,7 @@ def test_trained_files_follow_the_umask(upscaled, corpus, tmp_path, umask):
 def test_an_interrupted_run_leaves_nothing_beside_out(upscaled, corpus, tmp_path, interrupt):
     """Ctrl-C (or a crash) inside the training loop: no OUT, no Trainer work directory, no lock."""
 
-    def stop_at_step_one(done: int, total: int) -> None:
+    def stop_at_step_one(phase: str, done: int, total: int | None) -> None:
         if done == 1:
             raise interrupt("stopped")
 
@@ -116,3 +116,57 @@ def test_the_save_check_refuses_non_finite_trained_weights(upscaled, corpus, tmp
         save_file(weights, str(doctored / "model.safetensors"), metadata={"format": "pt"})
         with pytest.raises(OptDeusError, match=r"model.layers.9.mlp.down_proj.weight .*NaN or Inf"):
             check_saved(upscaled, doctored, lambda name: not name.startswith(("model.layers.7.", "model.layers.9.")))
+
+
+@pytest.mark.slow
+def test_progress_names_each_phase_in_order(upscaled, corpus, tmp_path):
+    seen: list[tuple[str, int, int | None]] = []
+    train(upscaled, [corpus], tmp_path / "out", quick(), progress=lambda *call: seen.append(call))
+    phases = list(dict.fromkeys(phase for phase, _, _ in seen))
+    assert phases == ["reading data", "tokenizing", "loading model", "training (new layers)", "gathering weights",
+                      "saving", "checking"]
+    steps = [(done, total) for phase, done, total in seen if phase.startswith("training")]
+    assert steps == [(0, 2), (1, 2), (2, 2)]
+    assert all(total is None for phase, _, total in seen if not phase.startswith("training"))
+
+
+def test_plain_progress_lines_show_the_time_left(monkeypatch, capsys):
+    from opt_deus_cli.cli import common
+
+    clock = [100.0]
+    monkeypatch.setattr(common.time, "monotonic", lambda: clock[0])
+    lines = []
+    monkeypatch.setattr(common.console, "print", lambda text, **kw: lines.append(text))
+    bar = common.PlainProgress()
+    task = bar.add_task("starting", total=None)
+    bar.update(task, completed=0)
+    clock[0] = 105.0
+    bar.update(task, description="training", completed=0, total=10)
+    clock[0] = 125.0  # 2 of 10 steps in 20 s: 80 s left
+    bar.update(task, completed=2)
+    assert lines == ["[0s] starting", "[0/10 5s] training", "[2/10 25s eta 80s] training"]
+
+
+@pytest.mark.slow
+def test_the_first_progress_line_comes_before_the_heavy_imports(upscaled, corpus, tmp_path):
+    """In a log (stderr not a terminal) the first line is printed at once, not after torch loads."""
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-c", "from opt_deus_cli.cli import app; app()", "train", str(upscaled), "--data",
+               str(corpus), "--out", str(tmp_path / "out"), "--steps", "1", "--batch-size", "2", "--seq-len", "32",
+               "--device", "cpu"]
+    started = time.monotonic()
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
+    first = process.stderr.readline()
+    first_at = time.monotonic() - started
+    _, rest = process.communicate(timeout=600)
+    assert process.returncode == 0, first + rest
+    assert "starting (importing torch, transformers)" in first
+    assert "import torch" not in first and first_at < 5.0  # the CLI alone; torch and transformers take longer
+    order = [phase for phase in ("reading data", "tokenizing", "loading model", "training (new layers)", "saving",
+                                 "checking") if phase in rest]
+    assert order == ["reading data", "tokenizing", "loading model", "training (new layers)", "saving", "checking"]
+    assert [rest.index(p) for p in order] == sorted(rest.index(p) for p in order)
