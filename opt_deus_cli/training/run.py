@@ -33,7 +33,7 @@ from .data import DataFile, bos_of, build_blocks, check_files, collate_blocks, l
 from .formats import check_options, detect_format
 from .freeze import freeze_base, is_trainable, layer_pattern, manifest_architecture
 from .options import TrainOptions, training_arguments
-from .distributed import outcome_of_rank_zero
+from .distributed import engine_that_ran, engine_warning, outcome_of_rank_zero
 from .save import gathered_state_dict, input_files, json_safe, write_output
 
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts")  # config keys of a mixture of experts
@@ -202,8 +202,9 @@ def _train(model_dir: Path, data: list[Path | str], out_dir: Path, options: Trai
         is_frozen = lambda name: not is_trainable(name, layers, pattern)  # noqa: E731
     outcome = {}
     if trainer.is_world_process_zero():
-        for problem in record["divergence"]:  # on screen (the CLI shows warnings as lines); also in the record
-            warnings.warn(problem, stacklevel=2)
+        for problem in [*record["divergence"], engine_warning(record["distributed"])]:  # on screen; also in the record
+            if problem:
+                warnings.warn(problem, stacklevel=2)
         record["seconds_total"] = round(time.perf_counter() - started, 3)
         write = functools.partial(write_output, trainer.accelerator.unwrap_model(trainer.model), state_dict, model_dir,
                                   out_dir, options.overwrite, shard_bytes, manifest, is_frozen, record,
@@ -303,6 +304,7 @@ def _record(options, args, trainer, result, report, files, eval_files, seq_len, 
         "tokens": int(state.num_input_tokens_seen),  # tokens seen (without padding)
         "loss_tokens": loss_tokens,  # tokens that carried loss
         "world_size": args.world_size,
+        "distributed": engine_that_ran(trainer, options.trainer_args),  # what ran, not what --args asked for
         "per_device_batch_size": args.per_device_train_batch_size,
         "grad_accum": args.gradient_accumulation_steps,
         "global_batch_blocks": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
