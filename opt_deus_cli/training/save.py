@@ -130,8 +130,8 @@ def write_output(model, state_dict: dict, model_dir: Path, out_dir: Path, overwr
         phase("saving")
         model.save_pretrained(tmp, state_dict=weights, max_shard_size=shard_bytes)
         del weights
-        copy_input_files(model_dir, tmp, copy_extra)
-        umask_modes(tmp)  # safetensors writes 0600; everything follows the umask, as upscale's output does
+        umask_modes(tmp)  # safetensors writes 0600: what opt-deus writes follows the umask, as in upscale's output
+        copy_input_files(model_dir, tmp, copy_extra)  # copies keep the input's modes, as upscale's side files do
         phase("checking")
         record = dict(record, check=check_saved(model_dir, tmp, is_frozen))
         trained_card(model_dir=model_dir, out_dir=out_dir, record=record, tool_version=__version__).save(tmp / CARD_FILE)
