@@ -162,10 +162,13 @@ class PlainProgress:
         return None
 
     def add_task(self, description: str, total: float | None = None, **_) -> int:
-        task = len(self._tasks)
+        task = self._next = getattr(self, "_next", -1) + 1
         self._tasks[task] = {"description": description, "completed": 0, "total": total, "said": None, "at": 0.0,
                              "since": time.monotonic()}
         return task
+
+    def remove_task(self, task: int) -> None:
+        self._tasks.pop(task, None)
 
     def update(self, task: int, description: str | None = None, completed: float | None = None,
                total: float | None = None, advance: float | None = None, **_) -> None:

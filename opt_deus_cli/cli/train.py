@@ -95,8 +95,13 @@ def train(
                                chat_template=str(chat_template) if chat_template else None,
                                copy_extra=tuple(copy_extra or ()))
 
+        phases = {"current": task, "name": None}
+
         def on_progress(phase: str, done: int, total: int | None) -> None:
-            bar.update(task, description=phase, completed=done, total=total)
+            if phase != phases["name"]:  # a task per phase: its own count (or none) and its own time left
+                bar.remove_task(phases["current"])
+                phases["current"], phases["name"] = bar.add_task(phase, total=total), phase
+            bar.update(phases["current"], description=phase, completed=done, total=total)
 
         def on_log(step: int, total: int, logs: dict) -> None:
             line = _log_line(step, total, logs)

@@ -103,9 +103,13 @@ def _work_dir(out_dir: Path) -> Path:
 
 
 def _remove_if_empty(work_dir: Path) -> None:
-    """The Trainer's work directory, unless it holds files (checkpoints asked for with --args)."""
-    if work_dir.is_dir() and not any(p.is_file() for p in work_dir.rglob("*")):
-        shutil.rmtree(work_dir, ignore_errors=True)
+    """The Trainer's work directory, unless it holds files (checkpoints asked for with --args). Every
+    rank of a distributed run may get here at once: a directory another rank removed is no error."""
+    try:
+        if work_dir.is_dir() and not any(p.is_file() for p in work_dir.rglob("*")):
+            shutil.rmtree(work_dir, ignore_errors=True)
+    except FileNotFoundError:
+        pass
 
 
 def _train(model_dir: Path, data: list[Path | str], out_dir: Path, options: TrainOptions,

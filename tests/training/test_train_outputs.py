@@ -172,3 +172,18 @@ def test_the_first_progress_line_comes_before_the_heavy_imports(upscaled, corpus
                                  "checking") if phase in rest]
     assert order == ["reading data", "tokenizing", "loading model", "training (new layers)", "saving", "checking"]
     assert [rest.index(p) for p in order] == sorted(rest.index(p) for p in order)
+
+
+def test_a_phase_without_a_count_shows_none(monkeypatch):
+    """After the training steps, `saving` is not shown as 0/20."""
+    from opt_deus_cli.cli import common
+
+    lines = []
+    monkeypatch.setattr(common.console, "print", lambda text, **kw: lines.append(text))
+    bar = common.PlainProgress()
+    task = bar.add_task("training", total=20)
+    bar.update(task, completed=20)
+    bar.remove_task(task)
+    task = bar.add_task("saving", total=None)
+    bar.update(task, completed=0)
+    assert lines[-1].endswith("s] saving") and "/" not in lines[-1]
