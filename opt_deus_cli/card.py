@@ -109,3 +109,48 @@ def start_summary(layer: LayerEntry) -> str:
         if rel not in by_value.setdefault(value, []):
             by_value[value].append(rel)
     return "; ".join(f"{', '.join(names)} = {value:g}" for value, names in by_value.items()) or "-"
+
+
+def trained_card(*, model_dir: Path, out_dir: Path, record: dict, tool_version: str):
+    """The card of a trained output: what it was trained from and on, how long, the losses and what
+    was frozen (the full record is in the manifest, or opt-deus-training.json)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    source = str(Path(model_dir).resolve())
+    data = ModelCardData(license=base_license(model_dir), library_name="transformers", pipeline_tag="text-generation",
+                         tags=["opt-deus", "depth-upscaling", "trained"])
+    losses = [row["loss"] for row in record["history"] if "loss" in row]
+    if record["train"] == "new":
+        what = (f"only the new layers {record['trainable_layers']} ({record['trainable_parameters']:,} of "
+                f"{record['total_parameters']:,} parameters); every other tensor was frozen and is checked "
+                f"bit-identical to the input's ({record['check']['frozen_identical']} tensors)")
+    else:
+        what = f"every parameter ({record['total_parameters']:,})"
+    loss_line = f"first {losses[0]:.4f}, final {losses[-1]:.4f}" if losses else "not logged"
+    if record.get("eval_loss") is not None:
+        loss_line += f"; eval loss {record['eval_loss']:.4f}"
+    rows = "\n".join(f"| {d['path']} | {d['bytes']} | {d['sha256']} |" for d in record["data"])
+    eval_rows = "\n".join(f"| {d['path']} (eval) | {d['bytes']} | {d['sha256']} |" for d in record["eval_data"])
+    warnings = "".join(f"\n**Warning:** {w}\n" for w in record.get("divergence", []))
+    body = f"""
+# {Path(out_dir).name}
+
+The model `{source}` trained with [opt-deus](https://pypi.org/project/opt-deus-cli/) {tool_version}
+(transformers {record['versions']['transformers']}): {record['steps']} steps on {record['format']} data,
+{record['tokens']:,} tokens seen ({record['loss_tokens']:,} carrying loss), learning rate {record['learning_rate']:g},
+seed {record['seed']}, world size {record['world_size']}.
+
+Trained: {what}.
+
+Training loss: {loss_line}.
+{warnings}
+This model is trained: it no longer computes what its base computes. The full training record
+(history, settings, versions) is in `opt-deus-manifest.json` (or `opt-deus-training.json`).
+
+## Data
+
+| file | bytes | sha256 |
+|---|---|---|
+{rows}{chr(10) + eval_rows if eval_rows else ""}
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

@@ -31,6 +31,7 @@ class Options:
     overwrite: bool = False
     allow_nonfinite: bool = False
     memory_budget: str | None = None  # "4GB": refuse a job whose layers would need more (None: the free RAM)
+    copy_extra: tuple[str, ...] = ()  # globs of base files to copy beyond the model's own (--copy-extra)
 
     def check(self) -> None:
         """The values' spelling, refused before any model is read (and before torch is imported)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import fnmatch
 import os
 import re
 import shutil
@@ -36,12 +37,45 @@ def current_umask() -> int:
     return mask
 
 
-def copy_side_files(files: list[Path], out: Path, skipped: set[str]) -> None:
-    """Copy the files of a model directory that are not weights (tokenizer, generation config, chat
-    template, licence, ...) into `out`, but those named in `skipped` (the caller writes its own)."""
+# what belongs to a model besides its weights and config (matched case-insensitively): tokenizer,
+# generation settings, chat template, licence and notice files. Anything else in a model directory
+# (a local base's own notes, data, training records) describes that model, not the output.
+MODEL_FILE_GLOBS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.tiktoken",
+                    "spiece.model", "sentencepiece*.model", "generation_config.json", "chat_template*",
+                    "license*", "licence*", "notice*", "copying*", "use_policy*")
+
+
+def belongs_to_model(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name.lower(), glob) for glob in MODEL_FILE_GLOBS)
+
+
+def check_extra_globs(files: list[Path], extra: tuple[str, ...] | list[str], model_dir: Path | str) -> None:
+    """--copy-extra GLOB that names no file of the model directory does nothing: refuse it."""
+    for glob in extra:
+        if not any(fnmatch.fnmatchcase(path.name, glob) for path in files):
+            names = ", ".join(sorted(p.name for p in files if not belongs_to_model(p.name)
+                                     and not p.name.endswith(WEIGHT_SUFFIXES))) or "none"
+            raise UsageError(f"--copy-extra {glob} matches no file of {model_dir} (files not copied by default: {names})")
+
+
+def copy_side_files(files: list[Path], out: Path, skipped: set[str], extra: tuple[str, ...] | list[str] = ()) -> None:
+    """Copy the files of a model directory that belong to the model but are not weights (tokenizer,
+    generation config, chat template, licence, ...; MODEL_FILE_GLOBS) and those the `extra` globs
+    name (--copy-extra), into `out`; never weights nor those named in `skipped` (the caller writes its own)."""
     for path in files:
-        if path.name not in skipped and not path.name.endswith(WEIGHT_SUFFIXES):
+        if path.name in skipped or path.name.endswith(WEIGHT_SUFFIXES):
+            continue
+        if belongs_to_model(path.name) or any(fnmatch.fnmatchcase(path.name, glob) for glob in extra):
             shutil.copy2(path, out / path.name)
+
+
+def umask_modes(directory: Path) -> None:
+    """Give every file in `directory` the mode open() would (0666 less the umask): writers such as
+    safetensors' make theirs 0600, and a copy keeps its source's mode."""
+    mode = 0o666 & ~current_umask()
+    for path in Path(directory).iterdir():
+        if path.is_file():
+            os.chmod(path, mode)
 
 
 class Terminated(BaseException):

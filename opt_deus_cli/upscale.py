@@ -23,7 +23,7 @@ from .job import Job, Options, resolve_job
 from .layers import OutputLayer
 from .manifest import FORMAT_VERSION, MANIFEST_FILE, BaseInfo, FileEntry, LayerEntry, Manifest, OutputInfo, read_manifest, report_warnings
 from .methods.base import Block, Progress
-from .output import OutputTransaction, copy_side_files
+from .output import OutputTransaction, check_extra_globs, copy_side_files
 from .recipe import Recipe
 from .source import SourceModel, check_finite
 
@@ -37,6 +37,7 @@ Model = Path | str | ResolvedModel  # a directory, a Hub repo id, or one already
 def prepare(model: Model, recipe: Recipe, options: Options) -> Job:
     """Read metadata, validate the checkpoint against its architecture, resolve the job."""
     job = resolve_job(SourceModel.open(resolve_model(model).path), recipe, options)
+    check_extra_globs(job.source.files(), options.copy_extra, job.source.dir)
     if options.allow_nonfinite and job.method.needs_finite:
         raise UsageError(f"--allow-nonfinite cannot help method {recipe.method}: it aligns or learns from the source "
                          "weights, which must be finite; fix the checkpoint (copy, average and stack pass NaN/Inf through)")
@@ -85,7 +86,7 @@ def upscale(model: Model, recipe: Recipe, out_dir: Path | str, options: Options 
             config, config_notes, config_warnings = rewrite_config(source.raw_config, source.hf_config, source.arch,
                                                                    job.layers, job.dtype)
             write_json(tmp / "config.json", config)
-            copy_side_files(source.files(), tmp, NOT_COPIED_NAMES)
+            copy_side_files(source.files(), tmp, NOT_COPIED_NAMES, options.copy_extra)
             model_card(base_repo_id=model.repo_id, base_dir=source.dir, model_type=source.arch.model_type,
                        recipe=recipe.to_dict(), layers=layer_entries, new_layers=job.new_layers,
                        function_preserving=job.function_preserving, out_dir=Path(out_dir),

@@ -320,7 +320,7 @@ def upscale(model, out, *extra, recipe="llama-pro"):
 
 
 # a plain progress line (stderr is not a terminal here): "[5/12 3s] layer 4 (new: ...)"
-PROGRESS_LINE = re.compile(r"\[(\d+/\d+ )?\d+s\] ")
+PROGRESS_LINE = re.compile(r"\[(\d+/\d+ )?\d+s( eta \d+s)?\] ")
 
 
 def messages(stderr: str) -> list[str]:

@@ -147,8 +147,9 @@ def main(version: bool = typer.Option(False, "--version", callback=version_callb
 
 class PlainProgress:
     """Progress for a log or a job scheduler (stderr is not a terminal): one plain line per step
-    (a new description, e.g. each layer) or every LOG_EVERY seconds, on stderr:
-        [5/12 3s] layer 4 (new: opt-deus of [3, 4])
+    (a new description, e.g. each layer) or every LOG_EVERY seconds, on stderr, with the time left
+    once a counted phase has made progress:
+        [5/12 3s eta 4s] layer 4 (new: opt-deus of [3, 4])
     The same calls as rich's Progress (add_task, update)."""
 
     LOG_EVERY = 10.0  # seconds between lines while the description stays the same
@@ -164,13 +165,19 @@ class PlainProgress:
         return None
 
     def add_task(self, description: str, total: float | None = None, **_) -> int:
-        task = len(self._tasks)
-        self._tasks[task] = {"description": description, "completed": 0, "total": total, "said": None, "at": 0.0}
+        task = self._next = getattr(self, "_next", -1) + 1
+        self._tasks[task] = {"description": description, "completed": 0, "total": total, "said": None, "at": 0.0,
+                             "since": time.monotonic()}
         return task
+
+    def remove_task(self, task: int) -> None:
+        self._tasks.pop(task, None)
 
     def update(self, task: int, description: str | None = None, completed: float | None = None,
                total: float | None = None, advance: float | None = None, **_) -> None:
         t = self._tasks[task]
+        if (description is not None and description != t["description"]) or completed == 0:
+            t["since"] = time.monotonic()  # a new phase: its time left counts from here
         for key, value in (("description", description), ("completed", completed), ("total", total)):
             if value is not None:
                 t[key] = value
@@ -180,16 +187,19 @@ class PlainProgress:
         if t["description"] != t["said"] or now - t["at"] >= self.LOG_EVERY:
             t["said"], t["at"] = t["description"], now
             count = f"{int(t['completed'])}/{int(t['total'])} " if t["total"] else ""
-            console.print(f"[{count}{now - self._start:.0f}s] {t['description']}", markup=False)
+            done, total = t["completed"], t["total"]
+            eta = f" eta {(now - t['since']) / done * (total - done):.0f}s" if total and 0 < done < total else ""
+            console.print(f"[{count}{now - self._start:.0f}s{eta}] {t['description']}", markup=False)
 
 
 def progress_bar(enabled: bool) -> Progress | PlainProgress:
     """A rich bar on a terminal; plain lines when stderr goes to a file or a pipe."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # work only
+    from rich.progress import (  # work only
+        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 
     if enabled and not console.is_terminal:
         return PlainProgress()
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
         console=console, transient=True, disable=not enabled,
     )

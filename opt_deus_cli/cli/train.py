@@ -60,6 +60,7 @@ def train(
     args_file: Optional[Path] = typer.Option(None, "--args", help="YAML of transformers TrainingArguments fields (FSDP, DeepSpeed, bf16, ...); SFTConfig fields for SFT data."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (only once the new one is complete and checked)."),
     shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB, 500MB."),
+    copy_extra: Optional[List[str]] = typer.Option(None, "--copy-extra", metavar="GLOB", help="Also copy the input's files matching GLOB (repeatable); by default only tokenizer, generation config, chat template, licence and notice files are."),
     as_json: bool = typer.Option(False, "--json", help="Print the training record as JSON."),
 ):
     """Train only the new layers (or all) with transformers' Trainer; write a checked, loadable model.
@@ -70,31 +71,41 @@ def train(
     With --train new (the default) only the layers the manifest lists train, and every other
     tensor of OUT is checked bit-identical to the input's. OUT carries the manifest forward with
     a training record (data and sha256, steps, tokens, losses, seconds, world size)."""
-    from ..training import TrainOptions
-    from ..training.data import file_format
-    from ..training.options import read_args_file
-    from ..training.request import check_request
-
     main = _rank() == 0
-    data = [*data, *(more_data or [])]  # click gives --data one value; the files after it land here
-    if text_field is not None and all(run(file_format, p) == "text" for p in [*data, *(eval_data or [])]):
-        fail(UsageError(f"--text-field {text_field} names a column of .json/.jsonl/.parquet/.csv files; these are plain text "
-                        "(each file one document): drop the option"))
-    options = TrainOptions(train=train_mode, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
-                           grad_accum=grad_accum, seq_len=seq_len, device=device, dtype=dtype, seed=seed,
-                           eval_data=tuple(eval_data or ()), eval_every=eval_every, text_field=text_field or "text",
-                           cache_dir=cache_dir, overwrite=overwrite, shard_size=shard_size,
-                           format=data_format, loss_on=loss_on, packing=packing, drop_long=drop_long,
-                           chat_template=str(chat_template) if chat_template else None)
-    run(check_request, model_dir, data, out_dir, options)  # usage errors before torch, transformers, datasets
-    # the --args file's keys are checked against transformers' own TrainingArguments (and SFTConfig)
-    options.trainer_args = run(read_args_file, args_file) if args_file else {}
-    from ..training.run import train as run_train
     with progress_bar(enabled=main and not as_json) as bar:
-        task = bar.add_task("training", total=None)
+        # the first line at once; the arguments are checked before torch and transformers are imported
+        task = bar.add_task("starting", total=None)
+        bar.update(task, completed=0)
 
-        def on_progress(done: int, total: int) -> None:
-            bar.update(task, description=f"training ({options.train} layers)", completed=done, total=total)
+        from ..training import TrainOptions
+        from ..training.data import file_format
+        from ..training.options import read_args_file
+        from ..training.request import check_request
+
+        data = [*data, *(more_data or [])]  # click gives --data one value; the files after it land here
+        if text_field is not None and all(run(file_format, p) == "text" for p in [*data, *(eval_data or [])]):
+            fail(UsageError(f"--text-field {text_field} names a column of .json/.jsonl/.parquet/.csv files; these are plain text "
+                            "(each file one document): drop the option"))
+        options = TrainOptions(train=train_mode, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
+                               grad_accum=grad_accum, seq_len=seq_len, device=device, dtype=dtype, seed=seed,
+                               eval_data=tuple(eval_data or ()), eval_every=eval_every, text_field=text_field or "text",
+                               cache_dir=cache_dir, overwrite=overwrite, shard_size=shard_size,
+                               format=data_format, loss_on=loss_on, packing=packing, drop_long=drop_long,
+                               chat_template=str(chat_template) if chat_template else None,
+                               copy_extra=tuple(copy_extra or ()))
+        run(check_request, model_dir, data, out_dir, options)  # usage errors before torch, transformers, datasets
+        # the --args file's keys are checked against transformers' own TrainingArguments (and SFTConfig)
+        options.trainer_args = run(read_args_file, args_file) if args_file else {}
+        bar.update(task, description="starting (importing torch, transformers)")
+        from ..training.run import train as run_train
+
+        phases = {"current": task, "name": None}
+
+        def on_progress(phase: str, done: int, total: int | None) -> None:
+            if phase != phases["name"]:  # a task per phase: its own count (or none) and its own time left
+                bar.remove_task(phases["current"])
+                phases["current"], phases["name"] = bar.add_task(phase, total=total), phase
+            bar.update(phases["current"], description=phase, completed=done, total=total)
 
         def on_log(step: int, total: int, logs: dict) -> None:
             line = _log_line(step, total, logs)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -23,6 +23,7 @@ def upscale(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved layer plan; write nothing."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Copy NaN/Inf in source tensors through (copy, average, stack)."),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Refuse, before any work, a job whose new layers would need more memory than this, e.g. 4GB (default: the RAM free now)."),
+    copy_extra: Optional[List[str]] = typer.Option(None, "--copy-extra", metavar="GLOB", help="Also copy the base's files matching GLOB (repeatable); by default only tokenizer, generation config, chat template, licence and notice files are."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ):
     """Build a deeper checkpoint from MODEL with a recipe, and a manifest of what was done."""
@@ -39,7 +40,7 @@ def upscale(
     if target is None and not dry_run:
         fail(UsageError("no output: give --out OUT_DIR or set `output:` in the recipe"))
     options = Options(device=device, dtype=dtype, shard_size=shard_size, overwrite=overwrite,
-                      allow_nonfinite=allow_nonfinite, memory_budget=memory_budget)
+                      allow_nonfinite=allow_nonfinite, memory_budget=memory_budget, copy_extra=tuple(copy_extra or ()))
     run(options.check)
     model = run(resolve_model, model, revision)
     from ..upscale import dry_run as run_dry_run, upscale as run_upscale

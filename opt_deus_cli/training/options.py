@@ -76,6 +76,7 @@ class TrainOptions:
     packing: bool = False  # pack examples into --seq-len rows (TRL's best-fit, padding-free with position ids)
     chat_template: str | None = None  # a Jinja file for a tokenizer without a chat template (or to replace it)
     drop_long: bool = False  # drop examples longer than --seq-len instead of truncating them
+    copy_extra: tuple[str, ...] = ()  # globs of input files to copy beyond the model's own (--copy-extra)
 
     def check(self) -> None:
         if self.train not in TRAIN_MODES:

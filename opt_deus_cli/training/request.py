@@ -12,7 +12,7 @@ from pathlib import Path
 from ..checkpoint import Checkpoint, parse_size, read_config
 from ..errors import OptDeusError, UsageError
 from ..manifest import MANIFEST_FILE, Manifest, read_manifest
-from ..output import OutputTransaction
+from ..output import OutputTransaction, check_extra_globs
 from .data import check_files
 from .formats import check_options, detect_format
 from .options import TrainOptions
@@ -45,6 +45,7 @@ def check_request(model_dir: Path | str, data: list[Path | str], out_dir: Path |
         raise OptDeusError(f"the --eval-data files are {eval_fmt} but the --data files are {fmt}; evaluate on the same format")
     check_options(fmt, options.loss_on, options.packing, options.chat_template, options.drop_long)
     OutputTransaction(out_dir, options.overwrite, model_dir).check()  # refusals before any work
+    check_extra_globs([p for p in sorted(model_dir.iterdir()) if p.is_file()], options.copy_extra, model_dir)
     request = Request(config, manifest, files, eval_files, fmt, parse_size(options.shard_size), _seq_len(options, config))
     # last (safetensors' reader brings torch): a truncated or broken shard named as upscale names it
     Checkpoint(model_dir).close()

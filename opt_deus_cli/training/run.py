@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import shutil
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -28,16 +30,18 @@ from .data import DataFile, bos_of, build_blocks, collate_blocks, load_tokenizer
 from .freeze import freeze_base, is_trainable, layer_pattern, manifest_architecture
 from .options import TrainOptions, training_arguments
 from .request import check_request
-from .distributed import outcome_of_rank_zero
+from .distributed import engine_that_ran, engine_warning, outcome_of_rank_zero
 from .save import gathered_state_dict, json_safe, write_output
 
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts")  # config keys of a mixture of experts
-# progress(done_steps, total_steps); log(step, total_steps, logs) with Trainer's log dict
-Progress = Callable[[int, int], None]
+# progress(phase, done, total): each phase named as it starts (total None: not counted), then the
+# training steps; log(step, total_steps, logs) with Trainer's log dict
+Progress = Callable[[str, int, int | None], None]
 Log = Callable[[int, int, dict], None]
 
 
 IGNORE = -100  # the label of a token that carries no loss
+DIVERGED = 1.25  # a final loss above this many times the first: the run diverged
 
 
 def _counting(trainer_class):
@@ -57,14 +61,14 @@ def _counting(trainer_class):
 class _Report(TrainerCallback):
     """Progress, loss lines and step times, from the world's rank 0 only."""
 
-    def __init__(self, progress: Progress | None, log: Log | None):
-        self.progress, self.log = progress, log
+    def __init__(self, progress: Progress | None, log: Log | None, label: str):
+        self.progress, self.log, self.label = progress, log, label
         self.step_seconds: list[float] = []
         self._started = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.progress:
-            self.progress(0, state.max_steps)
+            self.progress(self.label, 0, state.max_steps)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._started = time.perf_counter()
@@ -72,7 +76,7 @@ class _Report(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.step_seconds.append(time.perf_counter() - self._started)
         if state.is_world_process_zero and self.progress:
-            self.progress(state.global_step, state.max_steps)
+            self.progress(self.label, state.global_step, state.max_steps)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and self.log and logs:
@@ -84,12 +88,36 @@ def train(model_dir: Path | str, data: list[Path | str], out_dir: Path | str, op
     """Train, save OUT (config, safetensors, tokenizer, manifest carried forward) and return the
     training record written into OUT's manifest. Deterministic for a given seed and data order
     (on one device type and world size)."""
+    try:
+        return _train(Path(model_dir), data, Path(out_dir), options, progress, log)
+    finally:  # however the run ends (Ctrl-C, an error, success), the Trainer's work directory goes
+        _remove_if_empty(_work_dir(Path(out_dir)))
+
+
+def _work_dir(out_dir: Path) -> Path:
+    """The Trainer's output_dir (unless --args names one): hidden beside OUT."""
+    return out_dir.parent / f".{out_dir.name}.trainer"
+
+
+def _remove_if_empty(work_dir: Path) -> None:
+    """The Trainer's work directory, unless it holds files (checkpoints asked for with --args). Every
+    rank of a distributed run may get here at once: a directory another rank removed is no error."""
+    try:
+        if work_dir.is_dir() and not any(p.is_file() for p in work_dir.rglob("*")):
+            shutil.rmtree(work_dir, ignore_errors=True)
+    except FileNotFoundError:
+        pass
+
+
+def _train(model_dir: Path, data: list[Path | str], out_dir: Path, options: TrainOptions,
+           progress: Progress | None, log: Log | None) -> dict:
     started = time.perf_counter()
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    phase: Callable[[str], None] = (lambda name: progress(name, 0, None)) if progress else (lambda name: None)
+    phase("reading data")
     request = check_request(model_dir, data, out_dir, options)
     config, manifest, files, eval_files = request.config, request.manifest, request.files, request.eval_files
     shard_bytes, seq_len, fmt = request.shard_bytes, request.seq_len, request.format
-    work_dir = out_dir.parent / f".{out_dir.name}.trainer"
+    work_dir = _work_dir(out_dir)
     has_experts = any(k in config for k in EXPERT_COUNT_KEYS)
     if fmt == "text":
         args = training_arguments(options, work_dir, has_experts)
@@ -98,6 +126,7 @@ def train(model_dir: Path | str, data: list[Path | str], out_dir: Path | str, op
 
         args = sft.sft_arguments(options, work_dir, has_experts, seq_len, fmt)
 
+    phase("tokenizing")
     tokenizer = load_tokenizer(model_dir)
     if fmt == "text":
         blocks = functools.partial(build_blocks, tokenizer=tokenizer, seq_len=seq_len, text_field=options.text_field,
@@ -111,6 +140,7 @@ def train(model_dir: Path | str, data: list[Path | str], out_dir: Path | str, op
         with args.main_process_first():
             train_data = examples(files, what="training data")
             eval_data = examples(eval_files, what="eval data") if eval_files else None
+    phase("loading model")
     model = _load_model(model_dir, options.dtype)
     pattern = layer_pattern(manifest_architecture(manifest)) if manifest else None
     if options.train == "new":
@@ -124,7 +154,7 @@ def train(model_dir: Path | str, data: list[Path | str], out_dir: Path | str, op
 
     from transformers import PrinterCallback, Trainer
 
-    report = _Report(progress, log)
+    report = _Report(progress, log, f"training ({options.train} layers)")
     if fmt == "text":
         trainer = _counting(Trainer)(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                                      data_collator=collate_blocks, callbacks=[report])
@@ -136,6 +166,7 @@ def train(model_dir: Path | str, data: list[Path | str], out_dir: Path | str, op
     if eval_data is not None and not any(e.get("step") == trainer.state.global_step and "eval_loss" in e for e in history):
         trainer.evaluate()
     loss_tokens = int(trainer.accelerator.reduce(torch.tensor(trainer.loss_tokens, device=args.device), "sum"))
+    phase("gathering weights")
     state_dict = gathered_state_dict(trainer)
 
     if fmt == "text":
@@ -157,12 +188,14 @@ def train(model_dir: Path | str, data: list[Path | str], out_dir: Path | str, op
         is_frozen = lambda name: not is_trainable(name, layers, pattern)  # noqa: E731
     outcome = {}
     if trainer.is_world_process_zero():
+        for problem in [*record["divergence"], engine_warning(record["distributed"])]:  # on screen; also in the record
+            if problem:
+                warnings.warn(problem, stacklevel=2)
         record["seconds_total"] = round(time.perf_counter() - started, 3)
         write = functools.partial(write_output, trainer.accelerator.unwrap_model(trainer.model), state_dict, model_dir,
-                                  out_dir, options.overwrite, shard_bytes, manifest, is_frozen, record)
+                                  out_dir, options.overwrite, shard_bytes, manifest, is_frozen, record,
+                                  options.copy_extra, phase)
         outcome = _attempt(write, out_dir) if args.world_size > 1 else {"record": write()}
-        if work_dir.is_dir() and not any(work_dir.iterdir()):  # Trainer's work directory, left empty
-            shutil.rmtree(work_dir, ignore_errors=True)
     del state_dict
     outcome = outcome_of_rank_zero(outcome, args.device)
     if "error" in outcome:
@@ -204,6 +237,27 @@ def _history(log_history: list[dict]) -> list[dict]:
     return json_safe(rows)
 
 
+def divergence(history: list[dict]) -> list[str]:
+    """What says the run went wrong: a non-finite loss, a final loss well above the first, a
+    gradient norm that became non-finite or collapsed to 0. Empty when none of it happened."""
+    losses = [(row["step"], row["loss"]) for row in history if "loss" in row]
+    norms = [(row["step"], row["grad_norm"]) for row in history if row.get("grad_norm") is not None]
+    found = []
+    bad = [(step, x) for step, x in losses if not math.isfinite(x)]
+    if bad:
+        found.append(f"the training loss became {bad[0][1]} at step {bad[0][0]}: the run diverged; lower --lr")
+    elif len(losses) >= 2 and losses[-1][1] > DIVERGED * losses[0][1]:
+        found.append(f"the final training loss {losses[-1][1]:.4f} is well above the first {losses[0][1]:.4f}: "
+                     "the run diverged and the saved model is worse than the input; lower --lr")
+    bad = [(step, x) for step, x in norms if not math.isfinite(x)]
+    if bad:
+        found.append(f"the gradient norm became {bad[0][1]} at step {bad[0][0]}: the run diverged; lower --lr")
+    elif norms and norms[-1][1] == 0:
+        found.append(f"the gradient norm collapsed to 0 (step {norms[-1][0]}): the trained layers no longer learn "
+                     "(saturated or dead); lower --lr")
+    return found
+
+
 def _record(options, args, trainer, result, report, files, eval_files, seq_len, data_record, loss_tokens,
             manifest, trainable, total) -> dict:
     import datasets
@@ -227,6 +281,7 @@ def _record(options, args, trainer, result, report, files, eval_files, seq_len, 
         "tokens": int(state.num_input_tokens_seen),  # tokens seen (without padding)
         "loss_tokens": loss_tokens,  # tokens that carried loss
         "world_size": args.world_size,
+        "distributed": engine_that_ran(trainer, options.trainer_args),  # what ran, not what --args asked for
         "per_device_batch_size": args.per_device_train_batch_size,
         "grad_accum": args.gradient_accumulation_steps,
         "global_batch_blocks": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
@@ -241,6 +296,7 @@ def _record(options, args, trainer, result, report, files, eval_files, seq_len, 
         "seconds": round(result.metrics.get("train_runtime", 0.0), 3),
         "seconds_per_step": round(statistics.median(steps_timed), 4) if steps_timed else None,
         "history": history,
+        "divergence": divergence(history),
         "trainer_args": json_safe(options.trainer_args),
         "versions": {"opt-deus": __version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "datasets": datasets.__version__},

@@ -12,15 +12,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from .. import __version__
+from ..card import CARD_FILE, trained_card
 from ..checkpoint import INDEX_FILE, Checkpoint, sha256_file, write_json
 from ..errors import OptDeusError
 from ..manifest import MANIFEST_FILE, FileEntry, Manifest, OutputInfo
-from ..output import OutputTransaction, copy_side_files
+from ..output import OutputTransaction, copy_side_files, umask_modes
 
 TRAINING_FILE = "opt-deus-training.json"  # the record, beside an output whose input had no manifest
 CHUNK = 64 << 20  # bytes compared at a time
@@ -56,11 +59,16 @@ def cast_like_input(state_dict: dict, input_ckpt: Checkpoint, model) -> dict:
     return cast
 
 
-def copy_input_files(model_dir: Path, out: Path) -> None:
-    """config.json verbatim (the architecture and stored dtype are the input's) and every other
-    non-weight file (tokenizer, generation config, ...), over what save_pretrained wrote."""
-    files = [path for path in sorted(Path(model_dir).iterdir()) if path.is_file()]
-    copy_side_files(files, out, {INDEX_FILE, MANIFEST_FILE, TRAINING_FILE})
+def input_files(model_dir: Path) -> list[Path]:
+    return [path for path in sorted(Path(model_dir).iterdir()) if path.is_file()]
+
+
+def copy_input_files(model_dir: Path, out: Path, extra: tuple[str, ...] = ()) -> None:
+    """config.json verbatim (the architecture and stored dtype are the input's) and the files that
+    belong to the model (tokenizer, generation config, ...; and those --copy-extra names), over what
+    save_pretrained wrote. Not the input's card: the output gets its own."""
+    shutil.copy2(Path(model_dir) / "config.json", out / "config.json")
+    copy_side_files(input_files(model_dir), out, {INDEX_FILE, MANIFEST_FILE, TRAINING_FILE, CARD_FILE}, extra)
 
 
 def _same_bytes(a: Checkpoint, b: Checkpoint, name: str) -> bool:
@@ -105,7 +113,8 @@ def check_saved(model_dir: Path, out: Path, is_frozen: Callable[[str], bool] | N
 
 
 def write_output(model, state_dict: dict, model_dir: Path, out_dir: Path, overwrite: bool, shard_bytes: int,
-                 manifest: Manifest | None, is_frozen: Callable[[str], bool] | None, record: dict) -> dict:
+                 manifest: Manifest | None, is_frozen: Callable[[str], bool] | None, record: dict,
+                 copy_extra: tuple[str, ...] = (), phase: Callable[[str], None] = lambda name: None) -> dict:
     """Rank 0: save, check, record; OUT appears only when all of it succeeded. Returns the record
     with the check's counts."""
     from transformers.utils import logging as hf_logging
@@ -118,10 +127,14 @@ def write_output(model, state_dict: dict, model_dir: Path, out_dir: Path, overwr
         input_ckpt.close()
     transaction = OutputTransaction(out_dir, overwrite, model_dir)
     with transaction as tmp:
+        phase("saving")
         model.save_pretrained(tmp, state_dict=weights, max_shard_size=shard_bytes)
         del weights
-        copy_input_files(model_dir, tmp)
+        umask_modes(tmp)  # safetensors writes 0600: what opt-deus writes follows the umask, as in upscale's output
+        copy_input_files(model_dir, tmp, copy_extra)  # copies keep the input's modes, as upscale's side files do
+        phase("checking")
         record = dict(record, check=check_saved(model_dir, tmp, is_frozen))
+        trained_card(model_dir=model_dir, out_dir=out_dir, record=record, tool_version=__version__).save(tmp / CARD_FILE)
         if manifest is None:
             write_json(tmp / TRAINING_FILE, record)
         else:

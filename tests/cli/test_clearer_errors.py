@@ -15,13 +15,13 @@ from opt_deus_cli.errors import OptDeusError
 from opt_deus_cli.training.data import bos_of, build_blocks, check_files, load_tokenizer, pack_stream
 
 runner = CliRunner()
-from conftest import SHIPPED_MODEL as SHIPPED  # noqa: E402
+from conftest import SHIPPED_MODEL as SHIPPED, messages  # noqa: E402
 TEXT = (SHIPPED / "heldout.txt").read_text()
 
 
 def one_error(args: list, code: int) -> str:
     result = runner.invoke(app, [*map(str, args)])
-    lines = result.output.strip().splitlines()
+    lines = messages(result.output)  # the error line, besides any progress lines
     assert result.exit_code == code and len(lines) == 1 and lines[0].startswith("error:"), result.output
     return lines[0]
 

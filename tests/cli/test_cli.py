@@ -113,7 +113,7 @@ def test_bad_options(model_factory, tmp_path, args, message):
 
 # ---- what a picky first run found (issue 15) ----------------------------------------------------
 
-PROGRESS_LINE = re.compile(r"\[(\d+/\d+ )?\d+s\] ")  # a plain progress line, as in a log
+PROGRESS_LINE = re.compile(r"\[(\d+/\d+ )?\d+s( eta \d+s)?\] ")  # a plain progress line, as in a log
 
 
 def without_progress(output: str) -> str:

@@ -9,12 +9,12 @@ from typer.testing import CliRunner
 from opt_deus_cli.cli import app
 
 runner = CliRunner()
-from conftest import SHIPPED_MODEL as SHIPPED  # noqa: E402
+from conftest import SHIPPED_MODEL as SHIPPED, messages  # noqa: E402
 
 
 def refused(args: list, message: str) -> None:
     result = runner.invoke(app, [*map(str, args)])
-    lines = result.output.strip().splitlines()
+    lines = messages(result.output)  # the error line, besides any progress lines
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import checkpoint_tensors, load_model, make_model
+from conftest import checkpoint_tensors, load_model, make_model, messages
 from opt_deus_cli.cli import app
 from opt_deus_cli.errors import UsageError
 from opt_deus_cli.manifest import read_manifest
@@ -305,7 +305,7 @@ def test_bad_input_is_one_line_and_nothing_is_written(deeper, tmp_path):
         result = runner.invoke(app, ["train", str(deeper), "--data", *(str(tmp_path / f) for f in files), "--out", str(tmp_path / "o"),
                                      "--steps", "1", "--batch-size", "2", "--seq-len", "64", "--device", "cpu",
                                      "--cache-dir", str(tmp_path / "cache"), *extra])
-        lines = result.output.strip().splitlines()
+        lines = messages(result.output)  # besides progress lines
         assert result.exit_code == code, (files, extra, result.output)
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (files, extra, result.output)
         assert not (tmp_path / "o").exists() and not any(p.name.startswith(".o") for p in tmp_path.iterdir())
