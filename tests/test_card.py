@@ -20,15 +20,16 @@ RECIPE = {"method": "opt-deus", "positions": [0], "zero_init": ["o_proj", "down_
 
 
 def card(base_dir, preserving=True):
+    out = base_dir.parent / "deeper"
     return model_card(
-        base_name="org/base",
+        base_repo_id="org/base",
         base_dir=base_dir,
         model_type="llama",
         recipe=RECIPE,
         layers=LAYERS,
         new_layers=[1],
         function_preserving=preserving,
-        out_name="deeper",
+        out_dir=out,
         tool_version="9.9",
     )
 
@@ -45,9 +46,11 @@ def test_the_card_reads_back_through_huggingface_hub(tmp_path):
     assert back.data.tags == ["opt-deus", "depth-upscaling"]  # the method tag, opt-deus here, once
     text = back.text
     assert "# deeper" in text and "2 -> 3 decoder layers, method `opt-deus`. New layers: [1]." in text
-    assert "| 1 | new | 0, 1 | opt-deus | 2 |" in text  # the layer table, with the zeroed tensor count
+    # the layer table says what was set at the start, and to what
+    assert "| 1 | new | 0, 1 | opt-deus | self_attn.o_proj.weight, mlp.down_proj.weight = 0 |" in text
     assert "computes exactly what org/base computes" in text
-    assert "opt-deus train deeper" in text and "opt-deus verify org/base deeper" in text
+    out = tmp_path / "deeper"  # the commands name the output by its absolute path: they run from anywhere
+    assert f"opt-deus train {out}" in text and f"opt-deus verify org/base {out}" in text
     assert "The base's own card" not in text and "base-only-tag" not in path.read_text()
 
 
