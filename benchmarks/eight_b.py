@@ -33,9 +33,19 @@ from pathlib import Path
 from benchmarks.io_bench import dir_bytes, measure, opt_deus_command
 
 ROOT = Path(__file__).resolve().parent.parent
-LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
-                max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5)
+LLAMA_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=128256,
+    tie_word_embeddings=False,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+)
 
 
 def write_checkpoint(path: Path, shapes: dict, shard: str = "1GB", seed: int = 0) -> Path:
@@ -58,7 +68,9 @@ def write_checkpoint(path: Path, shapes: dict, shard: str = "1GB", seed: int = 0
     hidden, vocab = shapes["hidden_size"], shapes["vocab_size"]
     entries = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(shapes["num_hidden_layers"]):
-        entries += [(arch.layer_prefix(i) + rel, shape) for rel, shape in sorted(expected_block_shapes(arch, layout).items())]
+        entries += [
+            (arch.layer_prefix(i) + rel, shape) for rel, shape in sorted(expected_block_shapes(arch, layout).items())
+        ]
     entries += [("model.norm.weight", (hidden,))]
     if not shapes.get("tie_word_embeddings"):
         entries += [("lm_head.weight", (vocab, hidden))]
@@ -90,8 +102,12 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / "bench-out" / "eight-b")
     p.add_argument("--recipe", default="top-half")
     p.add_argument("--sketch", type=int, help="alignment.sketch for the recipe (default: the recipe's own)")
-    p.add_argument("--solver", choices=("exact", "sinkhorn"), help="alignment.solver for the recipe (default: the recipe's own)")
-    p.add_argument("--count", type=int, help="new layers (the recipe's count; default: its own, 50%%): fewer for a short run")
+    p.add_argument(
+        "--solver", choices=("exact", "sinkhorn"), help="alignment.solver for the recipe (default: the recipe's own)"
+    )
+    p.add_argument(
+        "--count", type=int, help="new layers (the recipe's count; default: its own, 50%%): fewer for a short run"
+    )
     p.add_argument("--device", default="cpu", help="passed to upscale: cpu | cuda | cuda:N")
     p.add_argument("--memory-budget", help="passed to upscale (e.g. 4GB: layers built in order, the lower peak)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint and the output")
@@ -102,8 +118,16 @@ def main() -> None:
     started = time.perf_counter()
     if args.shapes == "8b":
         base = args.work / "llama-8b-shape"
-        subprocess.run([sys.executable, "-c", f"from benchmarks.eight_b import write_checkpoint, LLAMA_8B; "
-                        f"from pathlib import Path; write_checkpoint(Path({str(base)!r}), LLAMA_8B)"], check=True, cwd=ROOT)
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"from benchmarks.eight_b import write_checkpoint, LLAMA_8B; "
+                f"from pathlib import Path; write_checkpoint(Path({str(base)!r}), LLAMA_8B)",
+            ],
+            check=True,
+            cwd=ROOT,
+        )
     else:
         from benchmarks.io_bench import LLAMA_1B, make_checkpoint
 
@@ -130,19 +154,33 @@ def main() -> None:
     shutil.rmtree(copy)
     shutil.rmtree(out, ignore_errors=True)
     budget = ["--memory-budget", args.memory_budget] if args.memory_budget else []
-    up = measure(opt_deus_command("upscale", str(base), "--recipe", recipe, "--out", str(out), "--device", args.device, "--json", *budget))
+    up = measure(
+        opt_deus_command(
+            "upscale", str(base), "--recipe", recipe, "--out", str(out), "--device", args.device, "--json", *budget
+        )
+    )
     load.append(os.getloadavg()[0])
     manifest = json.loads((out / "opt-deus-manifest.json").read_text())
     new = [layer for layer in manifest["layers"] if layer["origin"] == "new"]
     result = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "checkpoint_seconds": round(built, 1), "input_gb": round(dir_bytes(base) / 1e9, 2),
-        "output_gb": round(dir_bytes(out) / 1e9, 2), "layers": f"{manifest['base']['num_layers']} -> {manifest['output']['num_layers']}",
-        "recipe": manifest["recipe"], "device": manifest["resolved"]["device"], "memory_budget": args.memory_budget, "cp": cp, "upscale": up, "load_avg": load,
+        "checkpoint_seconds": round(built, 1),
+        "input_gb": round(dir_bytes(base) / 1e9, 2),
+        "output_gb": round(dir_bytes(out) / 1e9, 2),
+        "layers": f"{manifest['base']['num_layers']} -> {manifest['output']['num_layers']}",
+        "recipe": manifest["recipe"],
+        "device": manifest["resolved"]["device"],
+        "memory_budget": args.memory_budget,
+        "cp": cp,
+        "upscale": up,
+        "load_avg": load,
         "overlapped": sorted({layer["report"]["mlp"].get("overlapped") for layer in new}, key=str),
         "new_layer_seconds": [layer["seconds"] for layer in new],
-        "new_layer_groups": [{g: round(layer["report"][g]["seconds"], 2) for g in ("attention", "mlp")} for layer in new],
-        "timings": manifest["timings"], "warnings": manifest["warnings"],
+        "new_layer_groups": [
+            {g: round(layer["report"][g]["seconds"], 2) for g in ("attention", "mlp")} for layer in new
+        ],
+        "timings": manifest["timings"],
+        "warnings": manifest["warnings"],
     }
     if not args.keep:
         shutil.rmtree(out)
@@ -152,11 +190,13 @@ def main() -> None:
         print(json.dumps(result, indent=1))
         return
     per_layer = result["new_layer_seconds"]
-    print(f"{result['layers']} layers, {result['input_gb']} -> {result['output_gb']} GB: wall {up['seconds']} s, "
-          f"CPU {up['cpu_seconds']} s, peak RSS {up.get('own_peak_rss_mb')} MB (with its children {up['peak_rss_mb']} MB; "
-          f"the process tree's peak PSS {up.get('peak_tree_pss_mb')} MB); "
-          f"cp -r {cp['seconds']} s; "
-          f"new layers {min(per_layer):.1f}-{max(per_layer):.1f} s (mean {sum(per_layer) / len(per_layer):.1f}); load {load}")
+    print(
+        f"{result['layers']} layers, {result['input_gb']} -> {result['output_gb']} GB: wall {up['seconds']} s, "
+        f"CPU {up['cpu_seconds']} s, peak RSS {up.get('own_peak_rss_mb')} MB (with its children {up['peak_rss_mb']} MB; "
+        f"the process tree's peak PSS {up.get('peak_tree_pss_mb')} MB); "
+        f"cp -r {cp['seconds']} s; "
+        f"new layers {min(per_layer):.1f}-{max(per_layer):.1f} s (mean {sum(per_layer) / len(per_layer):.1f}); load {load}"
+    )
 
 
 if __name__ == "__main__":

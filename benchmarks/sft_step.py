@@ -50,7 +50,7 @@ def prompt_completion_rows(texts: list[str], tokens_per_row: int, limit: int) ->
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         for start in range(0, len(ids) - tokens_per_row + 1, tokens_per_row):
-            chunk = ids[start:start + tokens_per_row]
+            chunk = ids[start : start + tokens_per_row]
             half = len(chunk) // 2
             rows.append({"prompt": tokenizer.decode(chunk[:half]), "completion": tokenizer.decode(chunk[half:])})
             if len(rows) == limit:
@@ -66,8 +66,11 @@ def prepare(work: Path, seq_len: int, rows_needed: int) -> tuple[Path, dict[str,
     if not (model / "opt-deus-manifest.json").is_file():
         opt_deus("upscale", str(SHIPPED), "--recipe", "top-half", "--out", str(model), "--device", "cpu", "--overwrite")
     corpus = load_corpus(max_bytes=2_000_000)
-    files = {"cpt": work / "stdlib-train.jsonl", "sft-padded": work / f"sft-{seq_len}.jsonl",
-             "sft-packed": work / f"sft-{seq_len // 4}.jsonl"}
+    files = {
+        "cpt": work / "stdlib-train.jsonl",
+        "sft-padded": work / f"sft-{seq_len}.jsonl",
+        "sft-packed": work / f"sft-{seq_len // 4}.jsonl",
+    }
     contents = {
         "cpt": lambda: [{"text": text} for text in corpus.train_texts],
         "sft-padded": lambda: prompt_completion_rows(corpus.train_texts, seq_len - 2, rows_needed),
@@ -81,9 +84,27 @@ def prepare(work: Path, seq_len: int, rows_needed: int) -> tuple[Path, dict[str,
 
 def run_once(model: Path, data: Path, arm: str, args, out: Path) -> dict:
     extra = ["--packing"] if arm == "sft-packed" else []
-    result = opt_deus("train", str(model), "--data", str(data), "--out", str(out), "--steps", str(args.steps),
-                      "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--device", "cpu",
-                      "--cache-dir", str(WORK / "datasets-cache"), "--overwrite", "--json", *extra)
+    result = opt_deus(
+        "train",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--seq-len",
+        str(args.seq_len),
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(WORK / "datasets-cache"),
+        "--overwrite",
+        "--json",
+        *extra,
+    )
     return json.loads(result.stdout)
 
 
@@ -109,27 +130,46 @@ def main() -> None:
     for arm, records in runs.items():
         per_step = [r["seconds_per_step"] for r in records]
         tokens = records[0]["tokens"] / records[0]["steps"]
-        rows.append({"arm": arm, "seconds_per_step": statistics.median(per_step), "runs": per_step,
-                     "tokens_per_step": tokens, "loss_tokens_per_step": records[0]["loss_tokens"] / records[0]["steps"],
-                     "tokens_per_second": tokens / statistics.median(per_step),
-                     "trainable_parameters": records[0]["trainable_parameters"]})
+        rows.append(
+            {
+                "arm": arm,
+                "seconds_per_step": statistics.median(per_step),
+                "runs": per_step,
+                "tokens_per_step": tokens,
+                "loss_tokens_per_step": records[0]["loss_tokens"] / records[0]["steps"],
+                "tokens_per_second": tokens / statistics.median(per_step),
+                "trainable_parameters": records[0]["trainable_parameters"],
+            }
+        )
     cpt = next(r for r in rows if r["arm"] == "cpt")
     for row in rows:
         row["vs_cpt"] = row["seconds_per_step"] / cpt["seconds_per_step"]
-    meta = {"steps": args.steps, "repeats": args.repeats, "batch_size": args.batch_size, "seq_len": args.seq_len,
-            "torch_threads": records[0]["torch_threads"], "load_before": load_before, "load_after": load_after,
-            "python": platform.python_version(), "versions": runs["sft-padded"][0]["versions"]}
+    meta = {
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "torch_threads": records[0]["torch_threads"],
+        "load_before": load_before,
+        "load_after": load_after,
+        "python": platform.python_version(),
+        "versions": runs["sft-padded"][0]["versions"],
+    }
     shutil.rmtree(WORK / "datasets-cache", ignore_errors=True)
     if args.json:
         print(json.dumps({"meta": meta, "rows": rows}, indent=1))
         return
-    print(f"load average {load_before:.2f} -> {load_after:.2f}; {args.steps} steps x {args.repeats} runs, "
-          f"batch {args.batch_size} x {args.seq_len} tokens, new layers only ({cpt['trainable_parameters'] / 1e6:.2f}M trainable)")
+    print(
+        f"load average {load_before:.2f} -> {load_after:.2f}; {args.steps} steps x {args.repeats} runs, "
+        f"batch {args.batch_size} x {args.seq_len} tokens, new layers only ({cpt['trainable_parameters'] / 1e6:.2f}M trainable)"
+    )
     print("| arm | tokens/step | loss tokens/step | s/step (median) | runs | tokens/s | vs cpt |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['arm']} | {row['tokens_per_step']:.0f} | {row['loss_tokens_per_step']:.0f} | {row['seconds_per_step']:.3f} | "
-              f"{', '.join(f'{s:.3f}' for s in row['runs'])} | {row['tokens_per_second']:.0f} | {row['vs_cpt']:.2f} |")
+        print(
+            f"| {row['arm']} | {row['tokens_per_step']:.0f} | {row['loss_tokens_per_step']:.0f} | {row['seconds_per_step']:.3f} | "
+            f"{', '.join(f'{s:.3f}' for s in row['runs'])} | {row['tokens_per_second']:.0f} | {row['vs_cpt']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

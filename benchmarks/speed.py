@@ -40,10 +40,19 @@ def upscale_rows(base: Path, work: Path, recipes: list[str]) -> list[dict]:
         shutil.rmtree(copy_dir)
         up = measure([opt_deus, "upscale", str(base), "--recipe", recipe, "--out", str(out), "--device", "cpu"])
         manifest = json.loads((out / "opt-deus-manifest.json").read_text())
-        rows.append({"tool": "opt-deus", "recipe": recipe, "method": manifest["recipe"]["method"],
-                     "layers": f"{manifest['base']['num_layers']} -> {manifest['output']['num_layers']}",
-                     "output_gb": round(dir_bytes(out) / 1e9, 3), "seconds": up["seconds"], "peak_rss_mb": up["peak_rss_mb"],
-                     "cp_seconds": cp["seconds"], "ratio_to_cp": round(up["seconds"] / cp["seconds"], 2)})
+        rows.append(
+            {
+                "tool": "opt-deus",
+                "recipe": recipe,
+                "method": manifest["recipe"]["method"],
+                "layers": f"{manifest['base']['num_layers']} -> {manifest['output']['num_layers']}",
+                "output_gb": round(dir_bytes(out) / 1e9, 3),
+                "seconds": up["seconds"],
+                "peak_rss_mb": up["peak_rss_mb"],
+                "cp_seconds": cp["seconds"],
+                "ratio_to_cp": round(up["seconds"] / cp["seconds"], 2),
+            }
+        )
         shutil.rmtree(out)
     return rows
 
@@ -51,9 +60,14 @@ def upscale_rows(base: Path, work: Path, recipes: list[str]) -> list[dict]:
 def mergekit_row(mergekit: str, base: Path, work: Path, layers: int) -> dict:
     """mergekit passthrough with SOLAR's plan: [0, N - m) + [m, N), m = N / 4."""
     m = layers // 4
-    config = {"slices": [{"sources": [{"model": str(base), "layer_range": [0, layers - m]}]},
-                         {"sources": [{"model": str(base), "layer_range": [m, layers]}]}],
-              "merge_method": "passthrough", "dtype": "bfloat16"}
+    config = {
+        "slices": [
+            {"sources": [{"model": str(base), "layer_range": [0, layers - m]}]},
+            {"sources": [{"model": str(base), "layer_range": [m, layers]}]},
+        ],
+        "merge_method": "passthrough",
+        "dtype": "bfloat16",
+    }
     out = work / "out-mergekit"
     shutil.rmtree(out, ignore_errors=True)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
@@ -63,10 +77,17 @@ def mergekit_row(mergekit: str, base: Path, work: Path, layers: int) -> dict:
     cp = measure(["cp", "-r", str(base), str(copy_dir)])
     shutil.rmtree(copy_dir)
     run = measure([mergekit, f.name, str(out), "--no-copy-tokenizer"])
-    row = {"tool": "mergekit passthrough", "recipe": "solar-equivalent", "method": "stack",
-           "layers": f"{layers} -> {2 * (layers - m)}", "output_gb": round(dir_bytes(out) / 1e9, 3),
-           "seconds": run["seconds"], "peak_rss_mb": run["peak_rss_mb"], "cp_seconds": cp["seconds"],
-           "ratio_to_cp": round(run["seconds"] / cp["seconds"], 2)}
+    row = {
+        "tool": "mergekit passthrough",
+        "recipe": "solar-equivalent",
+        "method": "stack",
+        "layers": f"{layers} -> {2 * (layers - m)}",
+        "output_gb": round(dir_bytes(out) / 1e9, 3),
+        "seconds": run["seconds"],
+        "peak_rss_mb": run["peak_rss_mb"],
+        "cp_seconds": cp["seconds"],
+        "ratio_to_cp": round(run["seconds"] / cp["seconds"], 2),
+    }
     shutil.rmtree(out)
     os.unlink(f.name)
     return row
@@ -87,28 +108,39 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=["llama-pro", "solar", "average", "top-half"])
     parser.add_argument("--mergekit", help="path of mergekit-yaml (another environment)")
     parser.add_argument("--skip-layers", action="store_true", help="skip the one-layer study")
-    parser.add_argument("--reference-max-iter", type=int, default=100,
-                        help="cap for reference Sinkhorn in the one-layer study (extrapolated to 10000)")
+    parser.add_argument(
+        "--reference-max-iter",
+        type=int,
+        default=100,
+        help="cap for reference Sinkhorn in the one-layer study (extrapolated to 10000)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     base = make_checkpoint(args.work / "llama-1b-shape", LLAMA_1B)
-    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-              "input_gb": round(dir_bytes(base) / 1e9, 3), "upscale": upscale_rows(base, args.work, args.recipes)}
+    result = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "input_gb": round(dir_bytes(base) / 1e9, 3),
+        "upscale": upscale_rows(base, args.work, args.recipes),
+    }
     if args.mergekit:
         result["upscale"].append(mergekit_row(args.mergekit, base, args.work, LLAMA_1B["num_hidden_layers"]))
     if not args.skip_layers:
-        result["one_layer"] = (layer_rows("1b", ["corrected-exact", "corrected-sinkhorn"], None)
-                               + layer_rows("1b", ["reference"], args.reference_max_iter)
-                               + layer_rows("8b", ["corrected-exact"], None))
+        result["one_layer"] = (
+            layer_rows("1b", ["corrected-exact", "corrected-sinkhorn"], None)
+            + layer_rows("1b", ["reference"], args.reference_max_iter)
+            + layer_rows("8b", ["corrected-exact"], None)
+        )
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"machine: {result['machine']}; input {result['input_gb']} GB (LLaMA-3.2-1B shapes, bf16)")
     print(f"{'tool':<22} {'recipe':<18} {'layers':<9} {'out GB':>7} {'s':>8} {'peak MB':>8} {'cp s':>6} {'x cp':>6}")
     for r in result["upscale"]:
-        print(f"{r['tool']:<22} {r['recipe']:<18} {r['layers']:<9} {r['output_gb']:>7} {r['seconds']:>8} "
-              f"{r['peak_rss_mb']:>8} {r['cp_seconds']:>6} {r['ratio_to_cp']:>6}")
+        print(
+            f"{r['tool']:<22} {r['recipe']:<18} {r['layers']:<9} {r['output_gb']:>7} {r['seconds']:>8} "
+            f"{r['peak_rss_mb']:>8} {r['cp_seconds']:>6} {r['ratio_to_cp']:>6}"
+        )
     for r in result.get("one_layer", []):
         print(json.dumps(r))
 

@@ -30,10 +30,26 @@ GOAL_SECONDS = 0.5
 def commands(out: Path) -> dict[str, list[str]]:
     return {
         "--help": ["--help"],
-        "usage error (train --steps 0)": ["train", str(out), "--data", str(ROOT / "README.md"), "--out", str(WORK / "x"),
-                                          "--steps", "0"],
-        "usage error (upscale --dtype fp8)": ["upscale", str(SHIPPED), "--recipe", "top-half", "--out", str(WORK / "x"),
-                                              "--dtype", "fp8"],
+        "usage error (train --steps 0)": [
+            "train",
+            str(out),
+            "--data",
+            str(ROOT / "README.md"),
+            "--out",
+            str(WORK / "x"),
+            "--steps",
+            "0",
+        ],
+        "usage error (upscale --dtype fp8)": [
+            "upscale",
+            str(SHIPPED),
+            "--recipe",
+            "top-half",
+            "--out",
+            str(WORK / "x"),
+            "--dtype",
+            "fp8",
+        ],
         "recipes": ["recipes"],
         "handoff --for peft": ["handoff", str(out), "--for", "peft"],
         "inspect OUT": ["inspect", str(out)],
@@ -50,8 +66,12 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if not (out / "opt-deus-manifest.json").is_file():
         WORK.mkdir(parents=True, exist_ok=True)
-        subprocess.run([script, "upscale", str(SHIPPED), "--recipe", "llama-pro", "--out", str(out), "--overwrite"],
-                       check=True, capture_output=True, env=env)
+        subprocess.run(
+            [script, "upscale", str(SHIPPED), "--recipe", "llama-pro", "--out", str(out), "--overwrite"],
+            check=True,
+            capture_output=True,
+            env=env,
+        )
     cases = commands(out)
     seconds: dict[str, list[float]] = {name: [] for name in cases}
     load = [os.getloadavg()[0]]
@@ -61,8 +81,15 @@ def main() -> None:
             subprocess.run([script, *argv], capture_output=True, env=env)
             seconds[name].append(time.perf_counter() - start)
     load.append(os.getloadavg()[0])
-    rows = [{"command": name, "median_s": round(statistics.median(s), 3), "min_s": round(min(s), 3),
-             "max_s": round(max(s), 3)} for name, s in seconds.items()]
+    rows = [
+        {
+            "command": name,
+            "median_s": round(statistics.median(s), 3),
+            "min_s": round(min(s), 3),
+            "max_s": round(max(s), 3),
+        }
+        for name, s in seconds.items()
+    ]
     if args.json:
         print(json.dumps({"rounds": args.rounds, "load_avg": load, "goal_s": GOAL_SECONDS, "rows": rows}, indent=1))
         return

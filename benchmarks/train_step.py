@@ -66,9 +66,30 @@ def prepare(work: Path) -> tuple[dict[str, Path], Path]:
 
 
 def run_once(model: Path, data: Path, mode: str, args, out: Path) -> dict:
-    result = opt_deus("train", str(model), "--data", str(data), "--out", str(out), "--train", mode, "--steps", str(args.steps),
-                      "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--device", args.device, "--dtype", args.dtype,
-                      "--cache-dir", str(WORK / "datasets-cache"), "--overwrite", "--json")
+    result = opt_deus(
+        "train",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--train",
+        mode,
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--seq-len",
+        str(args.seq_len),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--cache-dir",
+        str(WORK / "datasets-cache"),
+        "--overwrite",
+        "--json",
+    )
     return json.loads(result.stdout)
 
 
@@ -98,31 +119,50 @@ def main() -> None:
     rows = []
     for (position, mode), records in runs.items():
         per_step = [r["seconds_per_step"] for r in records]
-        rows.append({
-            "position": position, "train": mode,
-            "new_layers": json.loads((models[position] / "opt-deus-manifest.json").read_text())["new_layers"],
-            "trainable_parameters": records[0]["trainable_parameters"], "total_parameters": records[0]["total_parameters"],
-            "seconds_per_step": statistics.median(per_step), "runs": per_step,
-            "tokens_per_step": records[0]["tokens"] // records[0]["steps"],
-        })
+        rows.append(
+            {
+                "position": position,
+                "train": mode,
+                "new_layers": json.loads((models[position] / "opt-deus-manifest.json").read_text())["new_layers"],
+                "trainable_parameters": records[0]["trainable_parameters"],
+                "total_parameters": records[0]["total_parameters"],
+                "seconds_per_step": statistics.median(per_step),
+                "runs": per_step,
+                "tokens_per_step": records[0]["tokens"] // records[0]["steps"],
+            }
+        )
     for row in rows:
         all_row = next(r for r in rows if r["position"] == row["position"] and r["train"] == "all")
         row["vs_all"] = row["seconds_per_step"] / all_row["seconds_per_step"]
-    meta = {"device": args.device, "dtype": args.dtype, "steps": args.steps, "repeats": args.repeats, "batch_size": args.batch_size, "seq_len": args.seq_len,
-            "torch_threads": records[0]["torch_threads"], "load_before": load_before, "load_after": load_after,
-            "python": platform.python_version(), "versions": records[0]["versions"]}
+    meta = {
+        "device": args.device,
+        "dtype": args.dtype,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "torch_threads": records[0]["torch_threads"],
+        "load_before": load_before,
+        "load_after": load_after,
+        "python": platform.python_version(),
+        "versions": records[0]["versions"],
+    }
     shutil.rmtree(WORK / "datasets-cache", ignore_errors=True)
     if args.json:
         print(json.dumps({"meta": meta, "rows": rows}, indent=1))
         return
-    print(f"load average {load_before:.2f} -> {load_after:.2f}; {args.steps} steps x {args.repeats} runs, "
-          f"batch {args.batch_size} x {args.seq_len} tokens")
+    print(
+        f"load average {load_before:.2f} -> {load_after:.2f}; {args.steps} steps x {args.repeats} runs, "
+        f"batch {args.batch_size} x {args.seq_len} tokens"
+    )
     print("| position | new layers | --train | trainable params | s/step (median) | runs | vs all |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['position']} | {row['new_layers']} | {row['train']} | "
-              f"{row['trainable_parameters'] / 1e6:.2f}M of {row['total_parameters'] / 1e6:.2f}M | {row['seconds_per_step']:.3f} | "
-              f"{', '.join(f'{s:.3f}' for s in row['runs'])} | {row['vs_all']:.2f} |")
+        print(
+            f"| {row['position']} | {row['new_layers']} | {row['train']} | "
+            f"{row['trainable_parameters'] / 1e6:.2f}M of {row['total_parameters'] / 1e6:.2f}M | {row['seconds_per_step']:.3f} | "
+            f"{', '.join(f'{s:.3f}' for s in row['runs'])} | {row['vs_all']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -27,9 +27,9 @@ import os
 import re
 import sysconfig
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -56,7 +56,7 @@ def _path_hash(rel_path: str, purpose: str) -> int:
     # ``purpose`` salts the hash so the split ("split") and the size-cap
     # ordering ("order") are independent: otherwise a small cap would take the
     # lowest hashes first, i.e. mostly held-out files.
-    return int.from_bytes(hashlib.sha256(f"{purpose}:{rel_path}".encode("utf-8")).digest()[:8], "big")
+    return int.from_bytes(hashlib.sha256(f"{purpose}:{rel_path}".encode()).digest()[:8], "big")
 
 
 def stdlib_paths(root: Path | None = None) -> list[str]:
@@ -209,6 +209,7 @@ def encode_documents(tok, texts: Sequence[str]) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- blocks
 
+
 def make_blocks(ids: torch.Tensor, block_len: int) -> torch.Tensor:
     """1-D token stream [N] -> non-overlapping blocks [N // block_len, block_len]
     (the ragged tail is dropped). Each block is used as both input and label;
@@ -231,6 +232,7 @@ def batch_sampler(n_blocks: int, batch_size: int, seed: int) -> Iterator[torch.T
 
 
 # --------------------------------------------------------------------------- train / eval
+
 
 @torch.no_grad()
 def heldout_loss(model, blocks: torch.Tensor, batch_size: int = 16, device: str | torch.device = "cpu") -> float:
@@ -325,7 +327,9 @@ def train(
         "n_params": sum(p.numel() for p in model.parameters()),
     }
     if log:
-        log(f"step 0: heldout {hist['heldout_loss'][0]:.4f} ({hist['n_trainable']}/{hist['n_params']} params trainable)")
+        log(
+            f"step 0: heldout {hist['heldout_loss'][0]:.4f} ({hist['n_trainable']}/{hist['n_params']} params trainable)"
+        )
     model.train()
     for step in range(1, steps + 1):
         x = train_blocks[next(sampler)].to(device)  # [batch_size, block_len]

@@ -99,7 +99,7 @@ class Architecture:
         """The stored norm weight whose scale (norm_offset + weight) is 0: -1 for Gemma's 1 + w."""
         return -self.norm_offset
 
-    def start_tensors(self, role: str, layout: "HeadLayout") -> dict[str, float]:
+    def start_tensors(self, role: str, layout: HeadLayout) -> dict[str, float]:
         """What makes a residual branch start at zero: tensor name -> the value it is set to. The
         branch's post-norm at scale 0 where the family has one (the projection kept as built),
         else the projection's weights and biases (all experts) at 0."""
@@ -107,7 +107,7 @@ class Architecture:
             return {self.post_norms[role]: self.zero_scale_weight}
         return {name: 0.0 for name in self.role_tensors(role, layout)}
 
-    def role_tensors(self, role: str, layout: "HeadLayout") -> list[str]:
+    def role_tensors(self, role: str, layout: HeadLayout) -> list[str]:
         """Every tensor name implementing a role (weights and possible biases; all experts)."""
         if role in self.projections:
             return [self.weight(role), self.bias(role)]
@@ -125,14 +125,15 @@ class Architecture:
         return (int(m.group(1)), m.group(2)) if m else None
 
     # ---- canonical blocks: what methods see ----------------------------------------------
-    def canonical(self) -> "Architecture":
+    def canonical(self) -> Architecture:
         """The same family with LLaMA's names: fused tensors split, experts renamed."""
         experts = {r: CANONICAL_EXPERT.format(e="{e}", role=r) for r in self.experts}
         projections = {r: p for r, p in CANONICAL_PROJECTIONS.items() if r not in self.experts}
-        return replace(self, projections=projections, fused={}, experts=experts,
-                       router=CANONICAL_ROUTER if self.router else None)
+        return replace(
+            self, projections=projections, fused={}, experts=experts, router=CANONICAL_ROUTER if self.router else None
+        )
 
-    def _renames(self, layout: "HeadLayout") -> dict[str, str]:
+    def _renames(self, layout: HeadLayout) -> dict[str, str]:
         """own name -> canonical name, for tensors that are only renamed."""
         canon = self.canonical()
         pairs = {}
@@ -145,7 +146,7 @@ class Architecture:
             pairs[self.router] = CANONICAL_ROUTER
         return pairs
 
-    def to_canonical(self, block: dict, layout: "HeadLayout") -> dict:
+    def to_canonical(self, block: dict, layout: HeadLayout) -> dict:
         """A block under canonical names; fused weights (and biases) split by the head layout."""
         renames = self._renames(layout)
         out = {renames.get(name, name): t for name, t in block.items() if not self._is_fused(name)}
@@ -157,12 +158,14 @@ class Architecture:
                         out[CANONICAL_PROJECTIONS[role] + suffix] = part
         return out
 
-    def from_canonical(self, block: dict, layout: "HeadLayout") -> dict:
+    def from_canonical(self, block: dict, layout: HeadLayout) -> dict:
         """The inverse of to_canonical: own names, fused tensors joined again."""
         import torch
 
         back = {c: own for own, c in self._renames(layout).items()}
-        fused_parts = {CANONICAL_PROJECTIONS[r] + s for roles in self.fused.values() for r in roles for s in (".weight", ".bias")}
+        fused_parts = {
+            CANONICAL_PROJECTIONS[r] + s for roles in self.fused.values() for r in roles for s in (".weight", ".bias")
+        }
         out = {back.get(name, name): t for name, t in block.items() if name not in fused_parts}
         for path, roles in self.fused.items():
             for suffix in (".weight", ".bias"):
@@ -175,10 +178,17 @@ class Architecture:
         return any(name in (p + ".weight", p + ".bias") for p in self.fused)
 
 
-_GEMMA_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight",
-                "pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight")
-_GEMMA_MLP_NORM = dict(mlp_input_norm="pre_feedforward_layernorm.weight", norm_offset=1.0,
-                       post_norms={"o": "post_attention_layernorm.weight", "down": "post_feedforward_layernorm.weight"})
+_GEMMA_NORMS = (
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "pre_feedforward_layernorm.weight",
+    "post_feedforward_layernorm.weight",
+)
+_GEMMA_MLP_NORM = dict(
+    mlp_input_norm="pre_feedforward_layernorm.weight",
+    norm_offset=1.0,
+    post_norms={"o": "post_attention_layernorm.weight", "down": "post_feedforward_layernorm.weight"},
+)
 
 SUPPORTED: dict[str, Architecture] = {
     "llama": Architecture("llama"),
@@ -192,8 +202,12 @@ SUPPORTED: dict[str, Architecture] = {
     # Gemma 2/3: four norms per block; each branch output is normalised (scale 1 + w) before the
     # residual add, so a branch starts at zero by its post-norm's scale, not by o/down
     "gemma2": Architecture("gemma2", norms=_GEMMA_NORMS, **_GEMMA_MLP_NORM),
-    "gemma3_text": Architecture("gemma3_text", norms=_GEMMA_NORMS, **_GEMMA_MLP_NORM,
-                                head_norms=("self_attn.q_norm.weight", "self_attn.k_norm.weight")),
+    "gemma3_text": Architecture(
+        "gemma3_text",
+        norms=_GEMMA_NORMS,
+        **_GEMMA_MLP_NORM,
+        head_norms=("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
+    ),
     # Phi-3: q, k, v fused in one weight, gate and up in another
     "phi3": Architecture(
         "phi3",
@@ -203,8 +217,11 @@ SUPPORTED: dict[str, Architecture] = {
     "mixtral": Architecture(
         "mixtral",
         projections={r: CANONICAL_PROJECTIONS[r] for r in ATTENTION_ROLES},
-        experts={"gate": "block_sparse_moe.experts.{e}.w1", "up": "block_sparse_moe.experts.{e}.w3",
-                 "down": "block_sparse_moe.experts.{e}.w2"},
+        experts={
+            "gate": "block_sparse_moe.experts.{e}.w1",
+            "up": "block_sparse_moe.experts.{e}.w3",
+            "down": "block_sparse_moe.experts.{e}.w2",
+        },
         router="block_sparse_moe.gate.weight",
         num_experts_keys=("num_local_experts",),
         stacked_experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),  # transformers 5 renamed the block
@@ -253,7 +270,7 @@ class HeadLayout:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def from_config(cls, config: dict, arch: Architecture | None = None) -> "HeadLayout":
+    def from_config(cls, config: dict, arch: Architecture | None = None) -> HeadLayout:
         def positive(key: str, default=None) -> int:
             value = config.get(key) or default
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -270,7 +287,9 @@ class HeadLayout:
             key = next((k for k in arch.num_experts_keys if k in config), arch.num_experts_keys[0])
             experts = positive(key)
         if heads % kv:
-            raise OptDeusError(f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+            raise OptDeusError(
+                f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
+            )
         return cls(hidden, heads, kv, head_dim, inter, experts)
 
     def random_allowed_permutation(self, generator) -> dict[str, tuple]:
@@ -291,8 +310,15 @@ class HeadLayout:
         v_rows = torch.cat([groups[b] * d + vdims[b] for b in range(G)])
         o_cols = torch.cat([(groups[b] * r + heads[b][j]) * d + vdims[b] for b in range(G) for j in range(r)])
         neurons = torch.randperm(self.intermediate, generator=generator)
-        return {"q": (0, q_rows), "k": (0, k_rows), "v": (0, v_rows), "o": (1, o_cols),
-                "gate": (0, neurons), "up": (0, neurons), "down": (1, neurons)}
+        return {
+            "q": (0, q_rows),
+            "k": (0, k_rows),
+            "v": (0, v_rows),
+            "o": (1, o_cols),
+            "gate": (0, neurons),
+            "up": (0, neurons),
+            "down": (1, neurons),
+        }
 
     def weight_shape(self, role: str) -> tuple[int, int]:
         """(out, in) of a projection's weight."""

@@ -29,8 +29,18 @@ def base_license(base_dir: Path) -> str | None:
         return None
 
 
-def model_card(*, base_repo_id: str | None, base_dir: Path, model_type: str, recipe: dict, layers: list[LayerEntry],
-               new_layers: list[int], function_preserving: bool, out_dir: Path, tool_version: str):
+def model_card(
+    *,
+    base_repo_id: str | None,
+    base_dir: Path,
+    model_type: str,
+    recipe: dict,
+    layers: list[LayerEntry],
+    new_layers: list[int],
+    function_preserving: bool,
+    out_dir: Path,
+    tool_version: str,
+):
     from huggingface_hub import ModelCard, ModelCardData
 
     method = recipe["method"]
@@ -51,14 +61,17 @@ def model_card(*, base_repo_id: str | None, base_dir: Path, model_type: str, rec
         for layer in layers
     )
     post_norm_start = any(layer.start_values for layer in layers)
-    how = ("the new layers' branches end in a norm, which starts at scale 0 (weight -1: the family scales by "
-           "1 + w) with o_proj and down_proj kept as built, so the branches add zero and train from a sane start"
-           if post_norm_start else "the new layers' output projections are zero")
+    how = (
+        "the new layers' branches end in a norm, which starts at scale 0 (weight -1: the family scales by "
+        "1 + w) with o_proj and down_proj kept as built, so the branches add zero and train from a sane start"
+        if post_norm_start
+        else "the new layers' output projections are zero"
+    )
     preserving = (
         f"yes: {how}, so before training this model computes exactly what "
         f"{base_name} computes (`opt-deus verify` checks the logits)"
-        if function_preserving else
-        "no: this recipe changes what the model computes until it is trained"
+        if function_preserving
+        else "no: this recipe changes what the model computes until it is trained"
     )
     body = f"""
 # {out_name}
@@ -117,13 +130,19 @@ def trained_card(*, model_dir: Path, out_dir: Path, record: dict, tool_version: 
     from huggingface_hub import ModelCard, ModelCardData
 
     source = str(Path(model_dir).resolve())
-    data = ModelCardData(license=base_license(model_dir), library_name="transformers", pipeline_tag="text-generation",
-                         tags=["opt-deus", "depth-upscaling", "trained"])
+    data = ModelCardData(
+        license=base_license(model_dir),
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["opt-deus", "depth-upscaling", "trained"],
+    )
     losses = [row["loss"] for row in record["history"] if "loss" in row]
     if record["train"] == "new":
-        what = (f"only the new layers {record['trainable_layers']} ({record['trainable_parameters']:,} of "
-                f"{record['total_parameters']:,} parameters); every other tensor was frozen and is checked "
-                f"bit-identical to the input's ({record['check']['frozen_identical']} tensors)")
+        what = (
+            f"only the new layers {record['trainable_layers']} ({record['trainable_parameters']:,} of "
+            f"{record['total_parameters']:,} parameters); every other tensor was frozen and is checked "
+            f"bit-identical to the input's ({record['check']['frozen_identical']} tensors)"
+        )
     else:
         what = f"every parameter ({record['total_parameters']:,})"
     loss_line = f"first {losses[0]:.4f}, final {losses[-1]:.4f}" if losses else "not logged"
@@ -136,9 +155,9 @@ def trained_card(*, model_dir: Path, out_dir: Path, record: dict, tool_version: 
 # {Path(out_dir).name}
 
 The model `{source}` trained with [opt-deus](https://pypi.org/project/opt-deus-cli/) {tool_version}
-(transformers {record['versions']['transformers']}): {record['steps']} steps on {record['format']} data,
-{record['tokens']:,} tokens seen ({record['loss_tokens']:,} carrying loss), learning rate {record['learning_rate']:g},
-seed {record['seed']}, world size {record['world_size']}.
+(transformers {record["versions"]["transformers"]}): {record["steps"]} steps on {record["format"]} data,
+{record["tokens"]:,} tokens seen ({record["loss_tokens"]:,} carrying loss), learning rate {record["learning_rate"]:g},
+seed {record["seed"]}, world size {record["world_size"]}.
 
 Trained: {what}.
 

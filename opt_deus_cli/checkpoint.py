@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
-import math
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -73,13 +73,22 @@ def read_config(model_dir: Path) -> dict:
     if not isinstance(config["model_type"], str):
         raise OptDeusError(f"{path}: 'model_type' must be a string like \"llama\", got {config['model_type']!r}")
     if config.get("quantization_config"):
-        raise OptDeusError(f"{path} describes a quantized checkpoint; opt-deus needs unquantized weights (dequantize first)")
+        raise OptDeusError(
+            f"{path} describes a quantized checkpoint; opt-deus needs unquantized weights (dequantize first)"
+        )
     return config
 
 
 def _inside(model_dir: Path, name: str) -> Path:
     """The shard file `name` inside model_dir; refuses names that leave it (../, absolute, symlinks)."""
-    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts or "/" in name or "\\" in name:
+    if (
+        not isinstance(name, str)
+        or not name
+        or os.path.isabs(name)
+        or ".." in Path(name).parts
+        or "/" in name
+        or "\\" in name
+    ):
         raise OptDeusError(f"index names shard {name!r}, which is not a plain file name inside {model_dir}; refusing")
     return _no_escape(model_dir, model_dir / name)
 
@@ -106,7 +115,9 @@ def read_header(path: Path) -> tuple[dict, int]:
         file_size = os.fstat(f.fileno()).st_size
         size = int.from_bytes(f.read(8), "little")
         if file_size < 8 or size > min(MAX_HEADER, file_size - 8):
-            raise OptDeusError(f"{path} is not a safetensors file or is truncated: header of {size} bytes in a file of {file_size}")
+            raise OptDeusError(
+                f"{path} is not a safetensors file or is truncated: header of {size} bytes in a file of {file_size}"
+            )
         header = json.loads(f.read(size))
     if not isinstance(header, dict):
         raise OptDeusError(f"{path}: safetensors header is not a JSON object")
@@ -125,9 +136,13 @@ def read_header(path: Path) -> tuple[dict, int]:
             raise OptDeusError(f"tensor {name} in {path} has dtype {code}, which opt-deus cannot handle")
         need = math.prod(shape) * DTYPE_CODES[code][1]
         if end - begin != need:
-            raise OptDeusError(f"header of {path} lies about tensor {name}: {end - begin} bytes for shape {list(shape)} {code}, which needs {need}")
+            raise OptDeusError(
+                f"header of {path} lies about tensor {name}: {end - begin} bytes for shape {list(shape)} {code}, which needs {need}"
+            )
         if end > data_size:
-            raise OptDeusError(f"tensor {name} in {path} needs bytes up to {end} of the data but the file holds {data_size}; it is truncated")
+            raise OptDeusError(
+                f"tensor {name} in {path} needs bytes up to {end} of the data but the file holds {data_size}; it is truncated"
+            )
     return header, 8 + size
 
 
@@ -149,7 +164,9 @@ class Checkpoint:
                 with safe_open(str(path), framework="pt", device="cpu") as f:
                     checked = {n: (f.get_slice(n).get_dtype(), tuple(f.get_slice(n).get_shape())) for n in f.keys()}
             except (SafetensorError, OSError, ValueError, UnicodeDecodeError) as e:
-                raise OptDeusError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupted") from e
+                raise OptDeusError(
+                    f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupted"
+                ) from e
             for name, where in self.weight_map.items():
                 if where == shard and name not in checked:
                     raise OptDeusError(f"index says tensor {name} is in {shard}, but that shard does not hold it")
@@ -161,7 +178,9 @@ class Checkpoint:
                 meta = TensorMeta(torch_dtype(code), shape)
                 begin, end = header[name]["data_offsets"]
                 if end - begin != meta.nbytes:
-                    raise OptDeusError(f"header of {shard} gives tensor {name} {end - begin} bytes, its shape needs {meta.nbytes}")
+                    raise OptDeusError(
+                        f"header of {shard} gives tensor {name} {end - begin} bytes, its shape needs {meta.nbytes}"
+                    )
                 self._meta[name] = meta
                 self._where[name] = (shard, data_start + begin)
 
@@ -174,7 +193,9 @@ class Checkpoint:
                 if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                     raise TypeError("weight_map is not a mapping of tensor names to file names")
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, OSError) as e:
-                raise OptDeusError(f"{index} is not a valid safetensors index ({e}); re-save the model with save_pretrained") from e
+                raise OptDeusError(
+                    f"{index} is not a valid safetensors index ({e}); re-save the model with save_pretrained"
+                ) from e
             for shard in set(weight_map.values()):
                 if not _inside(self.dir, shard).is_file():
                     raise OptDeusError(f"index names shard {shard}, which is missing from {self.dir}")
@@ -186,7 +207,9 @@ class Checkpoint:
                 with safe_open(str(single), framework="pt") as f:
                     return {name: SINGLE_FILE for name in f.keys()}
             except (SafetensorError, OSError, ValueError) as e:
-                raise OptDeusError(f"{single} is not a readable safetensors file ({e}); it may be truncated or corrupted") from e
+                raise OptDeusError(
+                    f"{single} is not a readable safetensors file ({e}); it may be truncated or corrupted"
+                ) from e
         shards = sorted(p.name for p in self.dir.glob("*.safetensors"))
         if shards:
             raise OptDeusError(f"{self.dir} has {', '.join(shards)} but no {INDEX_FILE}; re-save with save_pretrained")
@@ -245,12 +268,15 @@ class Checkpoint:
 
 # ---- writing -----------------------------------------------------------------------------
 
+
 def parse_size(text: str) -> int:
     """'5GB' or '5G' -> 5e9 bytes (Hugging Face's decimal units); '2GiB' or '2Gi' are binary;
     a bare number is bytes. Any case."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(I)?)?(B)?\s*", str(text), re.IGNORECASE)
     if not m:
-        raise OptDeusError(f"shard size {text!r} not understood; write e.g. 5GB (or 5G), 500MB (or 500M) or 2GiB", exit_code=2)
+        raise OptDeusError(
+            f"shard size {text!r} not understood; write e.g. 5GB (or 5G), 500MB (or 500M) or 2GiB", exit_code=2
+        )
     prefix, binary = (m.group(2) or "").upper(), m.group(3) is not None
     scale = (1024 if binary else 1000) ** " KMGT".index(prefix or " ")
     size = int(float(m.group(1)) * scale)
@@ -286,8 +312,13 @@ class ShardWriter:
     shard is a HashStream of the byte ranges written, hashed (and fsynced) on the `hashing` pool
     while the next shard is written. io_seconds: time spent writing and copying."""
 
-    def __init__(self, directory: Path, entries: list[tuple[str, TensorMeta]], max_shard_bytes: int,
-                 hashing: Hashing | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        entries: list[tuple[str, TensorMeta]],
+        max_shard_bytes: int,
+        hashing: Hashing | None = None,
+    ):
         self.dir = Path(directory)
         self.shards = plan_shards(entries, max_shard_bytes)
         self.file_names = shard_file_names(len(self.shards))
@@ -309,7 +340,11 @@ class ShardWriter:
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0
         for name, meta in self.shards[i]:
-            header[name] = {"dtype": dtype_code(meta.dtype), "shape": list(meta.shape), "data_offsets": [offset, offset + meta.nbytes]}
+            header[name] = {
+                "dtype": dtype_code(meta.dtype),
+                "shape": list(meta.shape),
+                "data_offsets": [offset, offset + meta.nbytes],
+            }
             offset += meta.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors does

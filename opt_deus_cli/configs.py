@@ -42,8 +42,10 @@ def load_hf_config(model_dir: Path):
         return AutoConfig.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
     except Exception as e:  # transformers raises many kinds; name the file and the reason, on one line
         reason = " ".join(str(e).split())[:400] or type(e).__name__
-        raise OptDeusError(f"transformers cannot read {Path(model_dir) / 'config.json'}: {reason}; fix the file "
-                           "or restore it from the model's source") from e
+        raise OptDeusError(
+            f"transformers cannot read {Path(model_dir) / 'config.json'}: {reason}; fix the file "
+            "or restore it from the model's source"
+        ) from e
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -63,8 +65,9 @@ def base_position(layer: OutputLayer) -> int:
     return layer.settings_from
 
 
-def rewrite_config(raw: dict, hf_config, arch: Architecture, layers: list[OutputLayer],
-                   dtype: torch.dtype | None) -> tuple[dict, list[str], list[str]]:
+def rewrite_config(
+    raw: dict, hf_config, arch: Architecture, layers: list[OutputLayer], dtype: torch.dtype | None
+) -> tuple[dict, list[str], list[str]]:
     """Return (new config.json, notes, warnings). `dtype` is the output's floating dtype when it
     was changed."""
     base_n = int(raw[arch.depth_key])
@@ -109,8 +112,10 @@ def _fusion_choices(key: str, base_values: list, layers: list[OutputLayer]) -> l
     for layer in layers:
         if layer.is_new and len({repr(base_values[j]) for j in layer.built_from}) > 1:
             parts = ", ".join(f"base {j} {base_values[j]} (weight {w:g})" for j, w in layer.parts)
-            notes.append(f"{key}: new layer {layer.index} is built from {parts}: it takes base "
-                         f"{layer.settings_from}'s, the larger weight (ties to the upper layer)")
+            notes.append(
+                f"{key}: new layer {layer.index} is built from {parts}: it takes base "
+                f"{layer.settings_from}'s, the larger weight (ties to the upper layer)"
+            )
     return notes
 
 

@@ -45,6 +45,8 @@ def image_format(path: Path, option: str = "--png") -> str:
     written = sorted(f for f in formats if f not in ("raw", "rgba"))
     suffix = Path(path).suffix.lower().lstrip(".") or "png"
     if suffix not in written:
-        raise UsageError(f"{option} {path}: .{suffix} is not an image format matplotlib writes; "
-                         f"end the name with one of .{', .'.join(written)}")
+        raise UsageError(
+            f"{option} {path}: .{suffix} is not an image format matplotlib writes; "
+            f"end the name with one of .{', .'.join(written)}"
+        )
     return suffix

@@ -74,8 +74,9 @@ class HandoffTarget:
     def __post_init__(self):
         layers = tuple(self.new_layers)
         object.__setattr__(self, "new_layers", layers)
-        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_layers for i in layers) \
-                or list(layers) != sorted(set(layers)):
+        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_layers for i in layers) or list(
+            layers
+        ) != sorted(set(layers)):
             raise OptDeusError(f"new layers {list(layers)} are not distinct increasing indices below {self.num_layers}")
 
     @property
@@ -102,22 +103,39 @@ def target_from_output(out_dir: Path | str, transformers_major: int | None = Non
     arch = SUPPORTED[model_type]
     depth = _read_json(out / "config.json").get(arch.depth_key)
     if depth != num_layers:
-        raise OptDeusError(f"{out / 'config.json'} says {arch.depth_key} = {depth} but the manifest says "
-                           f"{num_layers} layers; the directory was changed after opt-deus wrote it")
+        raise OptDeusError(
+            f"{out / 'config.json'} says {arch.depth_key} = {depth} but the manifest says "
+            f"{num_layers} layers; the directory was changed after opt-deus wrote it"
+        )
     projections: list[str] = []
     for role in PROJECTION_ROLES:
         path = arch.projections.get(role) or next((p for p, roles in arch.fused.items() if role in roles), None)
         if path and path.rsplit(".", 1)[-1] not in projections:
             projections.append(path.rsplit(".", 1)[-1])
     experts = tuple(dict.fromkeys(p.rsplit(".", 1)[-1] for p in arch.experts.values()))
-    tensors = [*arch.projections.values(), *arch.fused, *arch.experts.values(), arch.router or "",
-               *arch.norms, *arch.head_norms]
+    tensors = [
+        *arch.projections.values(),
+        *arch.fused,
+        *arch.experts.values(),
+        arch.router or "",
+        *arch.norms,
+        *arch.head_norms,
+    ]
     block = tuple(dict.fromkeys(t.split(".", 1)[0] for t in tensors if t))
     if transformers_major is None:
         transformers_major = _installed_transformers_major()
-    return HandoffTarget(str(out.resolve()), model_type, num_layers, tuple(manifest.trainable_layers),
-                         arch.layers_prefix, tuple(projections), experts, block, transformers_major,
-                         arch.stacked_experts)
+    return HandoffTarget(
+        str(out.resolve()),
+        model_type,
+        num_layers,
+        tuple(manifest.trainable_layers),
+        arch.layers_prefix,
+        tuple(projections),
+        experts,
+        block,
+        transformers_major,
+        arch.stacked_experts,
+    )
 
 
 def _read_json(path: Path) -> dict:
@@ -143,19 +161,24 @@ def _installed_transformers_major() -> int:
 
 # ---- the dialects ----------------------------------------------------------------------------
 
+
 def _q(text: str) -> str:
     """A double-quoted scalar: valid YAML and Python alike (json escaping)."""
     return json.dumps(text)
 
 
 def _about(target: HandoffTarget) -> str:
-    return (f"{len(target.new_layers)} new layers {list(target.new_layers)} of {target.model_dir} "
-            f"({target.model_type}, {target.num_layers} layers)")
+    return (
+        f"{len(target.new_layers)} new layers {list(target.new_layers)} of {target.model_dir} "
+        f"({target.model_type}, {target.num_layers} layers)"
+    )
 
 
 def _require_new_layers(target: HandoffTarget) -> None:
     if not target.new_layers:
-        raise UsageError(f"{target.model_dir} has no new layers (the manifest lists none); there is nothing to hand off")
+        raise UsageError(
+            f"{target.model_dir} has no new layers (the manifest lists none); there is nothing to hand off"
+        )
 
 
 def axolotl(target: HandoffTarget) -> str:
@@ -190,12 +213,16 @@ def llama_factory(target: HandoffTarget) -> str:
     n, new = len(target.new_layers), list(target.new_layers)
     selected = llama_pro_layers(target.num_layers, n)
     if selected != new:
-        rule = (f"the {target.num_layers} layers are not divisible by {n}" if selected is None
-                else f"for {target.num_layers} layers and freeze_trainable_layers {n} that is {selected}")
+        rule = (
+            f"the {target.num_layers} layers are not divisible by {n}"
+            if selected is None
+            else f"for {target.num_layers} layers and freeze_trainable_layers {n} that is {selected}"
+        )
         raise UsageError(
             f"LLaMA-Factory cannot train exactly the new layers {new}: use_llama_pro trains every "
             f"(num_layers/N)-th layer up to the last ({rule}); use {OTHER_ROUTES} instead, or up-scale "
-            "with method copy, positions: uniform and a count dividing the base depth")
+            "with method copy, positions: uniform and a count dividing the base depth"
+        )
     listed = target.has_experts and target.transformers_major < 5  # expert indices are `.{k}.` only in 4
     modules = ",".join(target.block_modules) if listed else "all"
     lines = [
@@ -208,9 +235,15 @@ def llama_factory(target: HandoffTarget) -> str:
         "# add stage, do_train, dataset, template, output_dir, learning_rate, ...",
     ]
     if target.has_experts:
-        lines.insert(-1, f"# written for transformers {target.transformers_major}" + (
-            " (its module names): modules are listed, not `all`, since an expert index would match `.{layer}.` too"
-            if listed else ": experts are stacked parameters without an index, so `all` selects only the new layers"))
+        lines.insert(
+            -1,
+            f"# written for transformers {target.transformers_major}"
+            + (
+                " (its module names): modules are listed, not `all`, since an expert index would match `.{layer}.` too"
+                if listed
+                else ": experts are stacked parameters without an index, so `all` selects only the new layers"
+            ),
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -227,8 +260,9 @@ def peft_fields(target: HandoffTarget) -> dict:
     if target.has_experts and target.transformers_major >= 5:
         if not target.stacked_experts:
             raise OptDeusError(f"no transformers-5 expert parameter names known for {target.model_type}")
-        fields["target_parameters"] = [f"{target.layers_prefix}{i}.{p}" for i in target.new_layers
-                                       for p in target.stacked_experts]
+        fields["target_parameters"] = [
+            f"{target.layers_prefix}{i}.{p}" for i in target.new_layers for p in target.stacked_experts
+        ]
     return fields
 
 
@@ -282,7 +316,7 @@ def trainer(target: HandoffTarget) -> str:
         'print(f"training {len(trainable)} parameter tensors")',
         "# with gradient_checkpointing=True also call model.enable_input_require_grads()",
         "train_dataset = ...  # your tokenized dataset",
-        "args = TrainingArguments(output_dir=model_dir + \"-trained\")",
+        'args = TrainingArguments(output_dir=model_dir + "-trained")',
         "trainer = Trainer(model=model, args=args, train_dataset=train_dataset)",
         "trainer.train()",
         "trainer.save_model()  # in float32: cast the model to the checkpoint's dtype first to store it as it was",
@@ -304,6 +338,8 @@ def handoff(out_dir: Path | str, dialect: str, transformers_major: int | None = 
     if dialect not in RENDERERS:  # before reading anything
         raise UsageError(f"--for {dialect!r} not understood; use one of {', '.join(DIALECTS)}")
     if transformers_major not in (None, 4, 5):
-        raise UsageError(f"--transformers {transformers_major} not understood; use 4 or 5 (the major version of "
-                         "the transformers the training will run with)")
+        raise UsageError(
+            f"--transformers {transformers_major} not understood; use 4 or 5 (the major version of "
+            "the transformers the training will run with)"
+        )
     return render(target_from_output(out_dir, transformers_major), dialect)

@@ -33,10 +33,11 @@ def hash_range(hasher, fd: int, offset: int, nbytes: int) -> None:
     while offset < end:
         start = offset - offset % mmap.ALLOCATIONGRANULARITY  # maps start page-aligned
         length = min(end, start + HASH_CHUNK) - start
-        with mmap.mmap(fd, length, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                       prot=mmap.PROT_READ, offset=start) as mapped:
+        with mmap.mmap(
+            fd, length, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ, offset=start
+        ) as mapped:
             with memoryview(mapped) as view:
-                hasher.update(view[offset - start:length])
+                hasher.update(view[offset - start : length])
         offset = start + length
 
 
@@ -79,7 +80,7 @@ class HashStream:
     """The sha256 of a file being written, fed in order as byte ranges (fd, offset, nbytes) of
     files on disk (the output file itself, read back, or a source whose bytes were copied)."""
 
-    def __init__(self, pool: "Hashing", owned_fds: tuple[int, ...], fsync_fd: int | None):
+    def __init__(self, pool: Hashing, owned_fds: tuple[int, ...], fsync_fd: int | None):
         self._ranges: queue.SimpleQueue = queue.SimpleQueue()
         self._owned, self._fsync = owned_fds, fsync_fd
         self.future: Future = pool._submit(self._run)

@@ -18,9 +18,9 @@ from .errors import OptDeusError, UsageError
 from .figures import image_format, pyplot, require_matplotlib
 from .layers import recipe_layers
 from .manifest import Manifest, read_manifest
-from .output import current_umask
 from .methods.opt_deus import OptDeusMethod
 from .methods.opt_deus.settings import AlignmentSettings
+from .output import current_umask
 from .recipe import Positions, Recipe, load_recipe, shipped_recipes
 from .settings import parse_settings
 
@@ -40,7 +40,10 @@ def layer_rows(manifest: Manifest) -> list[dict]:
         for group in GROUPS:
             figures = report.get(group)
             if figures:
-                row[group] = {k: figures.get(k) for k in ("solver", "cost_before", "cost_after", "permutation_likeness", "iterations", "converged")}
+                row[group] = {
+                    k: figures.get(k)
+                    for k in ("solver", "cost_before", "cost_after", "permutation_likeness", "iterations", "converged")
+                }
         rows.append(row)
     return rows
 
@@ -58,8 +61,10 @@ def check_output_sizes(model_dir: Path, manifest: Manifest) -> None:
             wrong.append(f"{entry.name} has {path.stat().st_size} bytes, the manifest recorded {entry.bytes}")
     if wrong:
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
-        raise OptDeusError(f"{model_dir} is not the output opt-deus wrote: {wrong[0]}{more}; it is truncated or "
-                           "changed (`opt-deus verify BASE OUT` checks every file)")
+        raise OptDeusError(
+            f"{model_dir} is not the output opt-deus wrote: {wrong[0]}{more}; it is truncated or "
+            "changed (`opt-deus verify BASE OUT` checks every file)"
+        )
 
 
 def output_profile(manifest: Manifest) -> dict:
@@ -67,13 +72,18 @@ def output_profile(manifest: Manifest) -> dict:
     counterpart of pair_distances for `inspect OUT --png`."""
     rows = [row for row in layer_rows(manifest) if row["origin"] == "new" and all(row.get(g) for g in GROUPS)]
     if not rows or any(row[g].get("cost_after") is None for row in rows for g in GROUPS):
-        raise UsageError(f"this model was built with method {manifest.method!r}: its new layers have no alignment "
-                         "figures to draw (only opt-deus outputs do); --png draws a base model's adjacent layers too")
-    return {"labels": [f"{row['index']} ({row['sources'][0]},{row['sources'][1]})" for row in rows],
-            "costs": {g: ([row[g]["cost_before"] for row in rows], [row[g]["cost_after"] for row in rows]) for g in GROUPS}}
+        raise UsageError(
+            f"this model was built with method {manifest.method!r}: its new layers have no alignment "
+            "figures to draw (only opt-deus outputs do); --png draws a base model's adjacent layers too"
+        )
+    return {
+        "labels": [f"{row['index']} ({row['sources'][0]},{row['sources'][1]})" for row in rows],
+        "costs": {g: ([row[g]["cost_before"] for row in rows], [row[g]["cost_after"] for row in rows]) for g in GROUPS},
+    }
 
 
 # ---- one new layer: matrices ----------------------------------------------------------------
+
 
 @dataclass
 class LayerMatrices:
@@ -120,9 +130,13 @@ def matching_order(plan: np.ndarray) -> np.ndarray:
 
 def settings_from_manifest(manifest: Manifest) -> AlignmentSettings:
     if manifest.method != "opt-deus":
-        raise OptDeusError(f"this model was built with method {manifest.method!r}; only opt-deus layers have an alignment to show")
+        raise OptDeusError(
+            f"this model was built with method {manifest.method!r}; only opt-deus layers have an alignment to show"
+        )
     # manifests before settings.unused() recorded every field, used or not
-    return parse_settings(AlignmentSettings, manifest.recipe.get("alignment"), "manifest recipe", "alignment", allow_unused=True)
+    return parse_settings(
+        AlignmentSettings, manifest.recipe.get("alignment"), "manifest recipe", "alignment", allow_unused=True
+    )
 
 
 def alignment_of(recipe: Recipe) -> AlignmentSettings:
@@ -138,7 +152,9 @@ def layer_matrices(out_dir: Path, layer: int, group: str, base_dir: Path | None,
         raise UsageError(f"--layer {layer}: the model has layers 0..{len(manifest.layers) - 1}")
     entry = manifest.layer(layer)
     if not entry.is_new or len(entry.sources) != 2:
-        raise UsageError(f"--layer {layer} is not a new layer built from two neighbours; new layers: {manifest.new_layers}")
+        raise UsageError(
+            f"--layer {layer} is not a new layer built from two neighbours; new layers: {manifest.new_layers}"
+        )
     settings = settings_from_manifest(manifest)
     base = Path(base_dir or manifest.base.path)
     if not base.is_dir():
@@ -146,7 +162,9 @@ def layer_matrices(out_dir: Path, layer: int, group: str, base_dir: Path | None,
     return pair_matrices(base, tuple(entry.sources), group, settings, device, layer)
 
 
-def pair_matrices(base: Path, sources: tuple[int, int], group: str, settings: AlignmentSettings, device: str, layer: int = -1) -> LayerMatrices:
+def pair_matrices(
+    base: Path, sources: tuple[int, int], group: str, settings: AlignmentSettings, device: str, layer: int = -1
+) -> LayerMatrices:
     if group not in GROUPS:
         raise UsageError(f"--group {group!r}: use attention or mlp")
     import torch
@@ -169,6 +187,7 @@ def pair_matrices(base: Path, sources: tuple[int, int], group: str, settings: Al
 
 # ---- base model: how far apart adjacent layers are --------------------------------------------
 
+
 def pair_distances(model_dir: Path, settings: AlignmentSettings, device: str, progress=None) -> dict:
     """For each adjacent pair (k, k+1): the mean matched cost before (identity pairing) and after
     alignment, per group, from the same alignment upscale would run."""
@@ -186,11 +205,18 @@ def pair_distances(model_dir: Path, settings: AlignmentSettings, device: str, pr
         row = {"pair": [k, k + 1]}
         for group in GROUPS:
             figures = report[group]
-            row[group] = {"cost_before": figures["cost_before"], "cost_after": figures["cost_after"],
-                          "converged": figures.get("converged", True)}
+            row[group] = {
+                "cost_before": figures["cost_before"],
+                "cost_after": figures["cost_after"],
+                "converged": figures.get("converged", True),
+            }
         pairs.append(row)
-    return {"model_type": source.arch.model_type, "layers": source.depth, "pairs": pairs,
-            "recipes": shipped_positions(source.depth)}
+    return {
+        "model_type": source.arch.model_type,
+        "layers": source.depth,
+        "pairs": pairs,
+        "recipes": shipped_positions(source.depth),
+    }
 
 
 def shipped_positions(base_layers: int) -> dict[str, list[int] | str]:
@@ -208,6 +234,7 @@ def shipped_positions(base_layers: int) -> dict[str, list[int] | str]:
 
 
 # ---- pictures and files --------------------------------------------------------------------
+
 
 def write_file(path: Path, write) -> None:
     """write(file object) into a temporary file beside `path`, renamed into place when complete:
@@ -325,18 +352,35 @@ def cost_figure(labels: list[str], costs: dict, what: str, xlabel: str):
 
 def save_pair_png(path: Path, survey: dict) -> None:
     labels = [f"{p['pair'][0]}-{p['pair'][1]}" for p in survey["pairs"]]
-    costs = {g: ([p[g]["cost_before"] for p in survey["pairs"]], [p[g]["cost_after"] for p in survey["pairs"]]) for g in GROUPS}
+    costs = {
+        g: ([p[g]["cost_before"] for p in survey["pairs"]], [p[g]["cost_after"] for p in survey["pairs"]])
+        for g in GROUPS
+    }
     save_cost_png(path, labels, costs, "between adjacent layers", "layer pair (k, k+1)")
 
 
 def save_profile_png(path: Path, profile: dict) -> None:
-    save_cost_png(path, profile["labels"], profile["costs"], "of the two layers each new layer fuses",
-                  "new layer (its base sources)")
+    save_cost_png(
+        path,
+        profile["labels"],
+        profile["costs"],
+        "of the two layers each new layer fuses",
+        "new layer (its base sources)",
+    )
 
 
 def save_npz(path: Path, m: LayerMatrices) -> None:
-    write_file(path, lambda fh: np.savez_compressed(fh, cost=m.cost, plan=m.plan, order=m.order, sources=np.array(m.sources),
-                                                    **{k: v for k, v in m.extra.items()}))
+    write_file(
+        path,
+        lambda fh: np.savez_compressed(
+            fh,
+            cost=m.cost,
+            plan=m.plan,
+            order=m.order,
+            sources=np.array(m.sources),
+            **{k: v for k, v in m.extra.items()},
+        ),
+    )
 
 
 RAMP = " .:-=+*#%@"  # plain characters from dark to bright, for a terminal without colours or a pipe
@@ -385,5 +429,7 @@ def terminal_bars(survey: dict, width: int = 24):
             before, after = p[g]["cost_before"], p[g]["cost_after"]
             bar = "█" * round(width * after / peak[g])
             bar += "░" * max(0, round(width * before / peak[g]) - len(bar))
-            table.add_row(f"{p['pair'][0]}-{p['pair'][1]}" if g == GROUPS[0] else "", g, f"{before:.4g} -> {after:.4g}", bar)
+            table.add_row(
+                f"{p['pair'][0]}-{p['pair'][1]}" if g == GROUPS[0] else "", g, f"{before:.4g} -> {after:.4g}", bar
+            )
     return table

@@ -120,7 +120,12 @@ class Job:
         }
         if with_layers:
             plan["layers"] = [
-                {"index": layer.index, "origin": layer.origin, "sources": list(layer.built_from), "method": layer.method}
+                {
+                    "index": layer.index,
+                    "origin": layer.origin,
+                    "sources": list(layer.built_from),
+                    "method": layer.method,
+                }
                 for layer in self.layers
             ]
         return plan
@@ -131,11 +136,15 @@ def resolve_job(source: SourceModel, recipe: Recipe, options: Options) -> Job:
     arch = source.arch
     method_cls = method_class(recipe.method)
     if arch.experts and not method_cls.supports_experts:
-        raise UsageError(f"method {recipe.method} cannot build mixture-of-experts layers ({arch.model_type}) yet; "
-                         "use copy, average or stack")
+        raise UsageError(
+            f"method {recipe.method} cannot build mixture-of-experts layers ({arch.model_type}) yet; "
+            "use copy, average or stack"
+        )
     if options.memory_budget is not None and not method_cls.guards_memory:
-        raise UsageError(f"--memory-budget applies to method opt-deus (its cost matrices and solver); method "
-                         f"{recipe.method} writes each new layer from its sources with no more memory, so drop the option")
+        raise UsageError(
+            f"--memory-budget applies to method opt-deus (its cost matrices and solver); method "
+            f"{recipe.method} writes each new layer from its sources with no more memory, so drop the option"
+        )
     method = method_cls.from_settings(recipe.settings)
     zero_init = recipe.zero_init if recipe.zero_init is not None else method.default_zero_init
     zero_roles = []
@@ -143,14 +152,26 @@ def resolve_job(source: SourceModel, recipe: Recipe, options: Options) -> Job:
         role = arch.role_of_short_name(short)
         if role is None:
             allowed = ", ".join(arch.projection_short_name(r) for r in PROJECTION_ROLES)
-            raise UsageError(f"recipe {recipe.source}: zero_init names {short!r}, which is not a projection of {arch.model_type} ({allowed})")
+            raise UsageError(
+                f"recipe {recipe.source}: zero_init names {short!r}, which is not a projection of {arch.model_type} ({allowed})"
+            )
         if not arch.zeroable(role):
-            raise UsageError(f"recipe {recipe.source}: {short} is fused with other projections in {arch.model_type}; it cannot be zeroed alone")
+            raise UsageError(
+                f"recipe {recipe.source}: {short} is fused with other projections in {arch.model_type}; it cannot be zeroed alone"
+            )
         zero_roles.append(role)
     dtype = resolve_dtype(options.dtype)
     layers = recipe_layers(recipe, source.depth)
-    job = Job(source, recipe, method, layers, tuple(zero_roles), dtype, resolve_device(options.device),
-              _memory_budget(options.memory_budget))
+    job = Job(
+        source,
+        recipe,
+        method,
+        layers,
+        tuple(zero_roles),
+        dtype,
+        resolve_device(options.device),
+        _memory_budget(options.memory_budget),
+    )
     job.decisions = method.check(job)
     return job
 

@@ -61,12 +61,20 @@ def resolve_slices(placement: Slices, base_layers: int, where: str) -> list[tupl
         return list(placement.ranges)
     m = resolve_amount(placement.overlap, n)
     if not 1 <= m < n:
-        raise UsageError(f"{where}: overlap {placement.overlap!r} = {m} layers must be between 1 and {n - 1} for a model of {n} layers")
+        raise UsageError(
+            f"{where}: overlap {placement.overlap!r} = {m} layers must be between 1 and {n - 1} for a model of {n} layers"
+        )
     return [(0, n - m), (m, n)]  # SOLAR: drop the top m of copy 1 and the bottom m of copy 2
 
 
-def output_layers(placement: Positions | Slices, base_layers: int, method: str, needs_upper: bool,
-                  where: str = "recipe", composition=None) -> list[OutputLayer]:
+def output_layers(
+    placement: Positions | Slices,
+    base_layers: int,
+    method: str,
+    needs_upper: bool,
+    where: str = "recipe",
+    composition=None,
+) -> list[OutputLayer]:
     """Every output layer in order. Slices: the first use of a base layer is that layer, a repeat
     is a new layer (a copy) of `method`. Positions: each base layer, and after the chosen ones a
     new layer of `method` built from (k, k+1), or from k alone when not needs_upper.
@@ -97,5 +105,6 @@ def recipe_layers(recipe: Recipe, base_layers: int) -> list[OutputLayer]:
     # an instance: whether a method needs the upper neighbour may follow its settings (copy's
     # `neighbour`); constructing a method from settings imports no torch
     method = method_class(recipe.method).from_settings(recipe.settings)
-    return output_layers(recipe.placement, base_layers, recipe.method, method.needs_upper, f"recipe {recipe.source}",
-                         method.composition)
+    return output_layers(
+        recipe.placement, base_layers, recipe.method, method.needs_upper, f"recipe {recipe.source}", method.composition
+    )

@@ -89,7 +89,7 @@ class Manifest:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Manifest":
+    def from_dict(cls, d: dict) -> Manifest:
         try:
             base, output = dict(d["base"]), dict(d["output"])
             base["files"] = [FileEntry(**f) for f in base["files"]]
@@ -103,8 +103,10 @@ class Manifest:
             )
             return cls(**values)
         except (KeyError, TypeError) as e:
-            raise OptDeusError(f"the manifest does not have the expected layout ({type(e).__name__}: {e}); "
-                               "was it written by another opt-deus version?") from e
+            raise OptDeusError(
+                f"the manifest does not have the expected layout ({type(e).__name__}: {e}); "
+                "was it written by another opt-deus version?"
+            ) from e
 
     def write(self, path: Path) -> None:
         from .checkpoint import write_json
@@ -147,8 +149,10 @@ def report_warnings(report: dict) -> list[str]:
     for group, figures in report.items():
         if isinstance(figures, dict):
             if figures.get("converged") is False:  # one line; the solver's own words are in the report
-                found.append(f"{group} plan did not converge (iterations {figures.get('iterations')}, "
-                             f"marginal error {figures.get('marginal_error', float('nan')):.2g})")
+                found.append(
+                    f"{group} plan did not converge (iterations {figures.get('iterations')}, "
+                    f"marginal error {figures.get('marginal_error', float('nan')):.2g})"
+                )
             else:
                 found += [f"{group}: {w}" for w in figures.get("warnings", [])]
     return found

@@ -8,9 +8,10 @@ of the upper layer B; with uniform marginals every row of T carries mass 1/n and
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -180,7 +181,9 @@ def batched_cost(X: torch.Tensor, Y: torch.Tensor, kind: str) -> torch.Tensor:
     dimensions broadcast (e.g. X (G, 1, d, D) and Y (1, G, d, D) give every pair of groups)."""
     cost_kind(kind)
     dot = X @ Y.transpose(-1, -2)
-    return finish_cost(dot, X.square().sum(-1).expand(dot.shape[:-1]), Y.square().sum(-1).expand(dot.shape[:-2] + dot.shape[-1:]), kind)
+    return finish_cost(
+        dot, X.square().sum(-1).expand(dot.shape[:-1]), Y.square().sum(-1).expand(dot.shape[:-2] + dot.shape[-1:]), kind
+    )
 
 
 SKETCH_SEED = 0  # one fixed projection: a pair of layers always gets the same plan

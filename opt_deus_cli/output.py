@@ -40,9 +40,23 @@ def current_umask() -> int:
 # what belongs to a model besides its weights and config (matched case-insensitively): tokenizer,
 # generation settings, chat template, licence and notice files. Anything else in a model directory
 # (a local base's own notes, data, training records) describes that model, not the output.
-MODEL_FILE_GLOBS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.tiktoken",
-                    "spiece.model", "sentencepiece*.model", "generation_config.json", "chat_template*",
-                    "license*", "licence*", "notice*", "copying*", "use_policy*")
+MODEL_FILE_GLOBS = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.tiktoken",
+    "spiece.model",
+    "sentencepiece*.model",
+    "generation_config.json",
+    "chat_template*",
+    "license*",
+    "licence*",
+    "notice*",
+    "copying*",
+    "use_policy*",
+)
 
 
 def belongs_to_model(name: str) -> bool:
@@ -53,9 +67,17 @@ def check_extra_globs(files: list[Path], extra: tuple[str, ...] | list[str], mod
     """--copy-extra GLOB that names no file of the model directory does nothing: refuse it."""
     for glob in extra:
         if not any(fnmatch.fnmatchcase(path.name, glob) for path in files):
-            names = ", ".join(sorted(p.name for p in files if not belongs_to_model(p.name)
-                                     and not p.name.endswith(WEIGHT_SUFFIXES))) or "none"
-            raise UsageError(f"--copy-extra {glob} matches no file of {model_dir} (files not copied by default: {names})")
+            names = (
+                ", ".join(
+                    sorted(
+                        p.name for p in files if not belongs_to_model(p.name) and not p.name.endswith(WEIGHT_SUFFIXES)
+                    )
+                )
+                or "none"
+            )
+            raise UsageError(
+                f"--copy-extra {glob} matches no file of {model_dir} (files not copied by default: {names})"
+            )
 
 
 def copy_side_files(files: list[Path], out: Path, skipped: set[str], extra: tuple[str, ...] | list[str] = ()) -> None:
@@ -124,15 +146,21 @@ class OutputTransaction:
         if out == self.model_dir or out.is_relative_to(self.model_dir):
             raise UsageError(f"output {self.out} is inside the model directory {self.model_dir}; choose another place")
         if self.model_dir.is_relative_to(out):
-            raise UsageError(f"output {self.out} contains the model directory {self.model_dir}; replacing it would delete the model")
+            raise UsageError(
+                f"output {self.out} contains the model directory {self.model_dir}; replacing it would delete the model"
+            )
         if self.out.exists() and not self.out.is_dir():
             raise UsageError(f"output {self.out} exists and is not a directory")
         if self.out.exists():
             if not self.overwrite:
-                raise UsageError(f"output {self.out} already exists; pass --overwrite to replace it (it is replaced only by a complete new result)")
+                raise UsageError(
+                    f"output {self.out} already exists; pass --overwrite to replace it (it is replaced only by a complete new result)"
+                )
             # --overwrite deletes the old directory: only ever one of ours (or an empty one)
             if not (self.out / MANIFEST_FILE).is_file() and any(self.out.iterdir()):
-                raise UsageError(f"output {self.out} is not an opt-deus output (no {MANIFEST_FILE}); refusing to replace it: remove it yourself or choose another output")
+                raise UsageError(
+                    f"output {self.out} is not an opt-deus output (no {MANIFEST_FILE}); refusing to replace it: remove it yourself or choose another output"
+                )
         parent = self.out.parent
         if not parent.is_dir():
             raise UsageError(f"parent directory {parent} of the output does not exist")
@@ -152,8 +180,10 @@ class OutputTransaction:
             self._cleanup()
             if isinstance(e, OSError):
                 usage = isinstance(e, PermissionError) or e.errno in (errno.EROFS, errno.ENOENT)
-                raise OptDeusError(f"cannot write beside {self.out}: {e.strerror or e}; choose an output you can write",
-                                   exit_code=2 if usage else 1) from e
+                raise OptDeusError(
+                    f"cannot write beside {self.out}: {e.strerror or e}; choose an output you can write",
+                    exit_code=2 if usage else 1,
+                ) from e
             raise
         return self.tmp
 
@@ -171,7 +201,9 @@ class OutputTransaction:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise OptDeusError(f"another opt-deus run is writing {self.out} (lock {self._lock_path}); wait for it or choose another output") from None
+                raise OptDeusError(
+                    f"another opt-deus run is writing {self.out} (lock {self._lock_path}); wait for it or choose another output"
+                ) from None
             except BaseException:
                 os.close(fd)
                 raise
@@ -202,7 +234,11 @@ class OutputTransaction:
         """A directory made by mkdtemp for this OUT_DIR (prefix + 8 random characters); not, say,
         the temporary directory of another output named `OUT.partial-x`."""
         prefix = self._prefix(kind)
-        return entry.name.startswith(prefix) and re.fullmatch(r"[a-z0-9_]{8}", entry.name[len(prefix):]) is not None and entry.is_dir()
+        return (
+            entry.name.startswith(prefix)
+            and re.fullmatch(r"[a-z0-9_]{8}", entry.name[len(prefix) :]) is not None
+            and entry.is_dir()
+        )
 
     def commit(self) -> None:
         """Swap the complete result into place; the old OUT_DIR is removed only afterwards."""
@@ -247,4 +283,6 @@ class OutputTransaction:
         if isinstance(exc, (KeyboardInterrupt, Terminated)):  # what the CLI says about it (cli.common.run)
             exc.output_state = self._state_after_interrupt(committed)
         if isinstance(exc, OSError):
-            raise OptDeusError(f"writing {self.out} failed: {exc.strerror or exc}; the output location was left as it was") from exc
+            raise OptDeusError(
+                f"writing {self.out} failed: {exc.strerror or exc}; the output location was left as it was"
+            ) from exc

@@ -35,8 +35,10 @@ def tokenize_text(tokenizer_dir: Path | str, text_file: Path | str, option: str 
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False, local_files_only=True)
     except Exception as e:
-        raise UsageError(f"{tokenizer_dir} has no usable tokenizer for {option} "
-                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        raise UsageError(
+            f"{tokenizer_dir} has no usable tokenizer for {option} "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from e
     try:
         text = Path(text_file).read_text()
     except (OSError, UnicodeDecodeError) as e:
@@ -75,12 +77,17 @@ def text_perplexity(model, text: TextTokens, device, on_window=None) -> dict:
         for start in window_starts(text, window):
             if on_window:
                 on_window()
-            chunk = torch.tensor(ids[start:start + window + 1], device=device)[None]  # (1, <= window + 1)
+            chunk = torch.tensor(ids[start : start + window + 1], device=device)[None]  # (1, <= window + 1)
             if chunk.shape[1] < 2:
                 break
             logits = model(input_ids=chunk[:, :-1]).logits.float()  # (1, n, vocab)
             loss = torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
             total, count = total + loss.item(), count + chunk.shape[1] - 1
-    return {"file": text.path, "tokens": count, "words": text.words, "nll": total,
-            "token_perplexity": math.exp(total / count),
-            "word_perplexity": math.exp(total / text.words)}
+    return {
+        "file": text.path,
+        "tokens": count,
+        "words": text.words,
+        "nll": total,
+        "token_perplexity": math.exp(total / count),
+        "word_perplexity": math.exp(total / text.words),
+    }

@@ -104,7 +104,9 @@ def resolve_amount(amount: Amount, base_layers: int) -> int:
 def parse_recipe(data: Any, source: str = "<inline>") -> Recipe:
     where = f"recipe {source}"
     if not isinstance(data, dict):
-        raise UsageError(f"{where}: expected a YAML mapping of keys (method, positions, count, ...), got {type(data).__name__}")
+        raise UsageError(
+            f"{where}: expected a YAML mapping of keys (method, positions, count, ...), got {type(data).__name__}"
+        )
     check_keys(where, data, all_keys())
     name = data.get("method")
     if name not in method_names():
@@ -113,8 +115,11 @@ def parse_recipe(data: Any, source: str = "<inline>") -> Recipe:
     allowed = {*COMMON_KEYS, *PLACEMENT_KEYS[method.placement], *method.settings}
     for key in data:
         if key not in allowed:
-            users = [m for m in method_names() if key in method_class(m).settings
-                     or key in PLACEMENT_KEYS[method_class(m).placement]]
+            users = [
+                m
+                for m in method_names()
+                if key in method_class(m).settings or key in PLACEMENT_KEYS[method_class(m).placement]
+            ]
             raise UsageError(f"{where}: key {key!r} does not apply to method {name!r} (it is for {', '.join(users)})")
 
     kw: dict[str, Any] = {"method": name, "source": source}
@@ -129,7 +134,9 @@ def parse_recipe(data: Any, source: str = "<inline>") -> Recipe:
         if zi is None:
             zi = []
         if not isinstance(zi, list) or not all(isinstance(z, str) for z in zi):
-            raise UsageError(f"{where}: zero_init must be a list of projection names like [o_proj, down_proj], got {zi!r}")
+            raise UsageError(
+                f"{where}: zero_init must be a list of projection names like [o_proj, down_proj], got {zi!r}"
+            )
         kw["zero_init"] = tuple(zi)
     kw["settings"] = {key: parse_settings(cls, data.get(key), where, key) for key, cls in method.settings.items()}
     return Recipe(**kw)
@@ -139,11 +146,17 @@ def _parse_positions(where: str, data: dict) -> Positions:
     positions = data.get("positions", "top")
     if isinstance(positions, str):
         if positions not in NAMED_POSITIONS:
-            raise UsageError(f"{where}: positions {positions!r} unknown{closest(positions, NAMED_POSITIONS)}; or give a list of base layer indices")
+            raise UsageError(
+                f"{where}: positions {positions!r} unknown{closest(positions, NAMED_POSITIONS)}; or give a list of base layer indices"
+            )
         if "count" not in data:
             raise UsageError(f"{where}: positions {positions!r} needs 'count' (how many new layers, e.g. 8 or '50%')")
         return Positions(positions, _amount(f"{where}: count", data["count"]))
-    if isinstance(positions, list) and positions and all(isinstance(k, int) and not isinstance(k, bool) for k in positions):
+    if (
+        isinstance(positions, list)
+        and positions
+        and all(isinstance(k, int) and not isinstance(k, bool) for k in positions)
+    ):
         if len(set(positions)) != len(positions):
             raise UsageError(f"{where}: positions list has repeated indices: {positions}")
         if min(positions) < 0:
@@ -151,17 +164,26 @@ def _parse_positions(where: str, data: dict) -> Positions:
         if "count" in data and _amount(f"{where}: count", data["count"]) != len(positions):
             raise UsageError(f"{where}: count {data['count']!r} disagrees with the {len(positions)} listed positions")
         return Positions(tuple(sorted(positions)), len(positions))
-    raise UsageError(f"{where}: positions must be one of {', '.join(NAMED_POSITIONS)} or a non-empty list of integers, got {positions!r}")
+    raise UsageError(
+        f"{where}: positions must be one of {', '.join(NAMED_POSITIONS)} or a non-empty list of integers, got {positions!r}"
+    )
 
 
 def _parse_slices(where: str, data: dict) -> Slices:
     if ("overlap" in data) == ("slices" in data):
-        raise UsageError(f"{where}: method {data['method']!r} needs exactly one of 'overlap' (layers dropped at the seam) or 'slices'")
+        raise UsageError(
+            f"{where}: method {data['method']!r} needs exactly one of 'overlap' (layers dropped at the seam) or 'slices'"
+        )
     if "overlap" in data:
         return Slices(overlap=_amount(f"{where}: overlap", data["overlap"]))
     slices = data["slices"]
-    ok = isinstance(slices, list) and slices and all(
-        isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in s) for s in slices
+    ok = (
+        isinstance(slices, list)
+        and slices
+        and all(
+            isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in s)
+            for s in slices
+        )
     )
     if not ok:
         raise UsageError(f"{where}: slices must be a list of [start, end) base layer ranges, e.g. [[0, 24], [8, 32]]")
@@ -172,6 +194,7 @@ def _parse_slices(where: str, data: dict) -> Slices:
 
 
 # ---- where recipes come from -------------------------------------------------------------
+
 
 def shipped_recipes_dir() -> Path:
     """The recipes shipped as package data (the checkout's top-level recipes/ links here)."""
@@ -194,7 +217,9 @@ def load_recipe(name_or_path: str) -> Recipe:
         elif path.suffix in (".yaml", ".yml") or "/" in name_or_path:
             raise UsageError(f"recipe file {name_or_path} not found")
         else:
-            raise UsageError(f"no recipe file or shipped recipe named {name_or_path!r}{closest(name_or_path, shipped)}; `opt-deus recipes` lists them")
+            raise UsageError(
+                f"no recipe file or shipped recipe named {name_or_path!r}{closest(name_or_path, shipped)}; `opt-deus recipes` lists them"
+            )
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -206,7 +231,6 @@ def load_recipe(name_or_path: str) -> Recipe:
         raise UsageError(f"cannot read recipe {path}: {e}") from e
     recipe = parse_recipe(data, source=str(path))
     return replace(recipe, model=_beside(path, recipe.model, may_be_repo_id=True), output=_beside(path, recipe.output))
-
 
 
 def _beside(recipe_path: Path, value: str | None, may_be_repo_id: bool = False) -> str | None:

@@ -21,11 +21,20 @@ from typing import Any
 from .errors import UsageError
 
 
-def setting(default: Any, *, choices: tuple = (), minimum: float | None = None, maximum: float | None = None,
-            above: float | None = None, doc: str = "") -> Any:
+def setting(
+    default: Any,
+    *,
+    choices: tuple = (),
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+    doc: str = "",
+) -> Any:
     """A settings field. minimum/maximum are inclusive bounds, `above` an exclusive lower bound."""
-    return dataclasses.field(default=default, metadata={
-        "choices": tuple(choices), "minimum": minimum, "maximum": maximum, "above": above, "doc": doc})
+    return dataclasses.field(
+        default=default,
+        metadata={"choices": tuple(choices), "minimum": minimum, "maximum": maximum, "above": above, "doc": doc},
+    )
 
 
 class SettingError(UsageError):

@@ -19,8 +19,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from .errors import OptDeusError
-from .ot_names import SOLVERS
 from .ot import all_finite, assignment_plan, cost_spread
+from .ot_names import SOLVERS
 
 # Sinkhorn runs in float64 when a problem is small enough for that to be cheap (32 MB).
 _SINKHORN_FP64_MAX = 1 << 22
@@ -29,8 +29,10 @@ ANNEAL = 16
 # A plan whose total mass is off by more than this is reported as degraded (not converged).
 _MASS_TOL = 1e-3
 # POT's words when the iteration cap is hit (kept: users search for them)
-NOT_CONVERGED = ("Sinkhorn did not converge. You might want to increase the number of iterations "
-                 "`numItermax` or the regularization parameter `reg`.")
+NOT_CONVERGED = (
+    "Sinkhorn did not converge. You might want to increase the number of iterations "
+    "`numItermax` or the regularization parameter `reg`."
+)
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,9 @@ def _restore(dense: np.ndarray, offsets: tuple[np.ndarray, np.ndarray]) -> None:
     dense += rows
 
 
-def exact_assignments(costs: torch.Tensor, what: str = "cost matrix") -> tuple[torch.Tensor, list[PlanReport], torch.Tensor]:
+def exact_assignments(
+    costs: torch.Tensor, what: str = "cost matrix"
+) -> tuple[torch.Tensor, list[PlanReport], torch.Tensor]:
     """Minimum-cost perfect matchings of a batch of square costs (N, n, n): returns col (N, n)
     int64 on CPU, row i of A matched to column col[k, i] of B in problem k (the plan is
     T[i, col[i]] = 1/n), one report per problem, and the mean matched cost of each (N,) float64.
@@ -137,13 +141,15 @@ def exact_assignments_in_background(costs: torch.Tensor, what: str = "cost matri
             os.close(read)
             began = time.perf_counter()
             cols = np.stack([_lap(dense[k]) for k in range(N)]).astype(np.int64)
-            payload = np.float64(time.perf_counter() - began).tobytes() + cols.tobytes()  # its own time, then the columns
+            payload = (
+                np.float64(time.perf_counter() - began).tobytes() + cols.tobytes()
+            )  # its own time, then the columns
             status = 0
-        except BaseException as e:  # noqa: BLE001 (reported by the parent)
+        except BaseException as e:
             payload = f"{type(e).__name__}: {e}".encode()
         view = memoryview(payload)
         while view:
-            view = view[os.write(write, view):]
+            view = view[os.write(write, view) :]
         os._exit(status)
     os.close(write)
 
@@ -153,12 +159,18 @@ def exact_assignments_in_background(costs: torch.Tensor, what: str = "cost matri
         _, status = os.waitpid(pid, 0)
         _restore(dense, offsets)  # the child is gone: writing no longer copies its pages
         if os.waitstatus_to_exitcode(status) != 0:
-            raise OptDeusError(f"{what}: the assignment process failed ({payload.decode(errors='replace') or status}); "
-                               "if memory is short, give --memory-budget to see what a layer needs")
+            raise OptDeusError(
+                f"{what}: the assignment process failed ({payload.decode(errors='replace') or status}); "
+                "if memory is short, give --memory-budget to see what a layer needs"
+            )
         seconds = float(np.frombuffer(payload[:8], dtype=np.float64)[0]) / N  # the solver's, not the waiting's
         cols = np.frombuffer(payload[8:], dtype=np.int64).reshape(N, n)
         matched = torch.tensor([float(dense[k][np.arange(n), cols[k]].mean()) for k in range(N)], dtype=torch.float64)
-        return (torch.from_numpy(cols.copy()), [PlanReport("exact", 0.0, 0, 0.0, True, seconds) for _ in range(N)], matched)
+        return (
+            torch.from_numpy(cols.copy()),
+            [PlanReport("exact", 0.0, 0, 0.0, True, seconds) for _ in range(N)],
+            matched,
+        )
 
     return result
 
@@ -211,8 +223,9 @@ def _log_sinkhorn(M: torch.Tensor, reg: torch.Tensor, max_iter: int, tol: float)
     return T.add_(u[:, :, None]).add_(v[:, None, :]).exp_(), done, err, running  # in place: one n x m buffer
 
 
-def sinkhorn_plans(costs: torch.Tensor, epsilon: float, max_iter: int, tol: float,
-                   what: str = "cost matrix") -> tuple[torch.Tensor, list[PlanReport]]:
+def sinkhorn_plans(
+    costs: torch.Tensor, epsilon: float, max_iter: int, tol: float, what: str = "cost matrix"
+) -> tuple[torch.Tensor, list[PlanReport]]:
     """Log-domain entropic OT of a batch of costs (N, n, m), each divided by its cost_spread so
     that epsilon is scale-free and shift-invariant. Returns T (N, n, m) in the costs' dtype and
     device, and one report per problem."""
@@ -232,14 +245,23 @@ def sinkhorn_plans(costs: torch.Tensor, epsilon: float, max_iter: int, tol: floa
     reports = []
     for k in range(N):
         mass_ok = abs(float(mass[k]) - 1.0) <= _MASS_TOL
-        reports.append(PlanReport("sinkhorn", float(epsilon), int(niter[k]), float(marginal[k]),
-                                  bool(float(err[k]) < tol and mass_ok), seconds,
-                                  (NOT_CONVERGED,) if bool(capped[k]) else ()))
+        reports.append(
+            PlanReport(
+                "sinkhorn",
+                float(epsilon),
+                int(niter[k]),
+                float(marginal[k]),
+                bool(float(err[k]) < tol and mass_ok),
+                seconds,
+                (NOT_CONVERGED,) if bool(capped[k]) else (),
+            )
+        )
     return T.to(costs.dtype), reports
 
 
-def sinkhorn_plan(cost: torch.Tensor, epsilon: float, max_iter: int, tol: float,
-                  what: str = "cost matrix") -> tuple[torch.Tensor, PlanReport]:
+def sinkhorn_plan(
+    cost: torch.Tensor, epsilon: float, max_iter: int, tol: float, what: str = "cost matrix"
+) -> tuple[torch.Tensor, PlanReport]:
     """sinkhorn_plans of one cost (n, m): T (n, m) and its report."""
     T, reports = sinkhorn_plans(cost[None], epsilon, max_iter, tol, what)
     return T[0], reports[0]

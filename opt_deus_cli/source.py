@@ -32,7 +32,7 @@ class SourceModel:
     _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
     @classmethod
-    def open(cls, model_dir: Path | str) -> "SourceModel":
+    def open(cls, model_dir: Path | str) -> SourceModel:
         """Read the metadata (config.json, safetensors headers) and check it; no weights yet."""
         ckpt = Checkpoint(model_dir)
         arch = architecture_for(ckpt.config)
@@ -87,13 +87,21 @@ class SourceModel:
         arch.from_canonical gives the family's own names back."""
         return self.arch.to_canonical(block, self.layout) if block is not None else None
 
-    def canonical_pair(self, sources: tuple[int, ...], device: torch.device, out_dtype: torch.dtype | None = None,
-                       decisions: Decisions = Decisions()) -> tuple[Block, Block | None, BuildContext]:
+    def canonical_pair(
+        self,
+        sources: tuple[int, ...],
+        device: torch.device,
+        out_dtype: torch.dtype | None = None,
+        decisions: Decisions = Decisions(),
+    ) -> tuple[Block, Block | None, BuildContext]:
         """(lower, upper or None, context) of base layers (k,) or (k, k+1), canonical."""
         lower = self.canonical(self.block(sources[0]))
         upper = self.canonical(self.block(sources[1])) if len(sources) > 1 else None
-        return lower, upper, BuildContext(self.arch.canonical(), self.layout, device, tuple(sources), out_dtype,
-                                          decisions)
+        return (
+            lower,
+            upper,
+            BuildContext(self.arch.canonical(), self.layout, device, tuple(sources), out_dtype, decisions),
+        )
 
     def files(self) -> list[Path]:
         return self.ckpt.files()
@@ -155,7 +163,9 @@ def _group_tensors(ckpt: Checkpoint, arch: Architecture, n: int):
     return blocks, sorted(pre), sorted(post)
 
 
-def check_finite(block: Block, prefix: str, what: str, fix: str = "fix the checkpoint or pass --allow-nonfinite") -> None:
+def check_finite(
+    block: Block, prefix: str, what: str, fix: str = "fix the checkpoint or pass --allow-nonfinite"
+) -> None:
     import torch
 
     for rel, t in block.items():

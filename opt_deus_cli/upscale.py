@@ -13,15 +13,25 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import INDEX_FILE, ShardWriter, TensorMeta, parse_size, sha256_file, write_json
 from .card import CARD_FILE, model_card
+from .checkpoint import INDEX_FILE, ShardWriter, TensorMeta, parse_size, sha256_file, write_json
 from .configs import rewrite_config
 from .errors import UsageError
 from .hashing import Hashing
 from .hub import ResolvedModel, resolve_model
 from .job import Job, Options, resolve_job
 from .layers import OutputLayer
-from .manifest import FORMAT_VERSION, MANIFEST_FILE, BaseInfo, FileEntry, LayerEntry, Manifest, OutputInfo, read_manifest, report_warnings
+from .manifest import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    BaseInfo,
+    FileEntry,
+    LayerEntry,
+    Manifest,
+    OutputInfo,
+    read_manifest,
+    report_warnings,
+)
 from .methods.base import Block, Progress
 from .output import OutputTransaction, check_extra_globs, copy_side_files
 from .recipe import Recipe
@@ -39,8 +49,10 @@ def prepare(model: Model, recipe: Recipe, options: Options) -> Job:
     job = resolve_job(SourceModel.open(resolve_model(model).path), recipe, options)
     check_extra_globs(job.source.files(), options.copy_extra, job.source.dir)
     if options.allow_nonfinite and job.method.needs_finite:
-        raise UsageError(f"--allow-nonfinite cannot help method {recipe.method}: it aligns or learns from the source "
-                         "weights, which must be finite; fix the checkpoint (copy, average and stack pass NaN/Inf through)")
+        raise UsageError(
+            f"--allow-nonfinite cannot help method {recipe.method}: it aligns or learns from the source "
+            "weights, which must be finite; fix the checkpoint (copy, average and stack pass NaN/Inf through)"
+        )
     return job
 
 
@@ -53,8 +65,9 @@ def dry_run(model: Model, recipe: Recipe, out_dir: Path | str | None, options: O
     return {"dry_run": True, "plan": job.describe(), "recipe": recipe.to_dict()}
 
 
-def upscale(model: Model, recipe: Recipe, out_dir: Path | str, options: Options = Options(),
-            progress: Progress | None = None) -> Manifest:
+def upscale(
+    model: Model, recipe: Recipe, out_dir: Path | str, options: Options = Options(), progress: Progress | None = None
+) -> Manifest:
     """Run the job; returns the manifest written beside the checkpoint."""
     started = time.perf_counter()
     model = resolve_model(model)
@@ -83,14 +96,22 @@ def upscale(model: Model, recipe: Recipe, out_dir: Path | str, options: Options 
             timings["tensors"] = time.perf_counter() - t0
             timings["tensors_write_copy"] = writer.io_seconds  # of which in pwrite / copy_file_range
             timings["tensors_checksum_wait"] = writer.hash_wait_seconds  # of which waiting for the output's sha256
-            config, config_notes, config_warnings = rewrite_config(source.raw_config, source.hf_config, source.arch,
-                                                                   job.layers, job.dtype)
+            config, config_notes, config_warnings = rewrite_config(
+                source.raw_config, source.hf_config, source.arch, job.layers, job.dtype
+            )
             write_json(tmp / "config.json", config)
             copy_side_files(source.files(), tmp, NOT_COPIED_NAMES, options.copy_extra)
-            model_card(base_repo_id=model.repo_id, base_dir=source.dir, model_type=source.arch.model_type,
-                       recipe=recipe.to_dict(), layers=layer_entries, new_layers=job.new_layers,
-                       function_preserving=job.function_preserving, out_dir=Path(out_dir),
-                       tool_version=__version__).save(tmp / CARD_FILE)
+            model_card(
+                base_repo_id=model.repo_id,
+                base_dir=source.dir,
+                model_type=source.arch.model_type,
+                recipe=recipe.to_dict(),
+                layers=layer_entries,
+                new_layers=job.new_layers,
+                function_preserving=job.function_preserving,
+                out_dir=Path(out_dir),
+                tool_version=__version__,
+            ).save(tmp / CARD_FILE)
             t0 = time.perf_counter()
             base = [FileEntry(name, *future.result()) for name, future in base_files]
             timings["base_checksums_wait"] = time.perf_counter() - t0
@@ -101,8 +122,14 @@ def upscale(model: Model, recipe: Recipe, out_dir: Path | str, options: Options 
             manifest = Manifest(
                 format_version=FORMAT_VERSION,
                 tool={"name": "opt-deus", "version": __version__, "torch": torch.__version__},
-                base=BaseInfo(str(source.dir.resolve()), source.arch.model_type, job.base_layers, base,
-                              model.repo_id, model.revision),
+                base=BaseInfo(
+                    str(source.dir.resolve()),
+                    source.arch.model_type,
+                    job.base_layers,
+                    base,
+                    model.repo_id,
+                    model.revision,
+                ),
                 recipe=recipe.to_dict(),
                 resolved=job.describe(with_layers=False),
                 function_preserving=job.function_preserving,
@@ -126,8 +153,11 @@ def upscale(model: Model, recipe: Recipe, out_dir: Path | str, options: Options 
 def build_new_layer(job: Job, layer: OutputLayer, allow_nonfinite: bool) -> tuple[Block, dict]:
     source = job.source
     if not allow_nonfinite:
-        fix = (f"fix the checkpoint (method {job.recipe.method} needs finite weights)" if job.method.needs_finite
-               else "fix the checkpoint or pass --allow-nonfinite")
+        fix = (
+            f"fix the checkpoint (method {job.recipe.method} needs finite weights)"
+            if job.method.needs_finite
+            else "fix the checkpoint or pass --allow-nonfinite"
+        )
         for k in layer.sources:
             check_finite(source.block(k), source.arch.layer_prefix(k), "source", fix)
     block, report = job.method.build(*source.canonical_pair(layer.sources, job.device, job.dtype, job.decisions))
@@ -139,7 +169,9 @@ def build_new_layer(job: Job, layer: OutputLayer, allow_nonfinite: bool) -> tupl
     return block, report
 
 
-def _write_tensors(job: Job, writer: ShardWriter, layer_entries: list[LayerEntry], options: Options, progress: Progress | None) -> None:
+def _write_tensors(
+    job: Job, writer: ShardWriter, layer_entries: list[LayerEntry], options: Options, progress: Progress | None
+) -> None:
     source = job.source
     ckpt, arch = source.ckpt, source.arch
 
@@ -156,17 +188,25 @@ def _write_tensors(job: Job, writer: ShardWriter, layer_entries: list[LayerEntry
         copy_tensor(name, name)
     for layer in job.layers:
         if progress:
-            what = (f"base layer {layer.sources[0]}" if layer.origin == "base"
-                    else f"new: {layer.method} of {list(layer.built_from)}")
+            what = (
+                f"base layer {layer.sources[0]}"
+                if layer.origin == "base"
+                else f"new: {layer.method} of {list(layer.built_from)}"
+            )
             progress(f"layer {layer.index} ({what})", layer.index, total)
         t0 = time.perf_counter()
         k = layer.sources[0]
         prefix, src_prefix = arch.layer_prefix(layer.index), arch.layer_prefix(k)
         start = job.start_values(layer)
-        entry = LayerEntry(layer.index, layer.origin, list(layer.built_from), layer.method,
-                           [prefix + rel for rel, value in start.items() if value == 0],
-                           start_values={prefix + rel: value for rel, value in start.items() if value != 0} or None,
-                           settings_from=layer.settings_from if layer.is_new else None)
+        entry = LayerEntry(
+            layer.index,
+            layer.origin,
+            list(layer.built_from),
+            layer.method,
+            [prefix + rel for rel, value in start.items() if value == 0],
+            start_values={prefix + rel: value for rel, value in start.items() if value != 0} or None,
+            settings_from=layer.settings_from if layer.is_new else None,
+        )
         if layer.is_new and not job.method.copies_lower:
             block, report = build_new_layer(job, layer, options.allow_nonfinite)
             for rel in source.blocks[k]:

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .checkpoint import read_config, sha256_file
+from .configs import load_hf_config
 from .errors import OptDeusError, UsageError
 from .manifest import Manifest, read_manifest
-from .configs import load_hf_config
 from .perplexity import TextTokens, context_window, text_perplexity, tokenize_text, window_starts
 
 if TYPE_CHECKING:  # torch is imported by the checks that run models: argument errors come without it
@@ -74,15 +74,20 @@ def post_norm_warning(manifest: Manifest) -> str | None:
     if arch is None or not arch.post_norms or manifest.training is not None:
         return None
     writers = tuple(arch.weight(role) for role in arch.post_norms if role in arch.projections)
-    layers = [entry.index for entry in manifest.layers
-              if entry.is_new and any(name.endswith(writers) for name in entry.zeroed)]
+    layers = [
+        entry.index
+        for entry in manifest.layers
+        if entry.is_new and any(name.endswith(writers) for name in entry.zeroed)
+    ]
     if not layers:
         return None
     norms = ", ".join(name.removesuffix(".weight") for name in arch.post_norms.values())
-    return (f"new layers {', '.join(map(str, layers))} start with o_proj/down_proj at zero in front of {norms} "
-            "(an output of an older opt-deus): the first training step will be unstable (a norm of a zero branch "
-            "amplifies its gradient about 1/sqrt(eps) times; measured on Gemma-3-270M: loss 4.4 -> 27.7). "
-            "Run `opt-deus upscale` again: it starts these branches at zero by the post-norm's scale instead")
+    return (
+        f"new layers {', '.join(map(str, layers))} start with o_proj/down_proj at zero in front of {norms} "
+        "(an output of an older opt-deus): the first training step will be unstable (a norm of a zero branch "
+        "amplifies its gradient about 1/sqrt(eps) times; measured on Gemma-3-270M: loss 4.4 -> 27.7). "
+        "Run `opt-deus upscale` again: it starts these branches at zero by the post-norm's scale instead"
+    )
 
 
 def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype | str = "float32"):
@@ -97,10 +102,13 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype | str =
 
     hf_logging.disable_progress_bar()  # our output is one report, not transformers' bars
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=False,
-                                                     use_safetensors=True, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, trust_remote_code=False, use_safetensors=True, local_files_only=True
+        )
     except Exception as e:  # transformers raises many kinds; name the directory and the reason
-        raise OptDeusError(f"transformers cannot load {model_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise OptDeusError(
+            f"transformers cannot load {model_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
     return model.to(device).eval()
 
 
@@ -124,8 +132,9 @@ def _names(names: list[str], limit: int = 3) -> str:
 
 def check_files(out_dir: Path, manifest: Manifest, step=lambda: None) -> list[str]:
     missing, differing = _changed_files(out_dir, manifest.output.files, step)
-    return [f"{name} is missing" for name in missing] + \
-        [f"{name} differs from the file the manifest recorded" for name in differing]
+    return [f"{name} is missing" for name in missing] + [
+        f"{name} differs from the file the manifest recorded" for name in differing
+    ]
 
 
 def check_base_files(base_dir: Path, manifest: Manifest, step=lambda: None) -> list[str]:
@@ -136,12 +145,15 @@ def check_base_files(base_dir: Path, manifest: Manifest, step=lambda: None) -> l
     problems = []
     if missing:
         plural = len(missing) > 1
-        problems.append(f"base file{'s' if plural else ''} {_names(missing)} "
-                        f"{'are' if plural else 'is'} missing from {base_dir}")
+        problems.append(
+            f"base file{'s' if plural else ''} {_names(missing)} {'are' if plural else 'is'} missing from {base_dir}"
+        )
     if differing:
         plural = len(differing) > 1
-        problems.append(f"base file{'s' if plural else ''} {_names(differing)} {'differ' if plural else 'differs'} "
-                        "from what the up-scaling read: another model, or a changed base")
+        problems.append(
+            f"base file{'s' if plural else ''} {_names(differing)} {'differ' if plural else 'differs'} "
+            "from what the up-scaling read: another model, or a changed base"
+        )
     return problems
 
 
@@ -149,14 +161,18 @@ def check_arguments(base_dir: Path, out_dir: Path, text: Path | None) -> Manifes
     """What verify needs before it can check anything; missing pieces are usage errors (exit 2)."""
     for role, directory in (("base model", base_dir), ("output", out_dir)):
         if not directory.is_dir():
-            raise UsageError(f"{role} directory {directory} does not exist" if not directory.exists()
-                             else f"{role} {directory} is not a directory")
+            raise UsageError(
+                f"{role} directory {directory} does not exist"
+                if not directory.exists()
+                else f"{role} {directory} is not a directory"
+            )
     if not (base_dir / "config.json").is_file():
         raise UsageError(f"{base_dir} has no config.json; give the base model directory first, then the output")
     manifest = read_manifest(out_dir)
     if manifest is None:
-        raise UsageError(f"{out_dir} has no opt-deus manifest; give the up-scaled output second "
-                         "(`opt-deus verify BASE_DIR OUT_DIR`)")
+        raise UsageError(
+            f"{out_dir} has no opt-deus manifest; give the up-scaled output second (`opt-deus verify BASE_DIR OUT_DIR`)"
+        )
     if text is not None and not Path(text).is_file():
         raise UsageError(f"--text {text} is not a file")
     return manifest
@@ -174,8 +190,9 @@ def check_config(out_dir: Path, manifest: Manifest) -> list[str]:
     return problems
 
 
-def verify(base_dir: Path | str, out_dir: Path | str, device: torch.device, text: Path | None = None,
-           progress=None) -> dict:
+def verify(
+    base_dir: Path | str, out_dir: Path | str, device: torch.device, text: Path | None = None, progress=None
+) -> dict:
     """progress(description, done, total), if given, is called before each step: a file hashed,
     a model loaded or run, a perplexity window."""
     import torch
@@ -195,13 +212,21 @@ def verify(base_dir: Path | str, out_dir: Path | str, device: torch.device, text
             if progress:
                 progress(description, done, total)
             done += 1
+
         return advance
 
-    problems = check_files(out_dir, manifest, step("output: checking files (sha256)")) + \
-        check_base_files(base_dir, manifest, step("base: checking files (sha256)")) + check_config(out_dir, manifest)
-    report: dict = {"base": str(base_dir), "output": str(out_dir), "method": manifest.method,
-                    "function_preserving": preserving,
-                    "files_checked": {"output": len(manifest.output.files), "base": len(manifest.base.files)}}
+    problems = (
+        check_files(out_dir, manifest, step("output: checking files (sha256)"))
+        + check_base_files(base_dir, manifest, step("base: checking files (sha256)"))
+        + check_config(out_dir, manifest)
+    )
+    report: dict = {
+        "base": str(base_dir),
+        "output": str(out_dir),
+        "method": manifest.method,
+        "function_preserving": preserving,
+        "files_checked": {"output": len(manifest.output.files), "base": len(manifest.base.files)},
+    }
     if manifest.training is not None:  # trained after the up-scaling: why the logits moved
         report["training_steps"] = manifest.training.get("steps")
 
@@ -222,8 +247,9 @@ def verify(base_dir: Path | str, out_dir: Path | str, device: torch.device, text
             logits = model(input_ids=ids).logits.float().cpu()
         results[name] = {"logits": logits, "layers": model.config.num_hidden_layers}
         if text_tokens is not None:
-            results[name]["perplexity"] = text_perplexity(model, text_tokens, device,
-                                                          step(f"{name}: perplexity on {Path(text).name}"))
+            results[name]["perplexity"] = text_perplexity(
+                model, text_tokens, device, step(f"{name}: perplexity on {Path(text).name}")
+            )
         del model
 
     report["tokens"] = list(ids.shape)
@@ -232,25 +258,35 @@ def verify(base_dir: Path | str, out_dir: Path | str, device: torch.device, text
         base_logits, out_logits = results["base"]["logits"], results["output"]["logits"]
         diff = (base_logits - out_logits).abs()
         tolerance = RELATIVE_TOLERANCE * (1.0 + base_logits.abs().max().item())
-        report.update({
-            "base_layers": results["base"]["layers"],
-            "output_layers": results["output"]["layers"],
-            "max_abs_logit_diff": diff.max().item(),
-            "mean_abs_logit_diff": diff.mean().item(),
-            # checked against the tolerance only when the recipe promises the same function
-            "tolerance": tolerance if preserving else None,
-        })
+        report.update(
+            {
+                "base_layers": results["base"]["layers"],
+                "output_layers": results["output"]["layers"],
+                "max_abs_logit_diff": diff.max().item(),
+                "mean_abs_logit_diff": diff.mean().item(),
+                # checked against the tolerance only when the recipe promises the same function
+                "tolerance": tolerance if preserving else None,
+            }
+        )
         if text_tokens is not None:
             report["text_tokens"] = len(text_tokens.token_ids)
             report["text_words"] = text_tokens.words
-            report["perplexity"] = {name: results[name]["perplexity"]["token_perplexity"] for name in ("base", "output")}
-            report["word_perplexity"] = {name: results[name]["perplexity"]["word_perplexity"] for name in ("base", "output")}
+            report["perplexity"] = {
+                name: results[name]["perplexity"]["token_perplexity"] for name in ("base", "output")
+            }
+            report["word_perplexity"] = {
+                name: results[name]["perplexity"]["word_perplexity"] for name in ("base", "output")
+            }
         if not torch.isfinite(out_logits).all():
             problems.append("the output model's logits contain NaN or Inf")
         if results["output"]["layers"] != manifest.output.num_layers:
-            problems.append(f"the loaded output has {results['output']['layers']} layers, manifest says {manifest.output.num_layers}")
+            problems.append(
+                f"the loaded output has {results['output']['layers']} layers, manifest says {manifest.output.num_layers}"
+            )
         if preserving and report["max_abs_logit_diff"] > tolerance:
-            problems.append(f"recipe is function-preserving but logits differ by up to {report['max_abs_logit_diff']:.3g} (tolerance {tolerance:.3g})")
+            problems.append(
+                f"recipe is function-preserving but logits differ by up to {report['max_abs_logit_diff']:.3g} (tolerance {tolerance:.3g})"
+            )
     if progress:
         progress("done", total, total)
     report["problems"] = problems

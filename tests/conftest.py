@@ -52,15 +52,31 @@ FAMILY_KWARGS = {
 }
 
 
-def make_model(path: Path, model_type: str, layers: int = 6, tied: bool = False, dtype=torch.bfloat16,
-               shard: str | None = "60KB", seed: int = 0, **overrides) -> Path:
+def make_model(
+    path: Path,
+    model_type: str,
+    layers: int = 6,
+    tied: bool = False,
+    dtype=torch.bfloat16,
+    shard: str | None = "60KB",
+    seed: int = 0,
+    **overrides,
+) -> Path:
     """Save a random tiny model of a family (GQA: 4 query heads, 2 KV heads) to `path`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    kwargs = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=8, vocab_size=97, max_position_embeddings=64,
-                  tie_word_embeddings=tied)
+    kwargs = dict(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=97,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
     kwargs.update(FAMILY_KWARGS.get(model_type, {}))
     kwargs.update(overrides)
     config = AutoConfig.for_model(model_type, **kwargs)
@@ -113,8 +129,17 @@ def model_factory(tmp_path_factory):
 # ---- markers: `pytest -m "not slow"` is the quick loop ----------------------------------------
 # end to end: builds checkpoints, runs the pipeline or the CLI, loads models with transformers
 E2E_FIXTURES = {"model_factory", "hub_model_factory"}
-E2E_MODULES = {"test_cli", "test_bad_models", "test_bad_recipes", "test_output_safety", "test_determinism",
-               "test_verify", "test_inspect", "test_quality", "test_benchmark_training"}
+E2E_MODULES = {
+    "test_cli",
+    "test_bad_models",
+    "test_bad_recipes",
+    "test_output_safety",
+    "test_determinism",
+    "test_verify",
+    "test_inspect",
+    "test_quality",
+    "test_benchmark_training",
+}
 
 
 def pytest_collection_modifyitems(items):
@@ -180,8 +205,17 @@ def assert_blocks_close(got: dict, want: dict, atol: float, rtol: float = 0.0) -
 def check_report(report: dict) -> None:
     json.dumps(report, allow_nan=False)
     for group in ("attention", "mlp"):
-        for key in ("solver", "epsilon", "iterations", "marginal_error", "converged", "cost_before",
-                    "cost_after", "permutation_likeness", "seconds"):
+        for key in (
+            "solver",
+            "epsilon",
+            "iterations",
+            "marginal_error",
+            "converged",
+            "cost_before",
+            "cost_after",
+            "permutation_likeness",
+            "seconds",
+        ):
             assert key in report[group], (group, key)
     assert isinstance(report["notes"], list)
 
@@ -203,8 +237,9 @@ def hub_config(fixture_name: str) -> dict:
     return json.loads((HUB_CONFIGS / f"{fixture_name}.json").read_text())
 
 
-def make_hub_model(path: Path, fixture_name: str, seed: int = 0, shard: str | None = "60KB",
-                   config_overrides: dict | None = None) -> Path:
+def make_hub_model(
+    path: Path, fixture_name: str, seed: int = 0, shard: str | None = "60KB", config_overrides: dict | None = None
+) -> Path:
     """A tiny random checkpoint whose config.json is the fixture file, byte for byte.
 
     The weights come from the model transformers builds from that config, with 1-D weights (norms,
@@ -256,8 +291,9 @@ def _git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def make_hub_cache(cache_root: Path, repo_id: str, model_dir: Path,
-                   revision: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+def make_hub_cache(
+    cache_root: Path, repo_id: str, model_dir: Path, revision: str = "0123456789abcdef0123456789abcdef01234567"
+) -> Path:
     """Lay `model_dir`'s files out as huggingface_hub's cache holds a downloaded repo:
     `models--org--name/blobs/<etag>` (sha256 of the content for LFS files such as *.safetensors,
     the git blob sha1 for plain files such as config.json and the index), relative symlinks
@@ -295,11 +331,17 @@ def hub_model_factory(tmp_path_factory):
     def get(fixture_name: str, seed: int = 0, **config_overrides) -> Path:
         key = (fixture_name, seed, tuple(sorted((k, repr(v)) for k, v in config_overrides.items())))
         if key not in cache:
-            cache[key] = make_hub_model(tmp_path_factory.mktemp(fixture_name.replace(".", "_")), fixture_name, seed,
-                                        config_overrides=config_overrides or None)
+            cache[key] = make_hub_model(
+                tmp_path_factory.mktemp(fixture_name.replace(".", "_")),
+                fixture_name,
+                seed,
+                config_overrides=config_overrides or None,
+            )
         return cache[key]
 
     return get
+
+
 # ---- end of hub-shaped checkpoints ---------------------------------------------------------------
 
 
@@ -394,11 +436,11 @@ def edit_header(path: Path, edit) -> None:
     """Rewrite a safetensors header in place (the data section is kept as it is)."""
     raw = path.read_bytes()
     size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + size])
+    header = json.loads(raw[8 : 8 + size])
     edit(header)
     new = json.dumps(header).encode()
     new += b" " * (-len(new) % 8)
-    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + size:])
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + size :])
 
 
 class Unpickled:

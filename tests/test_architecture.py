@@ -28,7 +28,10 @@ LAYERS = (
     ("contract", ("methods", "methods.base")),
     ("methods", ("methods.copy", "methods.average", "methods.lesa.*", "methods.opt_deus.*")),
     ("plan", ("methods.registry", "recipe", "layers")),
-    ("work", ("job", "upscale", "inspect", "perplexity", "verify", "training.*", "handoff", "evaluation.*", "compare.*")),
+    (
+        "work",
+        ("job", "upscale", "inspect", "perplexity", "verify", "training.*", "handoff", "evaluation.*", "compare.*"),
+    ),
     ("cli", ("cli.*",)),
 )
 SILOS = {"methods"}
@@ -55,7 +58,9 @@ def imports_of(path: Path, modules: set[str], root: Path = PACKAGE) -> set[str]:
                 origin = ".".join(base + ([node.module] if node.module else []))
             else:
                 origin = node.module or ""
-            targets = [f"{origin}.{alias.name}" if f"{origin}.{alias.name}" in modules else origin for alias in node.names]
+            targets = [
+                f"{origin}.{alias.name}" if f"{origin}.{alias.name}" in modules else origin for alias in node.names
+            ]
         else:
             continue
         found |= {t for t in targets if t in modules and t != name}
@@ -89,16 +94,20 @@ def layering_violations(graph: dict[str, set[str]]) -> list[str]:
     for module, imported in sorted(graph.items()):
         placed = layer_of(module)
         if placed is None:
-            found.append(f"{module} is in no layer: add it to LAYERS in tests/test_architecture.py, in the lowest "
-                         "layer its imports allow")
+            found.append(
+                f"{module} is in no layer: add it to LAYERS in tests/test_architecture.py, in the lowest "
+                "layer its imports allow"
+            )
             continue
         for target in sorted(imported):
             (layer, entry), (target_layer, target_entry) = placed, layer_of(target) or (len(LAYERS), "?")
             if target_layer > layer:
                 found.append(f"{module} ({LAYERS[layer][0]}) imports {target} ({LAYERS[target_layer][0]}, above it)")
             elif target_layer == layer and LAYERS[layer][0] in SILOS and entry != target_entry:
-                found.append(f"{module} imports {target}: a method never imports another method "
-                             "(move what they share to methods.base)")
+                found.append(
+                    f"{module} imports {target}: a method never imports another method "
+                    "(move what they share to methods.base)"
+                )
     return found
 
 
@@ -139,7 +148,7 @@ def test_no_import_cycles():
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycle = path[path.index(nxt):] + [nxt]
+                cycle = path[path.index(nxt) :] + [nxt]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt, path + [nxt])

@@ -29,6 +29,7 @@ from conftest import (
 
 # ---- bad model directories -----------------------------------------------------------------
 
+
 def _no_model_type(m):
     config = json.loads((m / "config.json").read_text())
     del config["model_type"]
@@ -68,6 +69,7 @@ def _truncated(m):
 def _header_lies(m):
     def lie(header):
         header["model.layers.1.self_attn.q_proj.weight"]["shape"] = [32, 64]
+
     edit_header(shard_holding(m, "model.layers.1.self_attn.q_proj.weight"), lie)
 
 
@@ -84,6 +86,7 @@ def _config(**changes):
         config = json.loads((m / "config.json").read_text())
         config.update(changes)
         (m / "config.json").write_text(json.dumps(config))
+
     return apply
 
 
@@ -97,20 +100,35 @@ BAD_MODELS = {
     "model_type not a string": (_config(model_type=["llama"]), "'model_type' must be a string"),
     "no vocab_size": (_config(vocab_size=None), "Field 'vocab_size' expected int"),
     "quantized": (_quantized, "quantized"),
-    "index not JSON": (lambda m: (m / INDEX).write_text("{\"weight_map\": "), "not a valid safetensors index"),
-    "index not a map": (lambda m: (m / INDEX).write_text('{"weight_map": {"lm_head.weight": 3}}'), "not a valid safetensors index"),
+    "index not JSON": (lambda m: (m / INDEX).write_text('{"weight_map": '), "not a valid safetensors index"),
+    "index not a map": (
+        lambda m: (m / INDEX).write_text('{"weight_map": {"lm_head.weight": 3}}'),
+        "not a valid safetensors index",
+    ),
     "index names a missing shard": (lambda m: _index_names(m, "model-00009-of-00009.safetensors"), "missing"),
-    "index name with ../": (lambda m: _index_names(m, "../model/model-00001-of-00002.safetensors"), "not a plain file name"),
-    "index name absolute": (lambda m: _index_names(m, str(m / "model-00001-of-00002.safetensors")), "not a plain file name"),
+    "index name with ../": (
+        lambda m: _index_names(m, "../model/model-00001-of-00002.safetensors"),
+        "not a plain file name",
+    ),
+    "index name absolute": (
+        lambda m: _index_names(m, str(m / "model-00001-of-00002.safetensors")),
+        "not a plain file name",
+    ),
     "symlink leaving": (_symlink_leaving, "symlink leaving"),
     "side file symlink leaving": (_side_file_leaving, "tokenizer.json is a symlink leaving"),
     "truncated shard": (_truncated, "tensor model.norm.weight"),
     "header lies about sizes": (_header_lies, "tensor model.layers.1.self_attn.q_proj.weight"),
-    "block tensor missing": (_drop("model.layers.3.mlp.up_proj.weight"), "tensor model.layers.3.mlp.up_proj.weight is missing"),
+    "block tensor missing": (
+        _drop("model.layers.3.mlp.up_proj.weight"),
+        "tensor model.layers.3.mlp.up_proj.weight is missing",
+    ),
     "embedding missing": (_drop("model.embed_tokens.weight"), "tensor model.embed_tokens.weight is missing"),
     "lm_head missing": (_drop("lm_head.weight"), "tensor lm_head.weight is missing"),
     "final norm missing": (_drop("model.norm.weight"), "tensor model.norm.weight is missing"),
-    "block tensor wrong shape": (_reshape("model.layers.2.self_attn.k_proj.weight", (8, 32)), "tensor model.layers.2.self_attn.k_proj.weight has shape [8, 32]"),
+    "block tensor wrong shape": (
+        _reshape("model.layers.2.self_attn.k_proj.weight", (8, 32)),
+        "tensor model.layers.2.self_attn.k_proj.weight has shape [8, 32]",
+    ),
     "lm_head wrong shape": (_reshape("lm_head.weight", (96, 32)), "tensor lm_head.weight has shape [96, 32]"),
     "config disagrees with shapes": (_config(intermediate_size=64), "tensor model.layers.0.mlp."),
     "config fewer layers than tensors": (_config(num_hidden_layers=4), "model.layers.4."),
@@ -158,6 +176,7 @@ def test_hub_cache_symlinks_are_followed(model, tmp_path):
 
 # ---- NaN and Inf ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("recipe", ["llama-pro", "average"])
 def test_nonfinite_source_is_refused_unless_allowed(model, tmp_path, value, recipe):
@@ -191,6 +210,10 @@ def test_nonfinite_is_never_suggested_where_it_cannot_help(model, tmp_path, reci
 
 
 def test_nonfinite_outside_the_sources_is_not_a_problem(model, tmp_path):
-    edit_tensors(model, lambda n, t: torch.full_like(t, float("nan")) if n == "model.layers.0.mlp.up_proj.weight" else t)
-    result = upscale(model, tmp_path / "out", recipe=write_recipe(tmp_path, "method: average\npositions: top\ncount: 1\n"))
+    edit_tensors(
+        model, lambda n, t: torch.full_like(t, float("nan")) if n == "model.layers.0.mlp.up_proj.weight" else t
+    )
+    result = upscale(
+        model, tmp_path / "out", recipe=write_recipe(tmp_path, "method: average\npositions: top\ncount: 1\n")
+    )
     assert result.exit_code == 0, result.output

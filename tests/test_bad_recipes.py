@@ -36,7 +36,10 @@ BAD_RECIPES = [
     ("method: copy\npositions: top\ncount: 1\nzero_init: o_proj\n", "zero_init must be a list"),
     ("method: copy\npositions: top\ncount: 1\nzero_init: [foo_proj]\n", "not a projection"),
     ("method: average\npositions: top\ncount: 1\nfusion: 0.5\n", "fusion must be a mapping"),
-    ("method: opt-deus\npositions: top\ncount: 1\nalignment: {epsilon: small}\n", "alignment.epsilon must be a positive number"),
+    (
+        "method: opt-deus\npositions: top\ncount: 1\nalignment: {epsilon: small}\n",
+        "alignment.epsilon must be a positive number",
+    ),
     ("method: opt-deus\npositions: top\ncount: 1\nalignment: {solver: magic}\n", "solver"),
     ("method: copy\npositions: top\ncount: 1\ndescription: 5\n", "'description' must be a string"),
     ("method: copy\npositions: top\ncount: 1\noverlap: 2\n", "does not apply to method 'copy'"),
@@ -60,12 +63,24 @@ BAD_RECIPES = [
     ("method: opt-deus\npositions: top\ncount: 1\nfusion: {alpha: .nan}\n", "alpha must be a number in [0, 1]"),
     ("method: average\npositions: top\ncount: 1\nfusion: {alpha: half}\n", "alpha must be a number in [0, 1]"),
     # settings the chosen mode or solver would ignore (and the manifest would record as if used)
-    *[(f"method: opt-deus\npositions: top\ncount: 1\nalignment: {{mode: reference, {key}: {value}}}\n",
-       f"alignment.{key} is not used: mode reference runs the published solver")
-      for key, value in (("solver", "sinkhorn"), ("max_iter", 10), ("tol", 0.1), ("cost", "cosine"), ("epsilon", 0.5))],
-    *[(f"method: opt-deus\npositions: top\ncount: 1\nalignment: {{solver: exact, {key}: {value}}}\n",
-       f"alignment.{key} is not used: solver exact") for key, value in (("max_iter", 10), ("tol", 0.1), ("epsilon", 0.5))],
-    ("method: opt-deus\npositions: top\ncount: 1\nalignment: {epsilon: 0.5}\n", "alignment.epsilon is not used: solver exact"),
+    *[
+        (
+            f"method: opt-deus\npositions: top\ncount: 1\nalignment: {{mode: reference, {key}: {value}}}\n",
+            f"alignment.{key} is not used: mode reference runs the published solver",
+        )
+        for key, value in (("solver", "sinkhorn"), ("max_iter", 10), ("tol", 0.1), ("cost", "cosine"), ("epsilon", 0.5))
+    ],
+    *[
+        (
+            f"method: opt-deus\npositions: top\ncount: 1\nalignment: {{solver: exact, {key}: {value}}}\n",
+            f"alignment.{key} is not used: solver exact",
+        )
+        for key, value in (("max_iter", 10), ("tol", 0.1), ("epsilon", 0.5))
+    ],
+    (
+        "method: opt-deus\npositions: top\ncount: 1\nalignment: {epsilon: 0.5}\n",
+        "alignment.epsilon is not used: solver exact",
+    ),
 ]
 
 

@@ -29,7 +29,9 @@ def card_commands(card_text: str) -> dict[str, list[str]]:
 def test_card_of_a_local_base_and_its_commands_run(tmp_path, monkeypatch):
     out = tmp_path / "made" / "deeper"
     out.parent.mkdir()
-    result = runner.invoke(app, ["upscale", str(SHIPPED), "--recipe", "llama-pro", "--out", str(out), "--device", "cpu"])
+    result = runner.invoke(
+        app, ["upscale", str(SHIPPED), "--recipe", "llama-pro", "--out", str(out), "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     card = ModelCard.load(out / "README.md")
     assert "base_model" not in card.data.to_dict()  # not `base_model: tiny-llama`, which names no model

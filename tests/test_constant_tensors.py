@@ -25,13 +25,20 @@ def test_value_bytes_are_what_torch_stores(dtype, value):
 @pytest.mark.parametrize("dtype", (torch.int64, torch.int32, torch.int8, torch.uint8))
 def test_integer_values(dtype):
     for value in (0, 3) + ((-1,) if dtype != torch.uint8 else ()):
-        assert value_bytes(dtype_code(dtype), value) == torch.full((1,), value, dtype=dtype).view(torch.uint8).numpy().tobytes()
+        assert (
+            value_bytes(dtype_code(dtype), value)
+            == torch.full((1,), value, dtype=dtype).view(torch.uint8).numpy().tobytes()
+        )
 
 
 def test_written_constants_read_back_and_hash(tmp_path):
     # sizes across the 4 MiB chunk: one element, a partial chunk, several chunks and a remainder
-    entries = [("a", TensorMeta(torch.bfloat16, (1,))), ("b", TensorMeta(torch.float32, (3, 5))),
-               ("c", TensorMeta(torch.bfloat16, (1500, 1500))), ("d", TensorMeta(torch.float16, (7,)))]
+    entries = [
+        ("a", TensorMeta(torch.bfloat16, (1,))),
+        ("b", TensorMeta(torch.float32, (3, 5))),
+        ("c", TensorMeta(torch.bfloat16, (1500, 1500))),
+        ("d", TensorMeta(torch.float16, (7,))),
+    ]
     values = {"a": -1.0, "b": 0.0, "c": -1.0, "d": 0.1}
     writer = ShardWriter(tmp_path, entries, 1 << 40)
     try:

@@ -11,8 +11,8 @@ import torch
 from conftest import MORE_FAMILIES, load_model, logits
 from opt_deus_cli.architectures import SUPPORTED, HeadLayout
 from opt_deus_cli.errors import OptDeusError
-from opt_deus_cli.recipe import parse_recipe
 from opt_deus_cli.job import Options
+from opt_deus_cli.recipe import parse_recipe
 from opt_deus_cli.upscale import upscale
 
 
@@ -90,7 +90,9 @@ def test_fused_projection_cannot_be_zeroed_alone(model_factory, tmp_path):
 
 
 def test_mixtral_zero_init_accepts_own_name(model_factory, tmp_path):
-    manifest = run(model_factory("mixtral", layers=4), tmp_path / "o", method="copy", positions=[0], zero_init=["o_proj", "w2"])
+    manifest = run(
+        model_factory("mixtral", layers=4), tmp_path / "o", method="copy", positions=[0], zero_init=["o_proj", "w2"]
+    )
     assert manifest["function_preserving"]
 
 

@@ -40,8 +40,13 @@ LAYOUTS = {
 EXPECTED_NEW = {"uniform": [2, 5, 8], "top-half": [3, 5, 7], "one-and-ten": [1, 10]}
 
 CASES = [(f, "uniform") for f in ALL_FAMILIES] + [
-    ("llama", "top-half"), ("qwen3", "top-half"), ("gemma2", "top-half"),
-    ("llama", "one-and-ten"), ("phi3", "one-and-ten"), ("mixtral", "one-and-ten"), ("qwen3_moe", "one-and-ten"),
+    ("llama", "top-half"),
+    ("qwen3", "top-half"),
+    ("gemma2", "top-half"),
+    ("llama", "one-and-ten"),
+    ("phi3", "one-and-ten"),
+    ("mixtral", "one-and-ten"),
+    ("qwen3_moe", "one-and-ten"),
 ]
 
 
@@ -87,6 +92,7 @@ def upscaled(model_factory, tmp_path_factory):
 
 
 # ---- the tools' rules, re-implemented from their source ----------------------------------------
+
 
 def axolotl_unfrozen(patterns: list[str], names, legacy: bool = False) -> set[str]:
     """axolotl-ai-cloud/axolotl, src/axolotl/utils/freeze.py (commit 107c67ae5a236ab458454e8daf3b77a98ce56867):
@@ -171,7 +177,12 @@ def peft_v5_moe_conversion(cfg: dict, model_type: str) -> dict:
     move to target_parameters as the new short name; the others stay in target_modules."""
     mapping = {
         "mixtral": {"gate": "gate.weight", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"},
-        "qwen3_moe": {"gate": "gate.weight", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"},
+        "qwen3_moe": {
+            "gate": "gate.weight",
+            "gate_proj": "gate_up_proj",
+            "up_proj": "gate_up_proj",
+            "down_proj": "down_proj",
+        },
     }.get(model_type)
     if mapping is None:
         return cfg
@@ -189,22 +200,34 @@ def peft_parameters_matched(cfg: dict, own_params: dict) -> set[str]:
     parameters, key = f"{module}.{param}" is adapted when it is in target_parameters or ends with
     `.{target}`. layers_to_transform plays no part here."""
     targets = cfg.get("target_parameters") or []
-    return {f"{m}.{p}" for m, ps in own_params.items() for p in ps
-            if f"{m}.{p}" in targets or any(f"{m}.{p}".endswith(f".{t}") for t in targets)}
+    return {
+        f"{m}.{p}"
+        for m, ps in own_params.items()
+        for p in ps
+        if f"{m}.{p}" in targets or any(f"{m}.{p}".endswith(f".{t}") for t in targets)
+    }
 
 
 # ---- reading what handoff printed ------------------------------------------------------------
 
+
 def lora_config_kwargs(snippet: str) -> dict:
-    calls = [n for n in ast.walk(ast.parse(snippet)) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "LoraConfig"]
+    calls = [
+        n for n in ast.walk(ast.parse(snippet)) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "LoraConfig"
+    ]
     assert len(calls) == 1
     return {kw.arg: ast.literal_eval(kw.value) for kw in calls[0].keywords}
 
 
 def from_pretrained_paths(snippet: str) -> list[str]:
     tree = ast.parse(snippet)
-    assigned = {t.id: n.value.value for n in ast.walk(tree) if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)
-                for t in n.targets if isinstance(t, ast.Name)}
+    assigned = {
+        t.id: n.value.value
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)
+        for t in n.targets
+        if isinstance(t, ast.Name)
+    }
     paths = []
     for n in ast.walk(tree):
         if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "from_pretrained":
@@ -214,6 +237,7 @@ def from_pretrained_paths(snippet: str) -> list[str]:
 
 
 # ---- the tests -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family,layout", CASES)
 def test_axolotl_unfreezes_exactly_the_new_layers(upscaled, family, layout):
@@ -231,7 +255,9 @@ def test_manifest_regex_selects_nothing_in_axolotl(upscaled):
     """Issue 11 as reported: the manifest's escaped regex, pasted into unfrozen_parameters."""
     m = upscaled("llama", "one-and-ten")
     regex = m.manifest["trainable_parameter_regex"]
-    assert {n for n in m.params if re.match(regex, n)} == {n for n in m.params if m.in_new_layers(n)}  # Python reads it right
+    assert {n for n in m.params if re.match(regex, n)} == {
+        n for n in m.params if m.in_new_layers(n)
+    }  # Python reads it right
     assert axolotl_unfrozen([regex], m.params) == set()
 
 
@@ -266,7 +292,9 @@ def test_llama_factory_handoff_follows_the_installed_transformers(upscaled):
     runner = CliRunner()
     for major, modules in (("4", "self_attn,block_sparse_moe,input_layernorm,post_attention_layernorm"), ("5", "all")):
         result = runner.invoke(app, ["handoff", str(m.out), "--for", "llama-factory", "--transformers", major])
-        assert result.exit_code == 0 and yaml.safe_load(result.stdout)["freeze_trainable_modules"] == modules, result.output
+        assert result.exit_code == 0 and yaml.safe_load(result.stdout)["freeze_trainable_modules"] == modules, (
+            result.output
+        )
     result = runner.invoke(app, ["handoff", str(m.out), "--for", "llama-factory", "--transformers", "3"])
     assert result.exit_code == 2 and "use 4 or 5" in result.output and len(result.output.strip().splitlines()) == 1
 
@@ -282,7 +310,12 @@ def test_llama_factory_refuses_layouts_its_stride_cannot_select(upscaled, family
     # and the refusal is right: no freeze_trainable_layers makes LLaMA-Factory select them
     n_layers = m.manifest["output"]["num_layers"]
     for n in range(1, n_layers + 1):
-        cfg = {"finetuning_type": "freeze", "use_llama_pro": True, "freeze_trainable_layers": n, "_num_layers": n_layers}
+        cfg = {
+            "finetuning_type": "freeze",
+            "use_llama_pro": True,
+            "freeze_trainable_layers": n,
+            "_num_layers": n_layers,
+        }
         try:
             chosen = llama_factory_trainable(cfg, m.params)
         except ValueError:
@@ -306,8 +339,11 @@ def test_peft_wraps_exactly_the_new_layers_projections(upscaled, family, layout)
     # transformers 4: experts are Linear modules named as in the checkpoint (routers excluded)
     cfg4 = lora_config_kwargs(handoff(m.out, "peft", transformers_major=4))
     assert "target_parameters" not in cfg4
-    expected4 = {k.rsplit(".", 1)[0] for k, dim in m.ckpt.items()
-                 if dim == 2 and k.endswith(".weight") and m.in_new_layers(k) and not k.endswith(".gate.weight")}
+    expected4 = {
+        k.rsplit(".", 1)[0]
+        for k, dim in m.ckpt.items()
+        if dim == 2 and k.endswith(".weight") and m.in_new_layers(k) and not k.endswith(".gate.weight")
+    }
     for greedy in (False, True):
         assert {k for k in m.ckpt_modules if peft_module_matches(cfg4, k, greedy)} == expected4
 
@@ -362,14 +398,29 @@ def test_cli_prints_the_dialect_verbatim_and_refuses_in_one_line(upscaled, model
     assert result.exit_code == 0 and result.stdout == handoff(m.out, "axolotl")
     result = runner.invoke(app, ["handoff", str(m.out), "--for", "peft", "--transformers", "4"])
     assert result.exit_code == 0 and result.stdout == handoff(m.out, "peft", transformers_major=4)
-    for dialect, message in (("llama-factory", "cannot train exactly the new layers"), ("unsloth", "--for 'unsloth' not understood")):
+    for dialect, message in (
+        ("llama-factory", "cannot train exactly the new layers"),
+        ("unsloth", "--for 'unsloth' not understood"),
+    ):
         result = runner.invoke(app, ["handoff", str(m.out), "--for", dialect])
         lines = result.output.strip().splitlines()
         assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
     result = runner.invoke(app, ["handoff", str(model_factory("llama", layers=6)), "--for", "axolotl"])
     assert result.exit_code == 1 and "no opt-deus-manifest.json" in result.output
     # upscale's last line points here
-    result = runner.invoke(app, ["upscale", str(model_factory("llama", layers=6)), "--recipe", "llama-pro", "--out", str(tmp_path / "o"), "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "upscale",
+            str(model_factory("llama", layers=6)),
+            "--recipe",
+            "llama-pro",
+            "--out",
+            str(tmp_path / "o"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0 and "opt-deus handoff" in result.stdout.strip().splitlines()[-1]
 
 
@@ -379,10 +430,12 @@ def test_handoff_imports_no_torch(upscaled):
     import sys
 
     out = upscaled("llama", "uniform").out
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "from opt_deus_cli.handoff import DIALECTS, handoff\n"
-            f"texts = [handoff({str(out)!r}, d) for d in DIALECTS]\n"
-            "assert sys.modules['torch'] is None and all(texts)\n"
-            "print('ok')\n")
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from opt_deus_cli.handoff import DIALECTS, handoff\n"
+        f"texts = [handoff({str(out)!r}, d) for d in DIALECTS]\n"
+        "assert sys.modules['torch'] is None and all(texts)\n"
+        "print('ok')\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

@@ -83,10 +83,11 @@ def deeper(base, tmp_path_factory):
             out = tmp_path_factory.mktemp("deeper") / "out"
             spec = dict(RECIPES[recipe], positions=[position(fixture, where)])
             try:
-                manifest = upscale(base(fixture, **overrides)[0], parse_recipe(spec), out,
-                                   Options(device="cpu", shard_size="60KB"))
+                manifest = upscale(
+                    base(fixture, **overrides)[0], parse_recipe(spec), out, Options(device="cpu", shard_size="60KB")
+                )
                 cache[key] = (out, manifest.to_dict())
-            except Exception as exc:  # noqa: BLE001 - re-raised below, in each test
+            except Exception as exc:
                 cache[key] = exc
         if isinstance(cache[key], Exception):
             raise cache[key]
@@ -128,8 +129,11 @@ def check_layers_inherited(base_entry, out, manifest) -> None:
     model = load(out)
     inherits = [layer.get("settings_from", layer["sources"][0]) for layer in manifest["layers"]]
     assert len(inherits) == model.config.num_hidden_layers
-    wrong = [f"layer {i} (base {j}): {layer_behaviour(model, i)} != {layer_behaviour(base_model, j)}"
-             for i, j in enumerate(inherits) if layer_behaviour(model, i) != layer_behaviour(base_model, j)]
+    wrong = [
+        f"layer {i} (base {j}): {layer_behaviour(model, i)} != {layer_behaviour(base_model, j)}"
+        for i, j in enumerate(inherits)
+        if layer_behaviour(model, i) != layer_behaviour(base_model, j)
+    ]
     assert not wrong, "; ".join(wrong)
 
 
@@ -155,8 +159,9 @@ def test_layer_types_survive_insertion(base, deeper, fixture, where):
     check_layers_inherited(entry, out, manifest)
     check_function_preserved(entry, out, manifest)
     written = json.loads((out / "config.json").read_text())
-    assert written["layer_types"] == [entry[1].config.layer_types[layer.get("settings_from", layer["sources"][0])]
-                                      for layer in manifest["layers"]]
+    assert written["layer_types"] == [
+        entry[1].config.layer_types[layer.get("settings_from", layer["sources"][0])] for layer in manifest["layers"]
+    ]
     assert any(">= 4.53.0" in w for w in manifest["warnings"])
 
 
@@ -226,13 +231,19 @@ def test_hub_cache_layout_resolves_offline(tmp_path, hub_model_factory, base, mo
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     resolved = snapshot_download("google/gemma-3-1b-it", cache_dir=tmp_path / "hub")
     assert os.path.samefile(resolved, snapshot)
-    assert os.path.samefile(snapshot_download("google/gemma-3-1b-it", cache_dir=tmp_path / "hub", local_files_only=True), snapshot)
+    assert os.path.samefile(
+        snapshot_download("google/gemma-3-1b-it", cache_dir=tmp_path / "hub", local_files_only=True), snapshot
+    )
     config_file = hf_hub_download("google/gemma-3-1b-it", "config.json", cache_dir=tmp_path / "hub")
     assert os.path.samefile(os.path.dirname(config_file), snapshot)
-    assert huggingface_hub.try_to_load_from_cache("google/gemma-3-1b-it", "config.json", cache_dir=tmp_path / "hub") == config_file
+    assert (
+        huggingface_hub.try_to_load_from_cache("google/gemma-3-1b-it", "config.json", cache_dir=tmp_path / "hub")
+        == config_file
+    )
 
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained("google/gemma-3-1b-it", cache_dir=tmp_path / "hub",
-                                                 dtype=torch.float32, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        "google/gemma-3-1b-it", cache_dir=tmp_path / "hub", dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     torch.testing.assert_close(run_logits(model), base("gemma-3-1b")[2], rtol=0, atol=0)

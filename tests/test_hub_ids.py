@@ -33,7 +33,12 @@ def cache(tmp_path_factory, model_factory):
 
 
 def cli(cache_root: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_CACHE": str(cache_root), "HF_HUB_OFFLINE": "1", "HF_HOME": str(cache_root.parent / "hf-home")}
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(cache_root),
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(cache_root.parent / "hf-home"),
+    }
     return subprocess.run([OPT_DEUS, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -86,7 +91,10 @@ def test_model_card_is_the_outputs_own(cache, tmp_path):
     from huggingface_hub import ModelCard
 
     root, _, _ = cache
-    assert cli(root, tmp_path, "upscale", REPO, "--recipe", "llama-pro", "--out", "deeper", "--device", "cpu").returncode == 0
+    assert (
+        cli(root, tmp_path, "upscale", REPO, "--recipe", "llama-pro", "--out", "deeper", "--device", "cpu").returncode
+        == 0
+    )
     card = ModelCard.load(tmp_path / "deeper" / "README.md")
     assert card.data.base_model == REPO and card.data.license == "apache-2.0"
     assert card.data.library_name == "transformers"
@@ -101,7 +109,10 @@ def test_verify_and_inspect_take_the_repo_id(cache, tmp_path):
     """The card's `opt-deus verify <repo id> OUT` runs as written: the base resolves to the commit
     the manifest records; inspect surveys a base given by repo id."""
     root, _, _ = cache
-    assert cli(root, tmp_path, "upscale", REPO, "--recipe", "llama-pro", "--out", "deeper", "--device", "cpu").returncode == 0
+    assert (
+        cli(root, tmp_path, "upscale", REPO, "--recipe", "llama-pro", "--out", "deeper", "--device", "cpu").returncode
+        == 0
+    )
     checked = cli(root, tmp_path, "verify", REPO, "deeper", "--device", "cpu", "--json")
     assert checked.returncode == 0, checked.stderr
     assert json.loads(checked.stdout)["ok"]

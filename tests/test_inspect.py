@@ -51,7 +51,9 @@ def test_inspect_output_table_and_layer(upscaled, tmp_path, family):
 
     layer = new[0]["index"]
     png, npz = tmp_path / "a.png", tmp_path / "a.npz"
-    text = invoke("inspect", out, "--layer", layer, "--group", "attention", "--png", png, "--save", npz, "--device", "cpu")
+    text = invoke(
+        "inspect", out, "--layer", layer, "--group", "attention", "--png", png, "--save", npz, "--device", "cpu"
+    )
     assert "cost before alignment" in text and "transport plan" in text and "legend" in text
     with Image.open(png) as image:
         assert image.format == "PNG" and image.size == (2000, 460)  # three heatmaps and the matched-cost histogram
@@ -100,6 +102,7 @@ def test_inspect_base_text(model_factory):
 
 
 # ---- options that must not silently do nothing; files it writes (issue 15) ----------------------
+
 
 def refused(*args) -> str:
     result = runner.invoke(app, [str(a) for a in args])

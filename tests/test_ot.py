@@ -26,12 +26,39 @@ def rand(*shape, seed=0, dtype=torch.float32):
 
 def test_settings_defaults_and_validation():
     s = AlignmentSettings()
-    assert (s.mode, s.solver, s.cost, s.epsilon, s.max_iter, s.tol, s.sketch) == ("corrected", "exact", "sqeuclidean", 0.05, 2000, 1e-4, None)
-    assert tuple(f.name for f in dataclasses.fields(s)) == ("mode", "solver", "cost", "epsilon", "max_iter", "tol", "sketch")
+    assert (s.mode, s.solver, s.cost, s.epsilon, s.max_iter, s.tol, s.sketch) == (
+        "corrected",
+        "exact",
+        "sqeuclidean",
+        0.05,
+        2000,
+        1e-4,
+        None,
+    )
+    assert tuple(f.name for f in dataclasses.fields(s)) == (
+        "mode",
+        "solver",
+        "cost",
+        "epsilon",
+        "max_iter",
+        "tol",
+        "sketch",
+    )
     assert AlignmentSettings(sketch=256).sketch == 256
     assert AlignmentSettings(epsilon=1).epsilon == 1.0 and isinstance(AlignmentSettings(epsilon=1).epsilon, float)
-    for bad in (dict(mode="paper"), dict(solver="emd"), dict(cost="l1"), dict(epsilon=0), dict(epsilon=float("nan")),
-                dict(max_iter=0), dict(max_iter=2.5), dict(tol=-1), dict(sketch=0), dict(sketch=4), dict(sketch=1.5)):
+    for bad in (
+        dict(mode="paper"),
+        dict(solver="emd"),
+        dict(cost="l1"),
+        dict(epsilon=0),
+        dict(epsilon=float("nan")),
+        dict(max_iter=0),
+        dict(max_iter=2.5),
+        dict(tol=-1),
+        dict(sketch=0),
+        dict(sketch=4),
+        dict(sketch=1.5),
+    ):
         with pytest.raises(UsageError, match=next(iter(bad))):
             dataclasses.replace(s, **bad)
 

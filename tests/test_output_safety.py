@@ -36,6 +36,7 @@ from conftest import (
 
 # ---- bad output locations ------------------------------------------------------------------
 
+
 def test_existing_output_is_kept_without_overwrite(model_factory, tmp_path):
     out = tmp_path / "out"
     before = fake_result(out)
@@ -106,21 +107,27 @@ def test_output_dir_gets_the_mode_mkdir_would(model_factory, tmp_path, umask, mo
     finally:
         os.umask(previous)
     assert (tmp_path / "out").stat().st_mode & 0o777 == mode == (tmp_path / "by-mkdir").stat().st_mode & 0o777
-    written = [f for f in (tmp_path / "out").iterdir() if f.suffix == ".safetensors" or f.name in ("config.json", MANIFEST)]
+    written = [
+        f for f in (tmp_path / "out").iterdir() if f.suffix == ".safetensors" or f.name in ("config.json", MANIFEST)
+    ]
     for file in written:  # the files opt-deus writes, as open() makes them (side files keep the base's mode)
         assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file.name
 
 
 # ---- faults during a run (real processes) --------------------------------------------------
 
+
 def spawn(*args, limit_file_size: int | None = None) -> subprocess.Popen:
     command = [OPT_DEUS, "upscale", *map(str, args), "--device", "cpu"]
     if limit_file_size is not None:  # set in a launcher, not preexec_fn (unsafe with threads)
-        launcher = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2); "
-                    "os.execv(sys.argv[2], sys.argv[2:])")
+        launcher = (
+            "import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2); "
+            "os.execv(sys.argv[2], sys.argv[2:])"
+        )
         command = [sys.executable, "-c", launcher, str(limit_file_size), *command]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
 
 
 def one_line(stderr: str, start: str) -> str:
@@ -149,17 +156,37 @@ def big_model(tmp_path_factory) -> Path:
     a second or so after it starts writing, so it can be interrupted mid-way."""
     path = tmp_path_factory.mktemp("big")
     hidden, inter, layers, vocab = 512, 1408, 8, 256
-    config = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=hidden, intermediate_size=inter,
-                  num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
-                  vocab_size=vocab, max_position_embeddings=64, tie_word_embeddings=False, dtype="bfloat16")
+    config = dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        vocab_size=vocab,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
     (path / "config.json").write_text(json.dumps(config))
     bf16 = torch.bfloat16
     torch.manual_seed(0)
-    tensors = {"model.embed_tokens.weight": torch.zeros(vocab, hidden, dtype=bf16),
-               "model.norm.weight": torch.ones(hidden, dtype=bf16), "lm_head.weight": torch.zeros(vocab, hidden, dtype=bf16)}
-    shapes = {"self_attn.q_proj": (512, hidden), "self_attn.k_proj": (256, hidden), "self_attn.v_proj": (256, hidden),
-              "self_attn.o_proj": (hidden, 512), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
-              "mlp.down_proj": (hidden, inter)}
+    tensors = {
+        "model.embed_tokens.weight": torch.zeros(vocab, hidden, dtype=bf16),
+        "model.norm.weight": torch.ones(hidden, dtype=bf16),
+        "lm_head.weight": torch.zeros(vocab, hidden, dtype=bf16),
+    }
+    shapes = {
+        "self_attn.q_proj": (512, hidden),
+        "self_attn.k_proj": (256, hidden),
+        "self_attn.v_proj": (256, hidden),
+        "self_attn.o_proj": (hidden, 512),
+        "mlp.gate_proj": (inter, hidden),
+        "mlp.up_proj": (inter, hidden),
+        "mlp.down_proj": (hidden, inter),
+    }
     for i in range(layers):
         tensors.update({f"model.layers.{i}.{m}.weight": torch.randn(s, dtype=bf16) for m, s in shapes.items()})
         for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -285,14 +312,17 @@ def test_concurrent_runs(big_model, tmp_path):
     out = tmp_path / "out"
     first = spawn(*big_run(big_model, out, "--json"))
     second = []
-    when_writing({out: first}, lambda out, run: second.append(cli("upscale", *big_run(big_model, out), "--device", "cpu")))
+    when_writing(
+        {out: first}, lambda out, run: second.append(cli("upscale", *big_run(big_model, out), "--device", "cpu"))
+    )
     refused(second[0], 1, "another opt-deus run is writing")
     _, stderr = first.communicate(timeout=60)
     assert first.returncode == 0, stderr
     assert leftovers(out) == ["out"]
     manifest = json.loads((out / "opt-deus-manifest.json").read_text())
     assert {f["name"]: f["sha256"] for f in manifest["output"]["files"]} == {
-        name: digest for name, digest in snapshot(out).items() if name != "opt-deus-manifest.json"}
+        name: digest for name, digest in snapshot(out).items() if name != "opt-deus-manifest.json"
+    }
     # also determinism across processes (another hash seed for sets and dicts of strings)
     first_result = result_of(out)
     assert cli("upscale", *big_run(big_model, out), "--device", "cpu").exit_code == 0

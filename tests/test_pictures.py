@@ -46,8 +46,12 @@ def test_layer_figure_names_units_ticks_and_colours(matrices, group, units):
 
 
 def test_cost_figure_labels_are_upright_while_they_fit():
-    few = ins.cost_figure([f"{k}-{k + 1}" for k in range(7)], {g: ([1.0] * 7, [0.5] * 7) for g in ins.GROUPS}, "x", "pair")
-    many = ins.cost_figure([f"{k}-{k + 1}" for k in range(31)], {g: ([1.0] * 31, [0.5] * 31) for g in ins.GROUPS}, "x", "pair")
+    few = ins.cost_figure(
+        [f"{k}-{k + 1}" for k in range(7)], {g: ([1.0] * 7, [0.5] * 7) for g in ins.GROUPS}, "x", "pair"
+    )
+    many = ins.cost_figure(
+        [f"{k}-{k + 1}" for k in range(31)], {g: ([1.0] * 31, [0.5] * 31) for g in ins.GROUPS}, "x", "pair"
+    )
     for fig, rotation in ((few, 0), (many, 45)):
         for ax in fig.axes:
             labels = ax.get_xticklabels()

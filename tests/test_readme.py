@@ -77,7 +77,10 @@ def test_every_cited_document_ships():
     sources = [*sorted((ROOT / "opt_deus_cli").rglob("*.py")), README]
     cited = {(source, name) for source in sources for name in CITED.findall(source.read_text())}
     outside = {"README.md", "report.md"}  # the output's model card; the report `opt-deus compare` writes
-    missing = [f"{source.relative_to(ROOT)} cites {name}" for source, name in sorted(cited)
-               if name not in outside and not (ROOT / name).is_file()]
+    missing = [
+        f"{source.relative_to(ROOT)} cites {name}"
+        for source, name in sorted(cited)
+        if name not in outside and not (ROOT / name).is_file()
+    ]
     assert not missing, missing
     assert any(name == "docs/method.md" for _, name in cited)

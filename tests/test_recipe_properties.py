@@ -14,49 +14,72 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from opt_deus_cli.errors import UsageError
-from opt_deus_cli.methods.opt_deus.settings import AlignmentSettings
 from opt_deus_cli.layers import output_layers, resolve_positions
+from opt_deus_cli.methods.opt_deus.settings import AlignmentSettings
 from opt_deus_cli.methods.registry import method_names
 from opt_deus_cli.recipe import NAMED_POSITIONS, Recipe, Slices, all_keys, load_recipe, parse_recipe, resolve_amount
 
 METHODS = method_names()
 
 # PROPERTY_EXAMPLES=5000 for a longer search than the suite's
-PROPERTY = settings(max_examples=int(os.environ.get("PROPERTY_EXAMPLES", 300)), deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(
+    max_examples=int(os.environ.get("PROPERTY_EXAMPLES", 300)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 # anything YAML can hold
 scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12)
-yaml_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+yaml_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 
 # values near the valid ones, so that many recipes parse and reach the planner
-counts = st.integers(-3, 50) | st.integers(0, 1200).map(lambda p: f"{p}%") | st.sampled_from(["50%", "0.5%", "%", "x%", "nan%", "1e2%", "10"])
+counts = (
+    st.integers(-3, 50)
+    | st.integers(0, 1200).map(lambda p: f"{p}%")
+    | st.sampled_from(["50%", "0.5%", "%", "x%", "nan%", "1e2%", "10"])
+)
 position_values = st.sampled_from(NAMED_POSITIONS + ("topp", "")) | st.lists(st.integers(-2, 50), max_size=6)
 slices = st.lists(st.lists(st.integers(-2, 50), min_size=1, max_size=3), max_size=4)
-alignments = st.fixed_dictionaries({}, optional={
-    "mode": st.sampled_from(["corrected", "reference", "other"]),
-    "solver": st.sampled_from(["exact", "sinkhorn", "magic"]),
-    "cost": st.sampled_from(["euclidean", "sqeuclidean", "cosine", "manhattan"]),
-    "epsilon": st.floats() | st.integers(-2, 2),
-    "max_iter": st.integers(-2, 5000) | st.booleans(),
-    "tol": st.floats(),
-    "epsilom": st.floats(0.01, 1),
-})
-fusions = st.fixed_dictionaries({}, optional={"alpha": st.floats() | st.integers(-1, 2) | st.text(max_size=3), "alpah": st.just(0.5)})
-zero_inits = st.lists(st.sampled_from(["o_proj", "down_proj", "q_proj", "gate_proj", "foo"]), max_size=3) | st.none() | st.just("o_proj")
+alignments = st.fixed_dictionaries(
+    {},
+    optional={
+        "mode": st.sampled_from(["corrected", "reference", "other"]),
+        "solver": st.sampled_from(["exact", "sinkhorn", "magic"]),
+        "cost": st.sampled_from(["euclidean", "sqeuclidean", "cosine", "manhattan"]),
+        "epsilon": st.floats() | st.integers(-2, 2),
+        "max_iter": st.integers(-2, 5000) | st.booleans(),
+        "tol": st.floats(),
+        "epsilom": st.floats(0.01, 1),
+    },
+)
+fusions = st.fixed_dictionaries(
+    {}, optional={"alpha": st.floats() | st.integers(-1, 2) | st.text(max_size=3), "alpah": st.just(0.5)}
+)
+zero_inits = (
+    st.lists(st.sampled_from(["o_proj", "down_proj", "q_proj", "gate_proj", "foo"]), max_size=3)
+    | st.none()
+    | st.just("o_proj")
+)
 
-recipe_dicts = st.fixed_dictionaries({}, optional={
-    "method": st.sampled_from(METHODS + ("cpoy",)) | scalars,
-    "positions": position_values | yaml_values,
-    "count": counts | scalars,
-    "zero_init": zero_inits,
-    "overlap": counts,
-    "slices": slices | yaml_values,
-    "alignment": alignments | yaml_values,
-    "fusion": fusions | yaml_values,
-    "description": st.text(max_size=10) | scalars,
-    "cuont": st.integers(),
-})
+recipe_dicts = st.fixed_dictionaries(
+    {},
+    optional={
+        "method": st.sampled_from(METHODS + ("cpoy",)) | scalars,
+        "positions": position_values | yaml_values,
+        "count": counts | scalars,
+        "zero_init": zero_inits,
+        "overlap": counts,
+        "slices": slices | yaml_values,
+        "alignment": alignments | yaml_values,
+        "fusion": fusions | yaml_values,
+        "description": st.text(max_size=10) | scalars,
+        "cuont": st.integers(),
+    },
+)
 
 
 def parsed_or_usage_error(data) -> Recipe | None:
@@ -120,7 +143,11 @@ def recipe_path(tmp_path_factory) -> Path:
 
 
 @PROPERTY
-@given(content=st.text(max_size=200) | recipe_dicts.map(lambda d: yaml.safe_dump(d, allow_unicode=True)) | st.binary(max_size=50))
+@given(
+    content=st.text(max_size=200)
+    | recipe_dicts.map(lambda d: yaml.safe_dump(d, allow_unicode=True))
+    | st.binary(max_size=50)
+)
 def test_load_of_any_file(recipe_path, content):
     path = recipe_path
     path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8", "surrogatepass"))
@@ -143,7 +170,9 @@ def check_plan(recipe: Recipe, n: int, needs_upper: bool, layers) -> None:
     placement = recipe.placement
     positions = resolve_positions(placement, n, needs_upper, "r.yaml")
     assert positions == sorted(set(positions))
-    assert len(positions) == (len(placement.where) if isinstance(placement.where, tuple) else resolve_amount(placement.count, n))
+    assert len(positions) == (
+        len(placement.where) if isinstance(placement.where, tuple) else resolve_amount(placement.count, n)
+    )
     new = [layer for layer in layers if layer.is_new]
     assert [layer.sources[0] for layer in new] == positions
     for layer in new:
@@ -160,7 +189,12 @@ plannable = (
     st.fixed_dictionaries({"method": inserting, "positions": st.sampled_from(NAMED_POSITIONS), "count": amounts})
     | st.fixed_dictionaries({"method": inserting, "positions": layer_lists})
     | st.fixed_dictionaries({"method": st.just("stack"), "overlap": amounts})
-    | st.fixed_dictionaries({"method": st.just("stack"), "slices": st.lists(st.lists(st.integers(-1, 30), min_size=2, max_size=2), min_size=1, max_size=4)})
+    | st.fixed_dictionaries(
+        {
+            "method": st.just("stack"),
+            "slices": st.lists(st.lists(st.integers(-1, 30), min_size=2, max_size=2), min_size=1, max_size=4),
+        }
+    )
 )
 
 

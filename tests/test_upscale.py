@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import FAMILIES, checkpoint_tensors, load_model, logits
+from opt_deus_cli.job import Options
 from opt_deus_cli.manifest import MANIFEST_FILE
 from opt_deus_cli.recipe import parse_recipe
-from opt_deus_cli.job import Options
 from opt_deus_cli.upscale import dry_run, upscale
 
 
@@ -49,7 +49,9 @@ def test_copy_is_function_preserving_and_loads(model_factory, tmp_path, family, 
     index = json.loads((out / "model.safetensors.index.json").read_text())
     order = [index["weight_map"][f"model.layers.{i}.mlp.down_proj.weight"] for i in range(8)]
     assert order == sorted(order)
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in checkpoint_tensors(out).values())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in checkpoint_tensors(out).values()
+    )
 
 
 def test_copy_tensors_and_zeroed(model_factory, tmp_path):
@@ -115,7 +117,12 @@ def test_sliding_window_config_follows_layers(model_factory, tmp_path):
 def test_dtype_conversion_and_single_file(model_factory, tmp_path):
     base = model_factory("llama", shard=None)
     out = tmp_path / "out"
-    upscale(base, parse_recipe({"method": "copy", "positions": "top", "count": 1}), out, Options(device="cpu", dtype="float32"))
+    upscale(
+        base,
+        parse_recipe({"method": "copy", "positions": "top", "count": 1}),
+        out,
+        Options(device="cpu", dtype="float32"),
+    )
     assert (out / "model.safetensors").is_file() and not (out / "model.safetensors.index.json").exists()
     assert all(t.dtype == torch.float32 for t in checkpoint_tensors(out).values())
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"

@@ -14,7 +14,9 @@ runner = CliRunner()
 
 
 def upscale(base, out, recipe="llama-pro"):
-    result = runner.invoke(app, ["upscale", str(base), "--recipe", recipe, "--out", str(out), "--device", "cpu", "--shard-size", "60KB"])
+    result = runner.invoke(
+        app, ["upscale", str(base), "--recipe", recipe, "--out", str(out), "--device", "cpu", "--shard-size", "60KB"]
+    )
     assert result.exit_code == 0, result.output
 
 

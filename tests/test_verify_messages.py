@@ -32,9 +32,17 @@ def test_verify_shows_each_phase(tmp_path):
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("[")]
     phases = [line.split("] ", 1)[1] for line in lines]
-    assert phases == ["output: checking files (sha256)", "base: checking files (sha256)",
-                      "base: loading", "base: logits on fixed token ids", "base: perplexity on t.txt",
-                      "output: loading", "output: logits on fixed token ids", "output: perplexity on t.txt", "done"]
+    assert phases == [
+        "output: checking files (sha256)",
+        "base: checking files (sha256)",
+        "base: loading",
+        "base: logits on fixed token ids",
+        "base: perplexity on t.txt",
+        "output: loading",
+        "output: logits on fixed token ids",
+        "output: perplexity on t.txt",
+        "done",
+    ]
     total = int(lines[-1].split("/")[1].split()[0])
     assert lines[-1].startswith(f"[{total}/{total} ") and total > 10
     # --json keeps stderr quiet for scripts
@@ -47,8 +55,22 @@ def test_verify_explains_a_trained_model_by_its_training(tmp_path):
     invoke("upscale", base, "--recipe", "llama-pro", "--out", tmp_path / "o", "--device", "cpu")
     data = tmp_path / "train.txt"
     data.write_text(TEXT[:4000])
-    result = invoke("train", tmp_path / "o", "--data", data, "--out", tmp_path / "trained", "--steps", "2",
-                    "--batch-size", "2", "--seq-len", "64", "--device", "cpu")
+    result = invoke(
+        "train",
+        tmp_path / "o",
+        "--data",
+        data,
+        "--out",
+        tmp_path / "trained",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "64",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     result = invoke("verify", base, tmp_path / "trained", "--device", "cpu")
     assert result.exit_code == 0, result.output
@@ -71,4 +93,7 @@ def test_a_changed_base_is_said_once_in_a_short_line(model_factory, tmp_path):
     assert result.exit_code == 1
     failed = [line for line in result.output.splitlines() if line.startswith("failed:")]
     assert len(failed) == 1 and failed[0].count("another model") == 1 and len(failed[0]) < 300, failed
-    assert f"base files {', '.join(recorded[:3])} and {len(recorded) - 3} more differ from what the up-scaling read" in failed[0]
+    assert (
+        f"base files {', '.join(recorded[:3])} and {len(recorded) - 3} more differ from what the up-scaling read"
+        in failed[0]
+    )

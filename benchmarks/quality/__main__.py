@@ -35,8 +35,12 @@ def places(args):
 
     if args.quick:
         root = REPO / "bench-out" / "quality-quick"
-        return Places(results=args.results or root / "results", work=args.work or root / "work",
-                      max_corpus_bytes=300_000, eval_tokens=2048)
+        return Places(
+            results=args.results or root / "results",
+            work=args.work or root / "work",
+            max_corpus_bytes=300_000,
+            eval_tokens=2048,
+        )
     default = Places()
     return Places(results=args.results or default.results, work=args.work or default.work)
 
@@ -62,7 +66,9 @@ def main(argv=None) -> int:
 
         for part in PARTS.values():
             done = sum(saved(s, where) is not None for s in part.runs)
-            print(f"{part.name:14} {done:3}/{len(part.runs):<3} runs saved, {part.workers} worker(s): {part.description}")
+            print(
+                f"{part.name:14} {done:3}/{len(part.runs):<3} runs saved, {part.workers} worker(s): {part.description}"
+            )
         return 0
     if args.command == "run":
         from .runner import run_specs

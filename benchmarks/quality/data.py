@@ -62,17 +62,24 @@ def header_paths(root: Path) -> list[str]:
 def load_corpus(domain: str, max_bytes: int = T.DEFAULT_MAX_BYTES) -> Corpus:
     if domain == "in-domain":
         c = T.load_corpus(max_bytes=max_bytes)
-        return Corpus(domain, f"CPython {T.stdlib_root()} *.py (the shipped model's pretraining corpus)", c.train, c.heldout)
+        return Corpus(
+            domain, f"CPython {T.stdlib_root()} *.py (the shipped model's pretraining corpus)", c.train, c.heldout
+        )
     if domain == "new-domain":
         if not HEADERS_ROOT.is_dir():
-            raise SystemExit(f"the new-domain corpus is the C/C++ headers under {HEADERS_ROOT}, which this machine lacks")
+            raise SystemExit(
+                f"the new-domain corpus is the C/C++ headers under {HEADERS_ROOT}, which this machine lacks"
+            )
         rels = header_paths(HEADERS_ROOT)
         held = [r for r in rels if T.is_heldout(r)]
         train = [r for r in rels if not T.is_heldout(r)]
         cap = int(max_bytes * (1 - T.DEFAULT_HELDOUT_FRACTION))
-        return Corpus(domain, f"C/C++ headers under {HEADERS_ROOT} ({len(rels)} distinct *.h files)",
-                      T._read_capped(HEADERS_ROOT, train, cap),
-                      T._read_capped(HEADERS_ROOT, held, max(1, max_bytes - cap)))
+        return Corpus(
+            domain,
+            f"C/C++ headers under {HEADERS_ROOT} ({len(rels)} distinct *.h files)",
+            T._read_capped(HEADERS_ROOT, train, cap),
+            T._read_capped(HEADERS_ROOT, held, max(1, max_bytes - cap)),
+        )
     raise SystemExit(f"unknown domain {domain!r}; choose from {', '.join(DOMAINS)}")
 
 
@@ -97,7 +104,9 @@ def eval_documents(heldout: list[tuple[str, str]], count_tokens, eval_tokens: in
     """Pieces of the held-out files until they hold eval_tokens tokens: the first piece of every
     file (files in path-hash order), then the second piece of every file, and so on, so the sample
     spans as many files as its size allows."""
-    per_file = [windows(text, EVAL_WINDOW_CHARS) for _, text in sorted(heldout, key=lambda item: T._path_hash(item[0], "eval"))]
+    per_file = [
+        windows(text, EVAL_WINDOW_CHARS) for _, text in sorted(heldout, key=lambda item: T._path_hash(item[0], "eval"))
+    ]
     docs, total = [], 0
     for depth in range(max(map(len, per_file), default=0)):
         for pieces in per_file:
@@ -119,8 +128,9 @@ def write_jsonl(path: Path, texts: list[str]) -> None:
     tmp.replace(path)
 
 
-def prepare(domain: str, tokenizer_dir: Path, out: Path, eval_tokens: int,
-            max_bytes: int = T.DEFAULT_MAX_BYTES) -> dict:
+def prepare(
+    domain: str, tokenizer_dir: Path, out: Path, eval_tokens: int, max_bytes: int = T.DEFAULT_MAX_BYTES
+) -> dict:
     """Write out/{train,eval}.jsonl for a domain and a tokenizer (once: kept if present) and
     return what they hold."""
     info_path = out / "corpus.json"
@@ -132,6 +142,7 @@ def prepare(domain: str, tokenizer_dir: Path, out: Path, eval_tokens: int,
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=True)["input_ids"]) + 1  # + the end-of-document token
 
@@ -142,8 +153,10 @@ def prepare(domain: str, tokenizer_dir: Path, out: Path, eval_tokens: int,
     write_jsonl(out / "eval.jsonl", evals)
     info = wanted | {
         "description": corpus.description,
-        "train_files": len(corpus.train), "train_bytes": sum(len(t.encode()) for _, t in corpus.train),
-        "heldout_files": len(corpus.heldout), "eval_windows": len(evals),
+        "train_files": len(corpus.train),
+        "train_bytes": sum(len(t.encode()) for _, t in corpus.train),
+        "heldout_files": len(corpus.heldout),
+        "eval_windows": len(evals),
         "eval_bytes": sum(len(t.encode()) for t in evals),
     }
     info_path.write_text(json.dumps(info, indent=1) + "\n")

@@ -33,7 +33,11 @@ def panels(table: Table) -> list[tuple[str, list[Row], str]]:
     """(title, rows, reference) of each column one table needs."""
     budget = f"{table.steps} steps, {'new layers' if table.train == 'new' else 'all layers'} trained"
     arms = [r for r in table.ordered() if Variant.parse(r.variant).position == "top"]
-    placed = [r for r in table.ordered() if Variant.parse(r.variant).arm == "opt-deus-exact" and Variant.parse(r.variant).alpha is None]
+    placed = [
+        r
+        for r in table.ordered()
+        if Variant.parse(r.variant).arm == "opt-deus-exact" and Variant.parse(r.variant).alpha is None
+    ]
     out = [(budget, arms, "copy")]
     if any(Variant.parse(r.variant).position != "top" for r in placed):
         out.append((f"{budget}: opt-deus exact by position", placed, "opt-deus-exact"))
@@ -53,7 +57,7 @@ def regime_figure(tables: list[Table], path: Path) -> None:
             if gap is not None and row.variant != reference:
                 draw_band(gap_ax, gap, hue, row.variant)
         # the curves fall fast at first: show the last two thirds, where the variants separate
-        tail = [v for row in rows for v in row.curve()["max"][len(row.curve()["max"]) // 3:]]
+        tail = [v for row in rows for v in row.curve()["max"][len(row.curve()["max"]) // 3 :]]
         low = min(v for row in rows for v in row.curve()["min"])
         loss_ax.set_ylim(low - 0.05 * (max(tail) - low) - 1e-4, max(tail) + 0.05 * (max(tail) - low) + 1e-4)
         loss_ax.set_title(title, fontsize=10)
@@ -68,8 +72,11 @@ def regime_figure(tables: list[Table], path: Path) -> None:
     axes[0][0].set_ylabel("held-out loss (nats/token; y clipped)")
     seeds = sorted({s for t, *_ in columns for row in t.rows.values() for s in row.seeds})
     sep = ", " if len(columns) > 1 else "\n"  # one panel is too narrow for the title on one line
-    fig.suptitle(f"{columns[0][0].model}, {columns[0][0].domain}: mean over seeds {seeds}{sep}shaded min..max "
-                 "(identical curves overlap)", fontsize=11)
+    fig.suptitle(
+        f"{columns[0][0].model}, {columns[0][0].domain}: mean over seeds {seeds}{sep}shaded min..max "
+        "(identical curves overlap)",
+        fontsize=11,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -67,11 +67,17 @@ def saved(spec: RunSpec, places: Places, variant: dict | None = None) -> dict | 
 
 def trainer_arguments(settings: dict, evaluate: bool) -> dict:
     """The TrainingArguments fields the tool's flags do not cover (its --args file)."""
-    args = {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
-            "warmup_steps": settings["warmup_steps"], "weight_decay": settings["weight_decay"],
-            "adam_beta1": settings["adam_betas"][0], "adam_beta2": settings["adam_betas"][1],
-            "max_grad_norm": settings["max_grad_norm"], "per_device_eval_batch_size": 16,
-            "dataloader_num_workers": 0}
+    args = {
+        "lr_scheduler_type": "cosine_with_min_lr",
+        "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
+        "warmup_steps": settings["warmup_steps"],
+        "weight_decay": settings["weight_decay"],
+        "adam_beta1": settings["adam_betas"][0],
+        "adam_beta2": settings["adam_betas"][1],
+        "max_grad_norm": settings["max_grad_norm"],
+        "per_device_eval_batch_size": 16,
+        "dataloader_num_workers": 0,
+    }
     if evaluate:
         args["eval_on_start"] = True  # step 0: the deeper model as built
     return args
@@ -88,21 +94,48 @@ def run_one(job: dict) -> dict:
 
     spec, settings = RunSpec(**job["spec"]), job["settings"]
     options = TrainOptions(
-        train=spec.train, steps=spec.steps, lr=settings["lr"], batch_size=settings["batch_size"],
-        seq_len=settings["seq_len"], device=settings["device"], dtype=settings["dtype"], seed=spec.seed,
-        eval_data=(Path(job["corpus"]["eval_file"]),) if spec.evaluate else (), eval_every=settings["eval_every"],
-        trainer_args=trainer_arguments(settings, spec.evaluate), overwrite=True)
+        train=spec.train,
+        steps=spec.steps,
+        lr=settings["lr"],
+        batch_size=settings["batch_size"],
+        seq_len=settings["seq_len"],
+        device=settings["device"],
+        dtype=settings["dtype"],
+        seed=spec.seed,
+        eval_data=(Path(job["corpus"]["eval_file"]),) if spec.evaluate else (),
+        eval_every=settings["eval_every"],
+        trainer_args=trainer_arguments(settings, spec.evaluate),
+        overwrite=True,
+    )
     load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="run-", dir=job["scratch"]))
     m = train_and_measure(Path(job["variant"]["dir"]), [Path(job["corpus"]["train_file"])], options, work)
     evals = m["curves"]["eval_loss"]
     result = {
-        "spec": asdict(spec), "settings": settings, "variant": job["variant"], "corpus": job["corpus"],
-        "eval_steps": [s for s, _ in evals], "eval_loss": [loss for _, loss in evals],
-        "train_loss": m["curves"]["train_loss"], **{k: m[k] for k in (
-            "seconds_per_step", "train_seconds", "wall_seconds", "trainable_parameters", "total_parameters",
-            "tokens", "train_blocks", "eval_blocks", "data_sha256", "versions")},
-        "machine": machine(), "load_average": [load_before, os.getloadavg()],
+        "spec": asdict(spec),
+        "settings": settings,
+        "variant": job["variant"],
+        "corpus": job["corpus"],
+        "eval_steps": [s for s, _ in evals],
+        "eval_loss": [loss for _, loss in evals],
+        "train_loss": m["curves"]["train_loss"],
+        **{
+            k: m[k]
+            for k in (
+                "seconds_per_step",
+                "train_seconds",
+                "wall_seconds",
+                "trainable_parameters",
+                "total_parameters",
+                "tokens",
+                "train_blocks",
+                "eval_blocks",
+                "data_sha256",
+                "versions",
+            )
+        },
+        "machine": machine(),
+        "load_average": [load_before, os.getloadavg()],
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     path = Path(job["results"]) / spec.key
@@ -133,19 +166,33 @@ def run_specs(specs: list[RunSpec], places: Places, workers: int) -> list[dict]:
             results[s.key] = done
         else:
             todo.append(s)
-    print(f"{len(specs) - len(todo)} of {len(specs)} runs already saved; {len(todo)} to run with {workers} worker(s)", flush=True)
+    print(
+        f"{len(specs) - len(todo)} of {len(specs)} runs already saved; {len(todo)} to run with {workers} worker(s)",
+        flush=True,
+    )
     scratch = places.work / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
-    jobs = [{"spec": asdict(s), "settings": training_settings(s), "variant": variants[(s.model, s.variant)],
-             "corpus": corpora[(s.model, s.domain)], "results": str(places.results), "scratch": str(scratch)}
-            for s in todo]
+    jobs = [
+        {
+            "spec": asdict(s),
+            "settings": training_settings(s),
+            "variant": variants[(s.model, s.variant)],
+            "corpus": corpora[(s.model, s.domain)],
+            "results": str(places.results),
+            "scratch": str(scratch),
+        }
+        for s in todo
+    ]
     started = time.perf_counter()
 
     def report(done: int, r: dict) -> None:
         results[RunSpec(**r["spec"]).key] = r
         losses = f"{r['eval_loss'][0]:.4f} -> {r['eval_loss'][-1]:.4f}, " if r["eval_loss"] else ""
-        print(f"[{done}/{len(jobs)}] {RunSpec(**r['spec']).key}: {losses}{r['seconds_per_step']:.3f} s/step "
-              f"({(time.perf_counter() - started) / 60:.1f} min)", flush=True)
+        print(
+            f"[{done}/{len(jobs)}] {RunSpec(**r['spec']).key}: {losses}{r['seconds_per_step']:.3f} s/step "
+            f"({(time.perf_counter() - started) / 60:.1f} min)",
+            flush=True,
+        )
 
     if workers <= 1:
         _init_worker()

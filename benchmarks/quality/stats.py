@@ -85,7 +85,11 @@ class Table:
     def check_shared_data(self) -> list[str]:
         """Problems: runs of one table must have trained and evaluated on the same files."""
         hashes = {tuple(r["data_sha256"]) for row in self.rows.values() for r in row.runs}
-        return [] if len(hashes) <= 1 else [f"{self.regime} {self.train}-{self.steps}: runs used {len(hashes)} different data files"]
+        return (
+            []
+            if len(hashes) <= 1
+            else [f"{self.regime} {self.train}-{self.steps}: runs used {len(hashes)} different data files"]
+        )
 
 
 def tables(runs: list[dict]) -> list[Table]:
@@ -97,8 +101,16 @@ def tables(runs: list[dict]) -> list[Table]:
         grouped.setdefault(key, {}).setdefault(s.variant, []).append(r)
     out = []
     for (model, domain, train, steps, evaluate), rows in grouped.items():
-        out.append(Table(model, domain, train, steps, evaluate,
-                         {v: Row(v, sorted(rs, key=lambda r: r["spec"]["seed"])) for v, rs in rows.items()}))
+        out.append(
+            Table(
+                model,
+                domain,
+                train,
+                steps,
+                evaluate,
+                {v: Row(v, sorted(rs, key=lambda r: r["spec"]["seed"])) for v, rs in rows.items()},
+            )
+        )
     return sorted(out, key=lambda t: (t.model != "tiny-llama", t.model, t.domain, not t.evaluate, t.steps, t.train))
 
 

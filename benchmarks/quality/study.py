@@ -37,7 +37,11 @@ ARMS = {
     # what the published semantics give when their plans underflow: 0.5 W_B in q/k/v/gate/up
     "half-upper": {"method": "copy", "copy": {"neighbour": "upper", "scale": 0.5}, "zero_init": ZERO},
     "opt-deus-exact": {"method": "opt-deus", "alignment": {"mode": "corrected", "solver": "exact"}, "zero_init": ZERO},
-    "opt-deus-sinkhorn": {"method": "opt-deus", "alignment": {"mode": "corrected", "solver": "sinkhorn"}, "zero_init": ZERO},
+    "opt-deus-sinkhorn": {
+        "method": "opt-deus",
+        "alignment": {"mode": "corrected", "solver": "sinkhorn"},
+        "zero_init": ZERO,
+    },
     "opt-deus-reference": {"method": "opt-deus", "alignment": {"mode": "reference"}, "zero_init": ZERO},
     "average": {"method": "average", "fusion": {"alpha": 0.5}},  # AVG-DeUS: no zero-init
     "stack": {"method": "stack"},  # SOLAR; overlap chosen so that it adds as many layers as the others
@@ -63,7 +67,7 @@ class Variant:
         return name + ("" if self.alpha is None else f"-alpha{self.alpha:g}")
 
     @classmethod
-    def parse(cls, name: str) -> "Variant":
+    def parse(cls, name: str) -> Variant:
         alpha = None
         if "-alpha" in name:
             name, a = name.rsplit("-alpha", 1)
@@ -115,9 +119,16 @@ def training_settings(spec: RunSpec) -> dict:
     lr = 2e-4 if spec.domain == "in-domain" else 5e-4
     eval_every = max(1, spec.steps // 12) if spec.steps >= 120 else max(1, spec.steps // 3)
     return {
-        "lr": lr, "batch_size": 8, "seq_len": 128, "warmup_steps": max(1, spec.steps // 10),
-        "schedule": "cosine to 10% of the peak", "weight_decay": 0.1, "adam_betas": [0.9, 0.95],
-        "max_grad_norm": 1.0, "dtype": "float32", "device": "cpu",
+        "lr": lr,
+        "batch_size": 8,
+        "seq_len": 128,
+        "warmup_steps": max(1, spec.steps // 10),
+        "schedule": "cosine to 10% of the peak",
+        "weight_decay": 0.1,
+        "adam_betas": [0.9, 0.95],
+        "max_grad_norm": 1.0,
+        "dtype": "float32",
+        "device": "cpu",
         "eval_every": eval_every if spec.evaluate else None,
     }
 
@@ -136,20 +147,52 @@ def _runs(model, domain, variants, steps, seeds, **kw) -> tuple[RunSpec, ...]:
 
 
 SEEDS = (0, 1, 2)
-PARTS = {p.name: p for p in (
-    Part("methods-60", "every arm, both domains, 60 steps (tiny-llama)",
-         _runs("tiny-llama", "in-domain", ALL_ARMS, 60, SEEDS) + _runs("tiny-llama", "new-domain", ALL_ARMS, 60, SEEDS)),
-    Part("alpha-150", "opt-deus exact at fusion alpha 0 ... 1 next to copy and upper-copy, new domain, 150 steps",
-         _runs("tiny-llama", "new-domain",
-               [Variant("opt-deus-exact", alpha=a if a != 0.5 else None).name for a in ALPHAS] + ["copy", "upper-copy"],
-               150, SEEDS)),
-    Part("budget-600", "the main five arms, new domain, 600 steps",
-         _runs("tiny-llama", "new-domain", MAIN_ARMS, 600, SEEDS)),
-    Part("positions-600", "opt-deus exact at the four positions, new domain, 600 steps",
-         _runs("tiny-llama", "new-domain", [Variant("opt-deus-exact", p).name for p in POSITIONS], 600, SEEDS)),
-    Part("timing", "step time of opt-deus exact per position, new layers vs all layers (one run at a time)",
-         tuple(RunSpec("tiny-llama", "new-domain", Variant("opt-deus-exact", p).name, 30, r, train=t, evaluate=False)
-               for r in SEEDS for p in POSITIONS for t in ("new", "all")), workers=1),
-    Part("smollm2", "SmolLM2-135M-Instruct, 4 new layers at the top, the main arms, new domain, 2 seeds",
-         _runs("smollm2-135m", "new-domain", MAIN_ARMS, 90, (0, 1))),  # evaluated at 0, 30, 60, 90
-)}
+PARTS = {
+    p.name: p
+    for p in (
+        Part(
+            "methods-60",
+            "every arm, both domains, 60 steps (tiny-llama)",
+            _runs("tiny-llama", "in-domain", ALL_ARMS, 60, SEEDS)
+            + _runs("tiny-llama", "new-domain", ALL_ARMS, 60, SEEDS),
+        ),
+        Part(
+            "alpha-150",
+            "opt-deus exact at fusion alpha 0 ... 1 next to copy and upper-copy, new domain, 150 steps",
+            _runs(
+                "tiny-llama",
+                "new-domain",
+                [Variant("opt-deus-exact", alpha=a if a != 0.5 else None).name for a in ALPHAS]
+                + ["copy", "upper-copy"],
+                150,
+                SEEDS,
+            ),
+        ),
+        Part(
+            "budget-600",
+            "the main five arms, new domain, 600 steps",
+            _runs("tiny-llama", "new-domain", MAIN_ARMS, 600, SEEDS),
+        ),
+        Part(
+            "positions-600",
+            "opt-deus exact at the four positions, new domain, 600 steps",
+            _runs("tiny-llama", "new-domain", [Variant("opt-deus-exact", p).name for p in POSITIONS], 600, SEEDS),
+        ),
+        Part(
+            "timing",
+            "step time of opt-deus exact per position, new layers vs all layers (one run at a time)",
+            tuple(
+                RunSpec("tiny-llama", "new-domain", Variant("opt-deus-exact", p).name, 30, r, train=t, evaluate=False)
+                for r in SEEDS
+                for p in POSITIONS
+                for t in ("new", "all")
+            ),
+            workers=1,
+        ),
+        Part(
+            "smollm2",
+            "SmolLM2-135M-Instruct, 4 new layers at the top, the main arms, new domain, 2 seeds",
+            _runs("smollm2-135m", "new-domain", MAIN_ARMS, 90, (0, 1)),
+        ),  # evaluated at 0, 30, 60, 90
+    )
+}

@@ -38,8 +38,15 @@ SEEDS = "0,1"
 # the data are conversations ({"messages": [...]}), which `--format` detects when not given
 TRAIN_FLAGS = ["--lr", "2e-4", "--batch-size", "8", "--seq-len", "256", "--device", "cpu", "--dtype", "float32"]
 SFT_FLAGS: list[str] = []  # e.g. ["--loss-on", "completion"] if the SFT default is not completion-only
-TRAINER_ARGS = {"warmup_steps": 6, "lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
-                "weight_decay": 0.1, "adam_beta2": 0.95, "max_grad_norm": 1.0, "per_device_eval_batch_size": 16}
+TRAINER_ARGS = {
+    "warmup_steps": 6,
+    "lr_scheduler_type": "cosine_with_min_lr",
+    "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
+    "weight_decay": 0.1,
+    "adam_beta2": 0.95,
+    "max_grad_norm": 1.0,
+    "per_device_eval_batch_size": 16,
+}
 
 
 def recipes(work: Path, depth: int = 30) -> list[Path]:
@@ -58,17 +65,42 @@ def commands(work: Path, results: Path) -> list[list[str]]:
     files = sorted(work.glob("recipes/*.yaml"), key=lambda p: ARMS.index(p.stem))
     ordered = [f for f in files if f.stem == REFERENCE] + [f for f in files if f.stem != REFERENCE]
     program = str(Path(sys.executable).parent / "opt-deus")
-    return [[program, "compare", str(model), "--recipes", ",".join(map(str, ordered)),
-             "--data", str(work / "data" / "train.jsonl"), "--eval-data", str(work / "data" / "heldout.jsonl"),
-             "--tasks", "pydoc_qa", "--include-path", str(work / "data" / "pydoc_qa"),
-             "--steps", str(steps), "--seeds", SEEDS, "--eval-every", str(max(1, steps // 6)),
-             "--args", str(work / "trainer.yaml"), *TRAIN_FLAGS, *SFT_FLAGS, "--out", str(results / f"steps-{steps}")]
-            for steps in BUDGETS]
+    return [
+        [
+            program,
+            "compare",
+            str(model),
+            "--recipes",
+            ",".join(map(str, ordered)),
+            "--data",
+            str(work / "data" / "train.jsonl"),
+            "--eval-data",
+            str(work / "data" / "heldout.jsonl"),
+            "--tasks",
+            "pydoc_qa",
+            "--include-path",
+            str(work / "data" / "pydoc_qa"),
+            "--steps",
+            str(steps),
+            "--seeds",
+            SEEDS,
+            "--eval-every",
+            str(max(1, steps // 6)),
+            "--args",
+            str(work / "trainer.yaml"),
+            *TRAIN_FLAGS,
+            *SFT_FLAGS,
+            "--out",
+            str(results / f"steps-{steps}"),
+        ]
+        for steps in BUDGETS
+    ]
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.sft", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.sft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--work", type=Path, default=REPO / "bench-out" / "sft", help="data, recipes (git-ignored)")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "sft")
     p.add_argument("--dry-run", action="store_true", help="build data and recipes, print the commands, run nothing")
@@ -76,8 +108,11 @@ def main(argv=None) -> int:
     if not MODELS["smollm2-135m"].dir.is_dir() and not args.dry_run:
         sys.exit(f"no {MODELS['smollm2-135m'].dir}: build it first with `python -m benchmarks.smollm2`")
     info = data.build(args.work / "data")
-    print(f"data: {info['train']} training and {info['heldout']} held-out conversations, {info['multiple_choice']} "
-          f"pydoc_qa questions (Python {info['python']})", flush=True)
+    print(
+        f"data: {info['train']} training and {info['heldout']} held-out conversations, {info['multiple_choice']} "
+        f"pydoc_qa questions (Python {info['python']})",
+        flush=True,
+    )
     recipes(args.work / "recipes")
     (args.work / "trainer.yaml").write_text(yaml.safe_dump(TRAINER_ARGS))
     code = 0

@@ -38,24 +38,98 @@ from pathlib import Path
 
 # pure-library modules that import without side effects (no GUI, no network, no easter eggs)
 MODULES = (
-    "argparse", "base64", "bisect", "calendar", "collections", "colorsys", "configparser", "contextlib", "copy",
-    "csv", "dataclasses", "datetime", "decimal", "difflib", "email.utils", "enum", "filecmp", "fnmatch",
-    "fractions", "functools", "getopt", "glob", "gzip", "hashlib", "heapq", "hmac", "html", "html.parser",
-    "inspect", "ipaddress", "itertools", "json", "keyword", "linecache", "locale", "logging", "lzma", "math",
-    "mimetypes", "numbers", "operator", "os", "os.path", "pathlib", "platform", "pprint", "queue", "quopri",
-    "random", "re", "reprlib", "sched", "secrets", "shlex", "shutil", "statistics", "string", "struct",
-    "subprocess", "tarfile", "tempfile", "textwrap", "threading", "time", "timeit", "tokenize", "traceback",
-    "types", "typing", "unicodedata", "urllib.parse", "uuid", "warnings", "weakref", "xml.etree.ElementTree",
-    "zipfile", "zlib",
+    "argparse",
+    "base64",
+    "bisect",
+    "calendar",
+    "collections",
+    "colorsys",
+    "configparser",
+    "contextlib",
+    "copy",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email.utils",
+    "enum",
+    "filecmp",
+    "fnmatch",
+    "fractions",
+    "functools",
+    "getopt",
+    "glob",
+    "gzip",
+    "hashlib",
+    "heapq",
+    "hmac",
+    "html",
+    "html.parser",
+    "inspect",
+    "ipaddress",
+    "itertools",
+    "json",
+    "keyword",
+    "linecache",
+    "locale",
+    "logging",
+    "lzma",
+    "math",
+    "mimetypes",
+    "numbers",
+    "operator",
+    "os",
+    "os.path",
+    "pathlib",
+    "platform",
+    "pprint",
+    "queue",
+    "quopri",
+    "random",
+    "re",
+    "reprlib",
+    "sched",
+    "secrets",
+    "shlex",
+    "shutil",
+    "statistics",
+    "string",
+    "struct",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "time",
+    "timeit",
+    "tokenize",
+    "traceback",
+    "types",
+    "typing",
+    "unicodedata",
+    "urllib.parse",
+    "uuid",
+    "warnings",
+    "weakref",
+    "xml.etree.ElementTree",
+    "zipfile",
+    "zlib",
 )
 ANSWER_CHARS = 700
 MIN_DOC_CHARS = 40
 HELDOUT_SHARE = 0.12
 CHOICES = 4
-QUESTIONS = ("What does `{name}` do in Python?", "Explain the Python function `{name}`.",
-             "How is `{name}` used? Describe it briefly.")
-CLASS_QUESTIONS = ("What is `{name}` in Python?", "Explain the Python class `{name}`.",
-                   "Describe `{name}` and what it is for.")
+QUESTIONS = (
+    "What does `{name}` do in Python?",
+    "Explain the Python function `{name}`.",
+    "How is `{name}` used? Describe it briefly.",
+)
+CLASS_QUESTIONS = (
+    "What is `{name}` in Python?",
+    "Explain the Python class `{name}`.",
+    "Describe `{name}` and what it is for.",
+)
 
 
 def _hash(text: str) -> int:
@@ -74,7 +148,7 @@ def shorten(text: str, limit: int = ANSWER_CHARS) -> str:
     cut = text.rfind("\n\n", 0, limit)
     if cut < limit // 3:
         cut = max(text.rfind(". ", 0, limit) + 1, text.rfind(".\n", 0, limit) + 1)
-    return text[:cut if cut > limit // 3 else limit].strip()
+    return text[: cut if cut > limit // 3 else limit].strip()
 
 
 def first_sentence(text: str) -> str:
@@ -97,7 +171,11 @@ def docstring_pairs(module_name: str) -> list[dict]:
     pairs = []
     for attr in sorted(getattr(module, "__all__", None) or dir(module)):
         obj = getattr(module, attr, None)
-        if attr.startswith("_") or obj is None or getattr(obj, "__module__", None) not in (module_name, module.__name__):
+        if (
+            attr.startswith("_")
+            or obj is None
+            or getattr(obj, "__module__", None) not in (module_name, module.__name__)
+        ):
             continue
         if not (inspect.isfunction(obj) or inspect.isbuiltin(obj) or inspect.isclass(obj)):
             continue
@@ -117,8 +195,15 @@ def _pair(name: str, obj, group: str) -> list[dict]:
     is_class = inspect.isclass(obj)
     question = (CLASS_QUESTIONS if is_class else QUESTIONS)[_hash(name) % 3].format(name=name)
     answer = f"{_signature(name, obj)}: {shorten(doc)}"
-    return [{"group": group, "kind": "class" if is_class else "function", "question": question,
-             "answer": answer, "summary": first_sentence(doc)}]
+    return [
+        {
+            "group": group,
+            "kind": "class" if is_class else "function",
+            "question": question,
+            "answer": answer,
+            "summary": first_sentence(doc),
+        }
+    ]
 
 
 def topic_pairs() -> list[dict]:
@@ -131,14 +216,22 @@ def topic_pairs() -> list[dict]:
         if len(body.strip()) < MIN_DOC_CHARS:
             continue
         title = topic.replace("-", " ")
-        pairs.append({"group": f"topic:{topic}", "kind": "topic", "question": f"Explain {title} in Python.",
-                      "answer": shorten(body), "summary": first_sentence(body)})
+        pairs.append(
+            {
+                "group": f"topic:{topic}",
+                "kind": "topic",
+                "question": f"Explain {title} in Python.",
+                "answer": shorten(body),
+                "summary": first_sentence(body),
+            }
+        )
     return pairs
 
 
 def conversation(pair: dict) -> dict:
-    return {"messages": [{"role": "user", "content": pair["question"]},
-                         {"role": "assistant", "content": pair["answer"]}]}
+    return {
+        "messages": [{"role": "user", "content": pair["question"]}, {"role": "assistant", "content": pair["answer"]}]
+    }
 
 
 def multiple_choice(heldout: list[dict]) -> list[dict]:
@@ -153,7 +246,7 @@ def multiple_choice(heldout: list[dict]) -> list[dict]:
             h = _hash(p["question"])
             others = [s for s in summaries if s != p["summary"]]
             picked = [others[(h // (i + 1) + 7919 * i) % len(others)] for i in range(len(others))]
-            distractors = list(dict.fromkeys(picked))[:CHOICES - 1]
+            distractors = list(dict.fromkeys(picked))[: CHOICES - 1]
             if len(distractors) < CHOICES - 1:
                 continue
             gold = h % CHOICES
@@ -205,13 +298,24 @@ def build(out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "pydoc_qa").mkdir(exist_ok=True)
     mc = multiple_choice(heldout)
-    sums = {"train.jsonl": _write_jsonl(out / "train.jsonl", [conversation(p) for p in train]),
-            "heldout.jsonl": _write_jsonl(out / "heldout.jsonl", [conversation(p) for p in heldout]),
-            "pydoc_qa/heldout_mc.jsonl": _write_jsonl(out / "pydoc_qa" / "heldout_mc.jsonl", mc)}
-    (out / "pydoc_qa" / "pydoc_qa.yaml").write_text(TASK_YAML.format(data=(out / "pydoc_qa" / "heldout_mc.jsonl").resolve()))
-    source = {"python": sys.version.split()[0], "modules": list(MODULES), "pairs": len(unique), "train": len(train),
-              "heldout": len(heldout), "heldout_groups": sorted({p["group"] for p in heldout}),
-              "multiple_choice": len(mc), "sha256": sums}
+    sums = {
+        "train.jsonl": _write_jsonl(out / "train.jsonl", [conversation(p) for p in train]),
+        "heldout.jsonl": _write_jsonl(out / "heldout.jsonl", [conversation(p) for p in heldout]),
+        "pydoc_qa/heldout_mc.jsonl": _write_jsonl(out / "pydoc_qa" / "heldout_mc.jsonl", mc),
+    }
+    (out / "pydoc_qa" / "pydoc_qa.yaml").write_text(
+        TASK_YAML.format(data=(out / "pydoc_qa" / "heldout_mc.jsonl").resolve())
+    )
+    source = {
+        "python": sys.version.split()[0],
+        "modules": list(MODULES),
+        "pairs": len(unique),
+        "train": len(train),
+        "heldout": len(heldout),
+        "heldout_groups": sorted({p["group"] for p in heldout}),
+        "multiple_choice": len(mc),
+        "sha256": sums,
+    }
     (out / "SOURCE.json").write_text(json.dumps(source, indent=1) + "\n")
     return source
 
@@ -220,5 +324,7 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m benchmarks.sft.data OUT")
     info = build(Path(sys.argv[1]))
-    print(f"{info['train']} training and {info['heldout']} held-out conversations, {info['multiple_choice']} "
-          f"multiple-choice questions (Python {info['python']}) in {sys.argv[1]}")
+    print(
+        f"{info['train']} training and {info['heldout']} held-out conversations, {info['multiple_choice']} "
+        f"multiple-choice questions (Python {info['python']}) in {sys.argv[1]}"
+    )

@@ -3,7 +3,7 @@ lives in the library modules. Importing a command module registers it on the app
 
 from __future__ import annotations
 
-from . import upscale, inspect, verify, recipes, train, eval, compare, handoff  # noqa: F401, I001  (registers the commands, in this order)
+from . import compare, eval, handoff, inspect, recipes, train, upscale, verify  # noqa: F401  (registers the commands, in this order)
 from .common import app
 
 __all__ = ["app"]

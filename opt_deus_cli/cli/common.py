@@ -103,8 +103,10 @@ def run(fn, *args, **kwargs):
     except Exception as e:  # a bug of ours: one line, the traceback on request
         if os.environ.get("OPT_DEUS_DEBUG"):
             raise
-        console.print(f"[bold red]internal error:[/] {escape(f'{type(e).__name__}: {e}')} "
-                      "(set OPT_DEUS_DEBUG=1 for the traceback; please report it)")
+        console.print(
+            f"[bold red]internal error:[/] {escape(f'{type(e).__name__}: {e}')} "
+            "(set OPT_DEUS_DEBUG=1 for the traceback; please report it)"
+        )
         raise typer.Exit(1) from e
 
 
@@ -139,7 +141,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 @app.callback()
-def main(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Print the version.")):
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=version_callback, is_eager=True, help="Print the version."
+    ),
+):
     import warnings
 
     warnings.showwarning = _show_warning
@@ -158,7 +164,7 @@ class PlainProgress:
         self._tasks: dict[int, dict] = {}
         self._start = time.monotonic()
 
-    def __enter__(self) -> "PlainProgress":
+    def __enter__(self) -> PlainProgress:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -166,15 +172,28 @@ class PlainProgress:
 
     def add_task(self, description: str, total: float | None = None, **_) -> int:
         task = self._next = getattr(self, "_next", -1) + 1
-        self._tasks[task] = {"description": description, "completed": 0, "total": total, "said": None, "at": 0.0,
-                             "since": time.monotonic()}
+        self._tasks[task] = {
+            "description": description,
+            "completed": 0,
+            "total": total,
+            "said": None,
+            "at": 0.0,
+            "since": time.monotonic(),
+        }
         return task
 
     def remove_task(self, task: int) -> None:
         self._tasks.pop(task, None)
 
-    def update(self, task: int, description: str | None = None, completed: float | None = None,
-               total: float | None = None, advance: float | None = None, **_) -> None:
+    def update(
+        self,
+        task: int,
+        description: str | None = None,
+        completed: float | None = None,
+        total: float | None = None,
+        advance: float | None = None,
+        **_,
+    ) -> None:
         t = self._tasks[task]
         if (description is not None and description != t["description"]) or completed == 0:
             t["since"] = time.monotonic()  # a new phase: its time left counts from here
@@ -195,11 +214,23 @@ class PlainProgress:
 def progress_bar(enabled: bool) -> Progress | PlainProgress:
     """A rich bar on a terminal; plain lines when stderr goes to a file or a pipe."""
     from rich.progress import (  # work only
-        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     if enabled and not console.is_terminal:
         return PlainProgress()
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, transient=True, disable=not enabled,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not enabled,
     )

@@ -4,7 +4,6 @@ new layers of an up-scaled model."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -15,9 +14,12 @@ from .common import PlainUsage, app, run
 def handoff(
     out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="An opt-deus output (with its manifest)."),
     dialect: str = typer.Option(..., "--for", help="axolotl | llama-factory | peft | trainer"),
-    transformers_major: Optional[int] = typer.Option(
-        None, "--transformers", help="Major version of the transformers the training will use (default: the installed one; "
-                                     "mixtures of experts are named differently in 4 and 5)."),
+    transformers_major: int | None = typer.Option(
+        None,
+        "--transformers",
+        help="Major version of the transformers the training will use (default: the installed one; "
+        "mixtures of experts are named differently in 4 and 5).",
+    ),
 ):
     """Print a ready config that trains only the new layers in axolotl, LLaMA-Factory, PEFT or Trainer.
 

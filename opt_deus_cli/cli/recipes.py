@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from .common import PlainUsage, app, out, run
@@ -11,8 +9,11 @@ from .common import PlainUsage, app, out, run
 
 @app.command(cls=PlainUsage, short_help="The shipped recipes; with MODEL, which of them fit it.")
 def recipes(
-    model: Optional[str] = typer.Argument(None, metavar="MODEL", help="A base model (directory or Hub repo id): say "
-                                          "which recipes fit it and how deep each makes it."),
+    model: str | None = typer.Argument(
+        None,
+        metavar="MODEL",
+        help="A base model (directory or Hub repo id): say which recipes fit it and how deep each makes it.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ):
     """List the shipped recipes, one line each; with MODEL, whether each fits that model (its
@@ -24,7 +25,9 @@ def recipes(
     rows = []
     for name, path in shipped_recipes().items():
         data = yaml.safe_load(path.read_text()) or {}
-        rows.append({"name": name, "method": data.get("method"), "description": data.get("description", ""), "path": str(path)})
+        rows.append(
+            {"name": name, "method": data.get("method"), "description": data.get("description", ""), "path": str(path)}
+        )
     if model is not None:
         fits = run(_fits, model, [row["name"] for row in rows])
         for row in rows:
@@ -42,8 +45,10 @@ def recipes(
         else:
             out.print(f"{row['name']:<22} {row['method']:<9} {'does not fit':<18} {row['why']}", markup=False)
     if model is None:
-        out.print(f"depths for a base of {EXAMPLE_DEPTH} layers (LLaMA-3.1-8B); counts like 50% follow the "
-                  "model's depth: `opt-deus recipes MODEL` says which recipes fit a model and how deep each makes it")
+        out.print(
+            f"depths for a base of {EXAMPLE_DEPTH} layers (LLaMA-3.1-8B); counts like 50% follow the "
+            "model's depth: `opt-deus recipes MODEL` says which recipes fit a model and how deep each makes it"
+        )
 
 
 EXAMPLE_DEPTH = 32  # the paper's base, LLaMA-3.1-8B

@@ -4,7 +4,6 @@ Exit 0: yes; 1: checked and failed; 2: could not check (bad arguments), as for e
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -13,9 +12,11 @@ from .common import PlainUsage, app, console, out, progress_bar, run, warn
 
 @app.command(cls=PlainUsage, short_help="Check a result against its manifest: files, loading, logits, perplexity.")
 def verify(
-    base_dir: str = typer.Argument(..., metavar="BASE", help="The base model: its directory, or its Hub repo id (the commit the manifest records)."),
+    base_dir: str = typer.Argument(
+        ..., metavar="BASE", help="The base model: its directory, or its Hub repo id (the commit the manifest records)."
+    ),
     out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="The up-scaled model directory (with its manifest)."),
-    text: Optional[Path] = typer.Option(None, "--text", help="Also compute both models' perplexity on this text file."),
+    text: Path | None = typer.Option(None, "--text", help="Also compute both models' perplexity on this text file."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
@@ -23,7 +24,8 @@ def verify(
     models load and run, and logits agree where the recipe is function-preserving. Exit 0 when the
     result is what the manifest promises, 1 when a check failed, 2 when the arguments are wrong."""
     from ..devices import check_device, resolve_device
-    from ..verify import check_arguments, verify as run_verify
+    from ..verify import check_arguments
+    from ..verify import verify as run_verify
 
     run(check_device, device)  # the arguments are checked before torch is imported
     base = run(_base_path, base_dir, out_dir)
@@ -60,33 +62,47 @@ def _print_report(report: dict, text: Path | None) -> None:
         warn(warning)
     preserving = report["function_preserving"]
     files = report["files_checked"]
-    out.print(f"recipe {report['method']}, function-preserving: {'yes' if preserving else 'no'}; "
-              f"compared {files['output']} output and {files['base']} base files with the sha256s in the manifest")
+    out.print(
+        f"recipe {report['method']}, function-preserving: {'yes' if preserving else 'no'}; "
+        f"compared {files['output']} output and {files['base']} base files with the sha256s in the manifest"
+    )
     if "max_abs_logit_diff" not in report:
         return  # a model did not load: the problems say which
     out.print(f"base {report['base_layers']} layers, output {report['output_layers']} layers; both loaded and ran")
     window = f" (longer than the sliding window, {report['sliding_window']})" if report.get("sliding_window") else ""
-    measured = (f"logits of both models on {report['tokens'][0]}x{report['tokens'][1]} fixed token ids{window}: "
-                f"max |diff| {report['max_abs_logit_diff']:.3g}, mean |diff| {report['mean_abs_logit_diff']:.3g}")
+    measured = (
+        f"logits of both models on {report['tokens'][0]}x{report['tokens'][1]} fixed token ids{window}: "
+        f"max |diff| {report['max_abs_logit_diff']:.3g}, mean |diff| {report['mean_abs_logit_diff']:.3g}"
+    )
     if preserving:
-        out.print(f"{measured} (tolerance {report['tolerance']:.3g}): the recipe is function-preserving, so they must agree")
+        out.print(
+            f"{measured} (tolerance {report['tolerance']:.3g}): the recipe is function-preserving, so they must agree"
+        )
     elif "training_steps" in report:
-        out.print(f"{measured}: how far the up-scaling and the training after it ({report['training_steps']} steps, "
-                  "see the manifest's training record) moved the output, a measurement, not a check: a trained "
-                  "model is not meant to compute what the base does")
+        out.print(
+            f"{measured}: how far the up-scaling and the training after it ({report['training_steps']} steps, "
+            "see the manifest's training record) moved the output, a measurement, not a check: a trained "
+            "model is not meant to compute what the base does"
+        )
     else:
-        out.print(f"{measured}: how far the up-scaling moved the output, a measurement, not a check: this "
-                  "recipe is not function-preserving (its new layers write to the residual stream, or base "
-                  "layers were dropped or repeated), so the output is not meant to compute what the base does")
+        out.print(
+            f"{measured}: how far the up-scaling moved the output, a measurement, not a check: this "
+            "recipe is not function-preserving (its new layers write to the residual stream, or base "
+            "layers were dropped or repeated), so the output is not meant to compute what the base does"
+        )
     if "perplexity" in report:
         ppl = report["perplexity"]
         words = report["word_perplexity"]
-        out.print(f"perplexity on {text} ({report['text_tokens']} tokens): base {ppl['base']:.3f}, output {ppl['output']:.3f}; "
-                  f"per word ({report['text_words']} words): base {words['base']:.3f}, output {words['output']:.3f}")
+        out.print(
+            f"perplexity on {text} ({report['text_tokens']} tokens): base {ppl['base']:.3f}, output {ppl['output']:.3f}; "
+            f"per word ({report['text_words']} words): base {words['base']:.3f}, output {words['output']:.3f}"
+        )
     if report["ok"]:
         if preserving:
             out.print("ok: the result is what the manifest promises (same files, same function as the base)")
         else:
             why = "a trained model" if "training_steps" in report else "a recipe that is not function-preserving"
-            out.print("ok: the result is what the manifest promises (same files, loads and runs, finite logits; "
-                      f"{why} promises no more)")
+            out.print(
+                "ok: the result is what the manifest promises (same files, loads and runs, finite logits; "
+                f"{why} promises no more)"
+            )

@@ -1,15 +1,15 @@
 """`opt-deus compare`: which recipe trains best on this model, data and budget (issue 22).
 
-    spec    CompareSpec (base, recipes, data, training options, seeds, tasks, launcher), the checks
-            made before any work, the settings kept in DIR/comparison.json (a re-run must match)
-    runner  up-scale each recipe once, train every run not yet saved (here or under a launcher),
-            one JSON per run the moment it ends
-    tasks   the adapter to `opt-deus eval` (lm-evaluation-harness) for --tasks
-    stats   spreads over seeds, paired differences and sign agreement (benchmarks/quality uses them)
-    report  report.json and report.md: tables, paired differences, step time, the recommendation
-    plot    curves.png and step-time.png (matplotlib, imported on first use)
+spec    CompareSpec (base, recipes, data, training options, seeds, tasks, launcher), the checks
+        made before any work, the settings kept in DIR/comparison.json (a re-run must match)
+runner  up-scale each recipe once, train every run not yet saved (here or under a launcher),
+        one JSON per run the moment it ends
+tasks   the adapter to `opt-deus eval` (lm-evaluation-harness) for --tasks
+stats   spreads over seeds, paired differences and sign agreement (benchmarks/quality uses them)
+report  report.json and report.md: tables, paired differences, step time, the recommendation
+plot    curves.png and step-time.png (matplotlib, imported on first use)
 
-    from opt_deus_cli.compare import CompareSpec, run_comparison, write_report
+from opt_deus_cli.compare import CompareSpec, run_comparison, write_report
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..errors import OptDeusError
 from .spec import CompareSpec, check, load_or_start, write_json_atomic
@@ -48,14 +48,24 @@ def build_model(base: Path, recipe, out: Path, device: str = "auto") -> dict:
 
     manifest = read_manifest(out)
     sizes = {p.name: p.stat().st_size for p in base.glob("*.safetensors")}
-    if manifest is None or manifest.recipe != recipe.to_dict() or {f.name: f.bytes for f in manifest.base.files} != sizes:
+    if (
+        manifest is None
+        or manifest.recipe != recipe.to_dict()
+        or {f.name: f.bytes for f in manifest.base.files} != sizes
+    ):
         out.parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():  # reference mode warns by design; the manifest keeps its warnings
             warnings.simplefilter("ignore")
             manifest = upscale(base, recipe, out, Options(device=device, overwrite=True))
-    return {"dir": str(out), "recipe": manifest.recipe, "new_layers": manifest.new_layers,
-            "output_layers": manifest.output.num_layers, "function_preserving": manifest.function_preserving,
-            "warnings": manifest.warnings[:4], "upscale_seconds": manifest.timings.get("total")}
+    return {
+        "dir": str(out),
+        "recipe": manifest.recipe,
+        "new_layers": manifest.new_layers,
+        "output_layers": manifest.output.num_layers,
+        "function_preserving": manifest.function_preserving,
+        "warnings": manifest.warnings[:4],
+        "upscale_seconds": manifest.timings.get("total"),
+    }
 
 
 def train_flags(options, args_file: Path | None) -> list[str]:
@@ -99,8 +109,17 @@ def train_under_launcher(launcher: str, model_dir: Path, data: tuple[Path, ...],
     if options.trainer_args:
         args_file = out.parent / "trainer-args.yaml"
         args_file.write_text(yaml.safe_dump(options.trainer_args))
-    command = [*shlex.split(launcher), opt_deus_program(), "train", str(model_dir), "--data", *map(str, data),
-               "--out", str(out), *train_flags(dataclasses.replace(options, overwrite=True), args_file)]
+    command = [
+        *shlex.split(launcher),
+        opt_deus_program(),
+        "train",
+        str(model_dir),
+        "--data",
+        *map(str, data),
+        "--out",
+        str(out),
+        *train_flags(dataclasses.replace(options, overwrite=True), args_file),
+    ]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         f.write("$ " + shlex.join(command) + "\n")
@@ -117,8 +136,16 @@ def _curve(history: list[dict], key: str) -> list[list[float]]:
     return [[row["step"], row[key]] for row in history if key in row]
 
 
-def train_and_measure(model_dir: Path, data: list[Path], options, work: Path, launcher: str | None = None,
-                      log: Path | None = None, tasks: tuple[str, ...] = (), task_options: dict | None = None) -> dict:
+def train_and_measure(
+    model_dir: Path,
+    data: list[Path],
+    options,
+    work: Path,
+    launcher: str | None = None,
+    log: Path | None = None,
+    tasks: tuple[str, ...] = (),
+    task_options: dict | None = None,
+) -> dict:
     """The one way a run is trained and measured (compare and benchmarks/quality): train
     `model_dir` into work/trained (here, or under the launcher with its output in `log`), score
     the tasks on the trained model, remove work/, and return the measures."""
@@ -146,11 +173,16 @@ def train_and_measure(model_dir: Path, data: list[Path], options, work: Path, la
         "metrics": {k: v for k, v in metrics.items() if v is not None},
         "start_eval_loss": next((row["eval_loss"] for row in history if "eval_loss" in row and row["step"] == 0), None),
         "curves": {"train_loss": _curve(history, "loss"), "eval_loss": _curve(history, "eval_loss")},
-        "seconds_per_step": record.get("seconds_per_step"), "train_seconds": record.get("seconds"),
-        "wall_seconds": round(time.perf_counter() - started, 2), "steps": record.get("steps"),
-        "tokens": record.get("tokens"), "world_size": record.get("world_size"),
-        "train_blocks": record.get("train_blocks"), "eval_blocks": record.get("eval_blocks"),
-        "trainable_parameters": record.get("trainable_parameters"), "total_parameters": record.get("total_parameters"),
+        "seconds_per_step": record.get("seconds_per_step"),
+        "train_seconds": record.get("seconds"),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "steps": record.get("steps"),
+        "tokens": record.get("tokens"),
+        "world_size": record.get("world_size"),
+        "train_blocks": record.get("train_blocks"),
+        "eval_blocks": record.get("eval_blocks"),
+        "trainable_parameters": record.get("trainable_parameters"),
+        "total_parameters": record.get("total_parameters"),
         "data_sha256": [d["sha256"] for d in record.get("data", []) + record.get("eval_data", [])],
         "versions": record.get("versions"),
     }
@@ -161,13 +193,29 @@ def run_one(spec: CompareSpec, label: str, seed: int, model: dict, start_scores:
     options = dataclasses.replace(spec.options, seed=seed, overwrite=True)
     log = out / "logs" / f"{label}-seed{seed}.log"
     load_before = os.getloadavg()
-    measured = train_and_measure(Path(model["dir"]), list(spec.data), options, out / "work" / f"{label}-seed{seed}",
-                                 spec.launcher, log, spec.tasks, spec.task_options)
+    measured = train_and_measure(
+        Path(model["dir"]),
+        list(spec.data),
+        options,
+        out / "work" / f"{label}-seed{seed}",
+        spec.launcher,
+        log,
+        spec.tasks,
+        spec.task_options,
+    )
     start = {"eval_loss": measured.pop("start_eval_loss"), **start_scores}
-    result = {"recipe": label, "seed": seed, "status": "ok", "model": model, "start": start, **measured,
-              "launcher": spec.launcher, "log": str(log.relative_to(out)) if spec.launcher else None,
-              "load_average": [load_before, os.getloadavg()],
-              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    result = {
+        "recipe": label,
+        "seed": seed,
+        "status": "ok",
+        "model": model,
+        "start": start,
+        **measured,
+        "launcher": spec.launcher,
+        "log": str(log.relative_to(out)) if spec.launcher else None,
+        "load_average": [load_before, os.getloadavg()],
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     path = run_path(out, label, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, result)
@@ -221,9 +269,14 @@ def run_comparison(spec: CompareSpec, out: Path, say: Say = print, progress: Pro
             say(f"{label} seed {seed}: {losses}{result['seconds_per_step']} s/step")
         except OptDeusError as e:
             log = out / "logs" / f"{label}-seed{seed}.log"
-            record = {"recipe": label, "seed": seed, "status": "failed", "error": str(e),
-                      "log": str(log.relative_to(out)) if log.is_file() else None,
-                      "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            record = {
+                "recipe": label,
+                "seed": seed,
+                "status": "failed",
+                "error": str(e),
+                "log": str(log.relative_to(out)) if log.is_file() else None,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
             run_path(out, label, seed).parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(run_path(out, label, seed, failed=True), record)
             failed.append(record)

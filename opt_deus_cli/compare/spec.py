@@ -71,7 +71,9 @@ def check(spec: CompareSpec) -> None:
         try:
             resolve_job(source, recipe, Options(device="cpu"))
         except OptDeusError as e:
-            raise UsageError(f"recipe {label} does not fit {spec.base}: {str(e).removeprefix(f'recipe {recipe.source}: ')}")
+            raise UsageError(
+                f"recipe {label} does not fit {spec.base}: {str(e).removeprefix(f'recipe {recipe.source}: ')}"
+            ) from e
     if spec.launcher is not None:
         words = shlex.split(spec.launcher)
         if not words or shutil.which(words[0]) is None:
@@ -96,14 +98,19 @@ def settings(spec: CompareSpec) -> dict:
     config = spec.base / "config.json"
     weights = {p.name: p.stat().st_size for p in sorted(spec.base.glob("*.safetensors"))}
     training = {k: v for k, v in dataclasses.asdict(spec.options).items() if k not in NOT_SETTINGS}
-    return json.loads(json.dumps({
-        "base": {"config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(), "weights": weights},
-        "data": [{"name": p.name, "sha256": _sha256(p)} for p in spec.data],
-        "eval_data": [{"name": p.name, "sha256": _sha256(p)} for p in spec.options.eval_data],
-        "training": training,
-        "tasks": list(spec.tasks),
-        "task_options": spec.task_options,
-    }, default=str))
+    return json.loads(
+        json.dumps(
+            {
+                "base": {"config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(), "weights": weights},
+                "data": [{"name": p.name, "sha256": _sha256(p)} for p in spec.data],
+                "eval_data": [{"name": p.name, "sha256": _sha256(p)} for p in spec.options.eval_data],
+                "training": training,
+                "tasks": list(spec.tasks),
+                "task_options": spec.task_options,
+            },
+            default=str,
+        )
+    )
 
 
 def _differences(saved, now, where: str = "") -> list[str]:
@@ -118,25 +125,35 @@ def _differences(saved, now, where: str = "") -> list[str]:
 def load_or_start(spec: CompareSpec, out: Path) -> dict:
     """DIR/comparison.json after this call: the saved one extended by today's recipes and seeds,
     or a refusal naming the first setting that differs."""
-    now = {"settings": settings(spec), "recipes": {k: r.to_dict() for k, r in spec.recipes.items()},
-           "seeds": list(spec.seeds)}
+    now = {
+        "settings": settings(spec),
+        "recipes": {k: r.to_dict() for k, r in spec.recipes.items()},
+        "seeds": list(spec.seeds),
+    }
     path = out / SETTINGS_FILE
     if path.is_file():
         try:
             saved = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise OptDeusError(f"{path} is not readable JSON ({e}); move it away or use another --out")
+            raise OptDeusError(f"{path} is not readable JSON ({e}); move it away or use another --out") from e
         diffs = _differences(saved.get("settings"), now["settings"])
-        diffs += [f"recipe {k} (saved {json.dumps(saved['recipes'][k])}, now {json.dumps(r)})"
-                  for k, r in now["recipes"].items() if k in saved.get("recipes", {}) and saved["recipes"][k] != r]
+        diffs += [
+            f"recipe {k} (saved {json.dumps(saved['recipes'][k])}, now {json.dumps(r)})"
+            for k, r in now["recipes"].items()
+            if k in saved.get("recipes", {}) and saved["recipes"][k] != r
+        ]
         if diffs:
             more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
-            raise UsageError(f"--out {out} holds another comparison's runs: {diffs[0]} differs{more}; "
-                             "use another --out, or the same settings to add recipes or seeds")
+            raise UsageError(
+                f"--out {out} holds another comparison's runs: {diffs[0]} differs{more}; "
+                "use another --out, or the same settings to add recipes or seeds"
+            )
         now["recipes"] = {**saved["recipes"], **now["recipes"]}
         now["seeds"] = sorted(set(saved["seeds"]) | set(spec.seeds))
     elif out.exists() and any(out.iterdir()):
-        raise UsageError(f"--out {out} exists and holds no comparison ({SETTINGS_FILE} missing); choose an empty or new directory")
+        raise UsageError(
+            f"--out {out} exists and holds no comparison ({SETTINGS_FILE} missing); choose an empty or new directory"
+        )
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, now)
     return now

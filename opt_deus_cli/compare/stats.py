@@ -15,8 +15,13 @@ Curve = dict[int, float]  # step -> value (one run)
 
 def spread(xs: list[float]) -> dict:
     """mean, sample std, min, max and n of a list of per-seed values."""
-    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-            "min": min(xs), "max": max(xs), "n": len(xs)}
+    return {
+        "mean": statistics.fmean(xs),
+        "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+        "min": min(xs),
+        "max": max(xs),
+        "n": len(xs),
+    }
 
 
 def sign_test_p(agree: int, n: int) -> float:
@@ -41,21 +46,36 @@ def paired(values: dict[int, float], reference: dict[int, float]) -> dict | None
     diffs = [values[s] - reference[s] for s in seeds]
     below, above = sum(d < 0 for d in diffs), sum(d > 0 for d in diffs)
     agree = max(below, above)
-    return {"seeds": seeds, "diffs": diffs, **spread(diffs), "below": below, "above": above, "agree": agree,
-            "consistent": len(seeds) >= 2 and agree == len(seeds), "sign_test_p": sign_test_p(agree, len(seeds))}
+    return {
+        "seeds": seeds,
+        "diffs": diffs,
+        **spread(diffs),
+        "below": below,
+        "above": above,
+        "agree": agree,
+        "consistent": len(seeds) >= 2 and agree == len(seeds),
+        "sign_test_p": sign_test_p(agree, len(seeds)),
+    }
 
 
 def band(curves: list[Curve]) -> dict:
     """Per step that every run has: mean, min and max over runs."""
     steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
     columns = [[c[s] for c in curves] for s in steps]
-    return {"steps": steps, "mean": [statistics.fmean(c) for c in columns],
-            "min": [min(c) for c in columns], "max": [max(c) for c in columns]}
+    return {
+        "steps": steps,
+        "mean": [statistics.fmean(c) for c in columns],
+        "min": [min(c) for c in columns],
+        "max": [max(c) for c in columns],
+    }
 
 
 def paired_band(curves: dict[int, Curve], reference: dict[int, Curve]) -> dict | None:
     """Per step, a run's curve minus the reference run's of the same seed: mean, min, max over seeds."""
-    gaps = [{step: v - reference[seed][step] for step, v in c.items() if step in reference[seed]}
-            for seed, c in curves.items() if seed in reference]
+    gaps = [
+        {step: v - reference[seed][step] for step, v in c.items() if step in reference[seed]}
+        for seed, c in curves.items()
+        if seed in reference
+    ]
     gaps = [g for g in gaps if g]
     return band(gaps) if gaps else None

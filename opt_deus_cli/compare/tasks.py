@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 
-
 def task_scores(model_dir: Path, tasks: tuple[str, ...], options: dict) -> dict[str, float]:
     """{"task/metric": value} for one model: every numeric metric lm-eval reported per task,
     standard errors left out."""
@@ -25,7 +24,12 @@ def flatten_scores(tasks: dict) -> dict[str, float]:
     for task, entry in tasks.items():
         for name, value in (entry.get("metrics") or {}).items():
             metric = name.split(",")[0]  # "acc,none": the metric and lm-eval's filter
-            if "stderr" in metric or isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            if (
+                "stderr" in metric
+                or isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or math.isnan(value)
+            ):
                 continue
             scores[f"{task}/{metric}"] = float(value)
     return scores

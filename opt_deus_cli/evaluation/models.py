@@ -38,10 +38,19 @@ class EvalModel:
 
     def describe(self) -> dict:
         """What the results file records about this model."""
-        return {"spec": self.spec, "path": str(self.path), "kind": self.kind, "repo_id": self.repo_id,
-                "revision": self.revision, "run": self.run, "step": self.step,
-                "tokenizer": str(self.tokenizer_dir) if self.tokenizer_dir else None,
-                "sha256_from": self.sha256_from, "files": self.files, "notes": self.notes}
+        return {
+            "spec": self.spec,
+            "path": str(self.path),
+            "kind": self.kind,
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "run": self.run,
+            "step": self.step,
+            "tokenizer": str(self.tokenizer_dir) if self.tokenizer_dir else None,
+            "sha256_from": self.sha256_from,
+            "files": self.files,
+            "notes": self.notes,
+        }
 
 
 def has_tokenizer(directory: Path) -> bool:
@@ -72,10 +81,16 @@ def _check_directory(spec: str, directory: Path, checkpoint: bool) -> list[Path]
     weights = _weights(directory)
     if not weights:
         pickled = [name for name in PICKLED if (directory / name).is_file()]
-        extra = (f" (only pickled {', '.join(pickled)}, which opt-deus never loads: save with safetensors)"
-                 if pickled else "; was it saved with save_only_model or without the model?" if checkpoint else "")
-        raise UsageError(f"{what} {directory} has no weights (*.safetensors){extra}; "
-                         "give a directory with the model's weights")
+        extra = (
+            f" (only pickled {', '.join(pickled)}, which opt-deus never loads: save with safetensors)"
+            if pickled
+            else "; was it saved with save_only_model or without the model?"
+            if checkpoint
+            else ""
+        )
+        raise UsageError(
+            f"{what} {directory} has no weights (*.safetensors){extra}; give a directory with the model's weights"
+        )
     if not (directory / "config.json").is_file():
         raise UsageError(f"{what} {directory} has no config.json; give a Hugging Face model directory")
     return weights
@@ -95,8 +110,9 @@ def _file_entries(weights: list[Path]) -> tuple[list[dict], str]:
 def is_checkpoint(directory: Path | str) -> bool:
     """A Trainer checkpoint: named checkpoint-N, or holding trainer_state.json."""
     directory = Path(directory)
-    return directory.is_dir() and (CHECKPOINT_DIR.fullmatch(directory.name) is not None
-                                   or (directory / "trainer_state.json").is_file())
+    return directory.is_dir() and (
+        CHECKPOINT_DIR.fullmatch(directory.name) is not None or (directory / "trainer_state.json").is_file()
+    )
 
 
 def resolve_one(spec: str) -> EvalModel:
@@ -110,17 +126,27 @@ def resolve_one(spec: str) -> EvalModel:
     # the manifest's sha256 stand for the files when every weight file is recorded with its size
     # (`opt-deus verify` checks the hashes themselves); otherwise they are computed
     if manifest is not None and all(recorded.get(p.name) == p.stat().st_size for p in weights):
-        files = [{"name": f.name, "bytes": f.bytes, "sha256": f.sha256} for f in manifest.output.files
-                 if f.name.endswith(WEIGHT_SUFFIXES)]
+        files = [
+            {"name": f.name, "bytes": f.bytes, "sha256": f.sha256}
+            for f in manifest.output.files
+            if f.name.endswith(WEIGHT_SUFFIXES)
+        ]
         source = "manifest"
     else:
         files, source = _file_entries(weights)
     kind = "hub" if resolved.repo_id else "checkpoint" if checkpoint else "output" if manifest else "model"
-    return EvalModel(spec=spec, path=directory, kind=kind, files=files, sha256_from=source,
-                     tokenizer_dir=directory if has_tokenizer(directory) else None,
-                     repo_id=resolved.repo_id, revision=resolved.revision,
-                     run=str(directory.resolve().parent) if checkpoint else None,
-                     step=step if checkpoint else None)
+    return EvalModel(
+        spec=spec,
+        path=directory,
+        kind=kind,
+        files=files,
+        sha256_from=source,
+        tokenizer_dir=directory if has_tokenizer(directory) else None,
+        repo_id=resolved.repo_id,
+        revision=resolved.revision,
+        run=str(directory.resolve().parent) if checkpoint else None,
+        step=step if checkpoint else None,
+    )
 
 
 def resolve_models(specs: list[str]) -> list[EvalModel]:
@@ -132,8 +158,10 @@ def resolve_models(specs: list[str]) -> list[EvalModel]:
     models = [resolve_one(spec) for spec in specs]
     reference = models[0]
     if reference.tokenizer_dir is None:
-        raise UsageError(f"the first MODEL {reference.spec} has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
-                         "put a model with one first (the base): checkpoints without one are scored with its tokenizer")
+        raise UsageError(
+            f"the first MODEL {reference.spec} has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+            "put a model with one first (the base): checkpoints without one are scored with its tokenizer"
+        )
     for model in models[1:]:
         if model.tokenizer_dir is None:
             model.tokenizer_dir = reference.tokenizer_dir

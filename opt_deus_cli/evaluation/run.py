@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 import platform
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..errors import UsageError
 from ..perplexity import text_perplexity, tokenize_text
@@ -20,10 +20,18 @@ from .tasks import LOWER_IS_BETTER, check_names, headline_metric, load_tasks, se
 Progress = Callable[[int, int, str], None]
 
 
-def evaluate(models: list[str], tasks: list[str] | str | None = None, include_path: Path | str | None = None,
-             texts: tuple[Path | str, ...] | list[Path | str] = (), limit: int | float | None = None,
-             num_fewshot: int | None = None, batch_size: int | str = 1, device: str = "auto", dtype: str = "keep",
-             progress: Progress | None = None) -> dict:
+def evaluate(
+    models: list[str],
+    tasks: list[str] | str | None = None,
+    include_path: Path | str | None = None,
+    texts: tuple[Path | str, ...] | list[Path | str] = (),
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int | str = 1,
+    device: str = "auto",
+    dtype: str = "keep",
+    progress: Progress | None = None,
+) -> dict:
     """Score every model on lm-eval tasks and on local texts; the first model is the reference.
 
     models: MODEL arguments (Hub repo id, opt-deus output, Trainer `checkpoint-N` directory, or a
@@ -77,8 +85,21 @@ def evaluate(models: list[str], tasks: list[str] | str | None = None, include_pa
     for i, model in enumerate(resolved):
         if progress:
             progress(i, len(resolved), f"model {i + 1}/{len(resolved)}: {model.spec}")
-        results.append(_score_model(model, selection, expanded, manager, texts,
-                                    text_tokens_cache, limit, batch_size, dev, torch_dtype, task_info))
+        results.append(
+            _score_model(
+                model,
+                selection,
+                expanded,
+                manager,
+                texts,
+                text_tokens_cache,
+                limit,
+                batch_size,
+                dev,
+                torch_dtype,
+                task_info,
+            )
+        )
     if progress:
         progress(len(resolved), len(resolved), "done")
 
@@ -90,9 +111,16 @@ def evaluate(models: list[str], tasks: list[str] | str | None = None, include_pa
         "tasks": task_info,
         "table": table,
         "suite": selection.suite,
-        "settings": {"tasks": selection.names, "include_path": str(include_path) if include_path else None,
-                     "texts": [str(t) for t in texts], "limit": limit, "num_fewshot": selection.num_fewshot,
-                     "batch_size": batch_size, "device": str(dev), "dtype": dtype},
+        "settings": {
+            "tasks": selection.names,
+            "include_path": str(include_path) if include_path else None,
+            "texts": [str(t) for t in texts],
+            "limit": limit,
+            "num_fewshot": selection.num_fewshot,
+            "batch_size": batch_size,
+            "device": str(dev),
+            "dtype": dtype,
+        },
         "versions": _versions(),
         "notes": notes,
     }
@@ -111,8 +139,19 @@ def _quiet_lm_eval() -> None:
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
 
-def _score_model(model: EvalModel, selection, expanded, manager, texts, text_tokens_cache, limit, batch_size,
-                 device, torch_dtype, task_info: dict) -> dict:
+def _score_model(
+    model: EvalModel,
+    selection,
+    expanded,
+    manager,
+    texts,
+    text_tokens_cache,
+    limit,
+    batch_size,
+    device,
+    torch_dtype,
+    task_info: dict,
+) -> dict:
     from transformers import AutoTokenizer
 
     from ..verify import load_model
@@ -128,8 +167,15 @@ def _score_model(model: EvalModel, selection, expanded, manager, texts, text_tok
 
         tokenizer = AutoTokenizer.from_pretrained(model.tokenizer_dir, local_files_only=True, trust_remote_code=False)
         lm = HFLM(pretrained=loaded, tokenizer=tokenizer, batch_size=batch_size)
-        output = lm_eval.simple_evaluate(model=lm, tasks=selection.names, num_fewshot=selection.num_fewshot,
-                                         limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=0)
+        output = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=selection.names,
+            num_fewshot=selection.num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+            bootstrap_iters=0,
+        )
         record["tasks"] = _task_scores(output, expanded, task_info)
     record["texts"] = []
     for text in texts:
@@ -169,14 +215,17 @@ def _task_scores(output: dict, expanded, task_info: dict) -> dict:
             scores[column] = {"metric": metric, "value": metrics.get(metric), "metrics": metrics}
             higher = output.get("higher_is_better", {}).get(column, {}).get(metric)
             samples = output.get("n-samples", {}).get(column) or {}
-            task_info.setdefault(column, {
-                "metric": metric,
-                "higher_is_better": bool(higher) if higher is not None else metric not in LOWER_IS_BETTER,
-                "version": output.get("versions", {}).get(column),
-                "num_fewshot": output.get("n-shot", {}).get(column),
-                "samples": samples.get("effective", samples.get("original")),
-                "subtasks": sorted(leaves) if is_group and column == name else None,
-            })
+            task_info.setdefault(
+                column,
+                {
+                    "metric": metric,
+                    "higher_is_better": bool(higher) if higher is not None else metric not in LOWER_IS_BETTER,
+                    "version": output.get("versions", {}).get(column),
+                    "num_fewshot": output.get("n-shot", {}).get(column),
+                    "samples": samples.get("effective", samples.get("original")),
+                    "subtasks": sorted(leaves) if is_group and column == name else None,
+                },
+            )
     return scores
 
 
@@ -187,8 +236,10 @@ def _tokenizer_notes(models: list[EvalModel]) -> list[str]:
     notes = [f"{m.spec}: {note}" for m in models for note in m.notes]
     differ = [m.spec for m in models[1:] if not same_tokenizer(m.tokenizer_dir, reference.tokenizer_dir)]
     if differ:
-        notes.append(f"{', '.join(differ)} use a tokenizer other than the reference {reference.spec}'s: accuracies and "
-                     "word perplexities compare, token-level perplexities do not")
+        notes.append(
+            f"{', '.join(differ)} use a tokenizer other than the reference {reference.spec}'s: accuracies and "
+            "word perplexities compare, token-level perplexities do not"
+        )
     return notes
 
 
@@ -198,5 +249,9 @@ def _versions() -> dict:
     import torch
     import transformers
 
-    return {"lm_eval": version("lm_eval"), "transformers": transformers.__version__, "torch": torch.__version__,
-            "python": platform.python_version()}
+    return {
+        "lm_eval": version("lm_eval"),
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }

@@ -26,8 +26,9 @@ def model_label(record: dict) -> str:
     return record["spec"]
 
 
-def build_table(records: list[dict], task_columns: list[str], task_info: dict,
-                texts: list[tuple[str, int, str]], notes: list[str]) -> dict:
+def build_table(
+    records: list[dict], task_columns: list[str], task_info: dict, texts: list[tuple[str, int, str]], notes: list[str]
+) -> dict:
     """{"columns", "higher_is_better", "average_of", "rows": [{"model", "scores", "average",
     "delta"}], "notes"}; delta is this row minus the first row (the reference), per column and for
     the average. The average is the mean of the higher-is-better task scores (accuracies; the
@@ -46,8 +47,14 @@ def build_table(records: list[dict], task_columns: list[str], task_info: dict,
     for row in rows:
         row["delta"] = {c: _minus(row["scores"][c], reference["scores"][c]) for c in columns}
         row["delta_average"] = _minus(row["average"], reference["average"])
-    return {"columns": columns, "higher_is_better": higher, "average_of": average_of, "rows": rows,
-            "reference": reference["model"] if reference else None, "notes": notes}
+    return {
+        "columns": columns,
+        "higher_is_better": higher,
+        "average_of": average_of,
+        "rows": rows,
+        "reference": reference["model"] if reference else None,
+        "notes": notes,
+    }
 
 
 def _number(value) -> bool:
@@ -82,6 +89,7 @@ def table_cells(table: dict) -> tuple[list[str], list[list[str]]]:
 
 # ---- the training curve --------------------------------------------------------------------------
 
+
 def curve_panels(results: dict) -> list[str]:
     """What the curve draws: each task column, then the average (when there is one)."""
     table = results["table"]
@@ -90,8 +98,10 @@ def curve_panels(results: dict) -> list[str]:
 
 def check_curve(results_models: list[dict]) -> None:
     if not any(m["kind"] == "checkpoint" for m in results_models):
-        raise UsageError("--png draws score against training step: give training checkpoint directories "
-                         "(checkpoint-N, from save_strategy) among the MODELs")
+        raise UsageError(
+            "--png draws score against training step: give training checkpoint directories "
+            "(checkpoint-N, from save_strategy) among the MODELs"
+        )
 
 
 def save_curve(path: Path, results: dict) -> None:

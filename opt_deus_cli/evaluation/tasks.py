@@ -21,8 +21,17 @@ PAPER_PERPLEXITY_TASKS = ("wikitext",)
 PAPER_NUM_FEWSHOT = 0
 
 # The score a table shows for a task: the first of these its results carry (all are recorded).
-HEADLINE_METRICS = ("acc", "exact_match", "acc_norm", "mcc", "f1", "word_perplexity", "perplexity",
-                    "byte_perplexity", "bits_per_byte")
+HEADLINE_METRICS = (
+    "acc",
+    "exact_match",
+    "acc_norm",
+    "mcc",
+    "f1",
+    "word_perplexity",
+    "perplexity",
+    "byte_perplexity",
+    "bits_per_byte",
+)
 LOWER_IS_BETTER = {"word_perplexity", "perplexity", "byte_perplexity", "bits_per_byte"}
 
 
@@ -44,8 +53,10 @@ def select_tasks(tasks: list[str] | str | None, num_fewshot: int | None = None) 
         if names != ["paper"]:
             raise UsageError("--tasks paper is the paper's whole suite; give it alone, or list task names instead")
         if num_fewshot not in (None, PAPER_NUM_FEWSHOT):
-            raise UsageError(f"--tasks paper is zero-shot, as in the paper; drop --num-fewshot {num_fewshot} "
-                             "or list the tasks by name")
+            raise UsageError(
+                f"--tasks paper is zero-shot, as in the paper; drop --num-fewshot {num_fewshot} "
+                "or list the tasks by name"
+            )
         return TaskSelection([*PAPER_TASKS, *PAPER_PERPLEXITY_TASKS], PAPER_NUM_FEWSHOT, "paper")
     if len(set(names)) != len(names):
         raise UsageError(f"--tasks names a task twice: {', '.join(names)}")
@@ -77,8 +88,10 @@ def check_names(names: list[str], manager) -> None:
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.6)
             hint = f"; closest: {', '.join(close)}" if close else ""
-            raise UsageError(f"unknown task {name!r} (lm-eval knows {len(known)} tasks, groups and tags{hint}; "
-                             "local YAML tasks need --include-path DIR)")
+            raise UsageError(
+                f"unknown task {name!r} (lm-eval knows {len(known)} tasks, groups and tags{hint}; "
+                "local YAML tasks need --include-path DIR)"
+            )
 
 
 def load_tasks(names: list[str], manager) -> dict:
@@ -93,8 +106,10 @@ def load_tasks(names: list[str], manager) -> dict:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    )
 
 
 def _dataset_of(names: list[str], manager, message: str) -> str:
@@ -121,7 +136,8 @@ def dataset_error(names: list[str], manager, error: Exception) -> OptDeusError:
     if _offline() or "offline" in message.lower() or "couldn't reach" in message.lower():
         return UsageError(
             f"dataset {dataset} (task {', '.join(names)}) is not in the local datasets cache and HF_DATASETS_OFFLINE "
-            "(or HF_HUB_OFFLINE) is set: run once online to cache it, or point HF_HOME at a cache that has it")
+            "(or HF_HUB_OFFLINE) is set: run once online to cache it, or point HF_HOME at a cache that has it"
+        )
     return OptDeusError(f"lm-eval cannot load dataset {dataset} for task {', '.join(names)}: {message[:300]}")
 
 

@@ -8,11 +8,13 @@ Imports no torch at module level: the recipe parser reads these descriptions."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from ..block import Block as Block, BuildContext as BuildContext, Decisions as Decisions  # re-exported
+from ..block import Block as Block  # re-exported
+from ..block import BuildContext as BuildContext
+from ..block import Decisions as Decisions
 from ..block import OutputLayer
 from ..errors import OptDeusError
 from ..settings import check_settings, setting
@@ -36,7 +38,7 @@ class JobView(Protocol):
     settings or, in build(), in the BuildContext."""
 
     @property
-    def source(self) -> "SourceModel": ...  # the base model: family, layout, tensors
+    def source(self) -> SourceModel: ...  # the base model: family, layout, tensors
     @property
     def recipe(self) -> RecipeName: ...
     @property
@@ -44,9 +46,9 @@ class JobView(Protocol):
     @property
     def base_layers(self) -> int: ...
     @property
-    def dtype(self) -> "torch.dtype | None": ...  # the output's floating dtype; None keeps each tensor's own
+    def dtype(self) -> torch.dtype | None: ...  # the output's floating dtype; None keeps each tensor's own
     @property
-    def device(self) -> "torch.device": ...
+    def device(self) -> torch.device: ...
     @property
     def memory_budget(self) -> int | None: ...  # bytes a new layer may use; None: what is free
 
@@ -107,7 +109,7 @@ class Method(ABC):
         (JSON-serialisable figures for the manifest; {} when there is nothing to say)."""
 
     @classmethod
-    def from_settings(cls, settings: dict[str, Any]) -> "Method":
+    def from_settings(cls, settings: dict[str, Any]) -> Method:
         return cls(**settings)
 
 

@@ -61,8 +61,9 @@ class CopyMethod(Method):
             return {n: t.clone() for n, t in source.items()}, {}
         scaled = {n for role in PROJECTION_ROLES for n in ctx.arch.role_tensors(role, ctx.layout)}
         # scaled in float32 and stored in the source dtype (or --dtype), as every computed tensor is
-        return {n: ctx.result(t.float() * self.copy.scale, t) if n in scaled else t.clone()
-                for n, t in source.items()}, {}
+        return {
+            n: ctx.result(t.float() * self.copy.scale, t) if n in scaled else t.clone() for n, t in source.items()
+        }, {}
 
 
 class StackMethod(CopyMethod):

@@ -24,7 +24,7 @@ def method_names() -> tuple[str, ...]:
 
 
 @cache
-def method_class(name: str) -> type["Method"]:
+def method_class(name: str) -> type[Method]:
     """The class of a registered method (KeyError for an unknown name: callers check names first)."""
     module, cls = _METHODS[name].split(":")
     return getattr(importlib.import_module(f"{__package__}.{module}"), cls)

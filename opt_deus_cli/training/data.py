@@ -18,8 +18,15 @@ from pathlib import Path
 from ..errors import OptDeusError, UsageError
 
 # file suffix -> datasets builder; a compression suffix may follow (datasets decompresses)
-FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
-           ".csv": "csv"}
+FORMATS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
 MAP_BATCH = 1000  # documents per tokenize/pack batch
 
@@ -33,7 +40,7 @@ class DataFile:
     sha256: str
 
     @classmethod
-    def of(cls, path: Path) -> "DataFile":
+    def of(cls, path: Path) -> DataFile:
         from ..checkpoint import sha256_file
 
         return cls(str(path.resolve()), path.stat().st_size, sha256_file(path))
@@ -45,8 +52,10 @@ def file_format(path: Path) -> str:
         suffixes = suffixes[:-1]
     builder = FORMATS.get(suffixes[-1] if suffixes else "")
     if builder is None:
-        raise UsageError(f"cannot tell the format of {path} from its name; use .txt/.md (plain text, "
-                         "one document per file), .json/.jsonl, .parquet or .csv (a text column, --text-field)")
+        raise UsageError(
+            f"cannot tell the format of {path} from its name; use .txt/.md (plain text, "
+            "one document per file), .json/.jsonl, .parquet or .csv (a text column, --text-field)"
+        )
     return builder
 
 
@@ -76,8 +85,13 @@ def read_file(path: Path, cache_dir: Path | None = None):
     builder = file_format(path)
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     try:
-        return load_dataset(builder, data_files=[str(path.resolve())], split="train",
-                            cache_dir=str(cache_dir) if cache_dir else None, **kwargs)
+        return load_dataset(
+            builder,
+            data_files=[str(path.resolve())],
+            split="train",
+            cache_dir=str(cache_dir) if cache_dir else None,
+            **kwargs,
+        )
     except Exception as e:  # datasets raises many kinds for a malformed file
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         if builder == "text" and _caused_by(e, UnicodeDecodeError):  # datasets says only "An error occurred ..."
@@ -94,8 +108,10 @@ def load_documents(files: list[Path], text_field: str, cache_dir: Path | None = 
         part = read_file(path, cache_dir)
         column = "text" if file_format(path) == "text" else text_field
         if column not in part.column_names:
-            raise OptDeusError(f"{path} has no '{column}' column (it has {', '.join(part.column_names) or 'none'}); "
-                               f"name the text column with --text-field")
+            raise OptDeusError(
+                f"{path} has no '{column}' column (it has {', '.join(part.column_names) or 'none'}); "
+                f"name the text column with --text-field"
+            )
         if part.features[column].dtype not in ("string", "large_string"):  # csv (through pandas) reads large_string
             raise OptDeusError(f"{path}: column '{column}' holds {part.features[column].dtype}, not text")
         part = part.select_columns([column])
@@ -124,7 +140,7 @@ def pack_stream(stream: list[int], seq_len: int, bos: int | None) -> list[list[i
     seq_len, no BOS is doubled, and no stream token is repeated or skipped."""
     if bos is None:
         usable = len(stream) // seq_len * seq_len
-        return [stream[i:i + seq_len] for i in range(0, usable, seq_len)]
+        return [stream[i : i + seq_len] for i in range(0, usable, seq_len)]
     blocks, start = [], 0
     while start < len(stream):
         if stream[start] == bos:
@@ -177,18 +193,29 @@ def load_tokenizer(model_dir: Path):
         return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise OptDeusError(f"{model_dir} has no usable tokenizer ({first}); copy the base model's tokenizer files into it") from e
+        raise OptDeusError(
+            f"{model_dir} has no usable tokenizer ({first}); copy the base model's tokenizer files into it"
+        ) from e
 
 
-def build_blocks(paths: list[Path], tokenizer, seq_len: int, text_field: str, what: str, first=nullcontext,
-                 cache_dir: Path | None = None):
+def build_blocks(
+    paths: list[Path],
+    tokenizer,
+    seq_len: int,
+    text_field: str,
+    what: str,
+    first=nullcontext,
+    cache_dir: Path | None = None,
+):
     """Files -> packed blocks; `first` is a context manager under which the main process goes
     first in a distributed run (its cache is then reused by the others)."""
     with first():
         blocks = tokenize_and_pack(load_documents(paths, text_field, cache_dir), tokenizer, seq_len)
     if len(blocks) == 0:
-        raise OptDeusError(f"the {what} ({', '.join(map(str, paths))}) holds fewer tokens than one block of "
-                           f"--seq-len {seq_len}; give more text or a smaller --seq-len")
+        raise OptDeusError(
+            f"the {what} ({', '.join(map(str, paths))}) holds fewer tokens than one block of "
+            f"--seq-len {seq_len}; give more text or a smaller --seq-len"
+        )
     return blocks.with_format("torch")
 
 

@@ -47,15 +47,18 @@ def engine_that_ran(trainer, trainer_args: dict) -> dict:
         from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
         ran["fsdp_version"] = getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1)
-        ran["wrapped_units"] = sum(isinstance(m, (FSDPModule, FullyShardedDataParallel))
-                                   for m in trainer.model_wrapped.modules())
+        ran["wrapped_units"] = sum(
+            isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in trainer.model_wrapped.modules()
+        )
     return ran
 
 
 def engine_warning(ran: dict) -> str | None:
     """A requested engine that did not engage (accelerate uses FSDP and DeepSpeed on GPU backends only)."""
     if ran["requested"] and ran["engine"] != ran["requested"]:
-        return (f"the --args file asks for {ran['requested']}, but accelerate ran {ran['engine']} "
-                f"(distributed type {ran['distributed_type']}; {ran['requested']} engages only on GPU backends "
-                "under a distributed launch); the training record says what ran")
+        return (
+            f"the --args file asks for {ran['requested']}, but accelerate ran {ran['engine']} "
+            f"(distributed type {ran['distributed_type']}; {ran['requested']} engages only on GPU backends "
+            "under a distributed launch); the training record says what ran"
+        )
     return None

@@ -30,14 +30,20 @@ ROLES = ("system", "user", "assistant")
 
 # The Alpaca project's prompts (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT); the output follows
 # "### Response:" directly, as its training examples are source + target.
-ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
-                 "Write a response that appropriately completes the request.\n\n"
-                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
-ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. "
-                          "Write a response that appropriately completes the request.\n\n"
-                          "### Instruction:\n{instruction}\n\n### Response:")
-KNOWN = ("text: a 'text' column (or --text-field); chat: 'messages'; prompt-completion: 'prompt' and 'completion'; "
-         "alpaca: 'instruction' and 'output'")
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+KNOWN = (
+    "text: a 'text' column (or --text-field); chat: 'messages'; prompt-completion: 'prompt' and 'completion'; "
+    "alpaca: 'instruction' and 'output'"
+)
 
 
 @dataclass
@@ -75,27 +81,37 @@ def detect_format(files: list[Path], text_field: str, forced: str | None, what: 
             from datasets import load_dataset
 
             try:  # streaming: reads the first row only, writes no cache
-                first = next(iter(load_dataset(builder, data_files=[str(path.resolve())], split="train", streaming=True)), None)
+                first = next(
+                    iter(load_dataset(builder, data_files=[str(path.resolve())], split="train", streaming=True)), None
+                )
             except Exception as e:
-                raise OptDeusError(f"cannot read {path} as {builder}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+                raise OptDeusError(
+                    f"cannot read {path} as {builder}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                ) from e
             if first is None:
                 raise OptDeusError(f"{path} holds no rows")
             fmt = row_format(_present(first), text_field)
             if fmt is None:
-                raise OptDeusError(f"the first row of {path} has columns {', '.join(sorted(first)) or 'none'}, which name "
-                                   f"no format ({KNOWN}); rename them, or say which with --format")
+                raise OptDeusError(
+                    f"the first row of {path} has columns {', '.join(sorted(first)) or 'none'}, which name "
+                    f"no format ({KNOWN}); rename them, or say which with --format"
+                )
         found[path] = fmt
     if forced is not None:
         texts = [p for p, f in found.items() if f == "text"]
         if forced != "text" and texts:
-            raise UsageError(f"--format {forced}: {texts[0]} is plain text (one document per file); "
-                             f"{forced} data comes in .json/.jsonl/.parquet rows")
+            raise UsageError(
+                f"--format {forced}: {texts[0]} is plain text (one document per file); "
+                f"{forced} data comes in .json/.jsonl/.parquet rows"
+            )
         return forced
     kinds = sorted(set(found.values()))
     if len(kinds) > 1:
         by_kind = {f: p for p, f in found.items()}
-        raise OptDeusError(f"the {what} files mix formats ({', '.join(f'{by_kind[k]}: {k}' for k in kinds)}); "
-                           "train on one format at a time")
+        raise OptDeusError(
+            f"the {what} files mix formats ({', '.join(f'{by_kind[k]}: {k}' for k in kinds)}); "
+            "train on one format at a time"
+        )
     return kinds[0]
 
 
@@ -103,11 +119,21 @@ def check_options(fmt: str, loss_on: str, packing: bool, chat_template: str | No
     """The SFT flags make sense for this format (text is packed continued pre-training)."""
     if fmt != "text":
         return
-    given = [name for name, on in (("--packing", packing), ("--chat-template", chat_template is not None),
-                                   ("--drop-long", drop_long), ("--loss-on all", loss_on == "all")) if on]
+    given = [
+        name
+        for name, on in (
+            ("--packing", packing),
+            ("--chat-template", chat_template is not None),
+            ("--drop-long", drop_long),
+            ("--loss-on all", loss_on == "all"),
+        )
+        if on
+    ]
     if given:
-        raise UsageError(f"{given[0]} is for chat, prompt-completion and alpaca data; this data is text, which is "
-                         "always packed into --seq-len blocks with the loss on every token")
+        raise UsageError(
+            f"{given[0]} is for chat, prompt-completion and alpaca data; this data is text, which is "
+            "always packed into --seq-len blocks with the loss on every token"
+        )
 
 
 def _order_problem(messages, completion_side: bool = False) -> str | None:
@@ -121,19 +147,31 @@ def _order_problem(messages, completion_side: bool = False) -> str | None:
             return f"message {i} is not a {{role, content}} with role {', '.join(ROLES)}"
     roles = [m["role"] for m in messages]
     if completion_side:
-        return None if set(roles) == {"assistant"} else f"completion roles {roles}: a completion holds assistant turns only"
+        return (
+            None
+            if set(roles) == {"assistant"}
+            else f"completion roles {roles}: a completion holds assistant turns only"
+        )
     turns = roles[1:] if roles[0] == "system" else roles
     expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
-    return None if turns == expected else (f"roles {roles} are out of order (an optional system turn, then user and "
-                                           "assistant alternating from a user turn)")
+    return (
+        None
+        if turns == expected
+        else (
+            f"roles {roles} are out of order (an optional system turn, then user and "
+            "assistant alternating from a user turn)"
+        )
+    )
 
 
 def _row_verdict(row: dict, fmt: str, text_field: str) -> str | None:
     """None: keep; 'skip:<reason>'; else an error naming what is wrong with the row."""
     kind = row_format(_present(row), text_field)
     if kind != fmt:
-        return (f"is {kind or 'of no known format'}, not {fmt}: the rows of the data share one format "
-                "(the first row's, or --format's)")
+        return (
+            f"is {kind or 'of no known format'}, not {fmt}: the rows of the data share one format "
+            "(the first row's, or --format's)"
+        )
     if fmt == "chat":
         problem = _order_problem(row["messages"])
         if problem:
@@ -170,10 +208,14 @@ def read_examples(files: list[Path], fmt: str, text_field: str, cache_dir: Path 
         columns = [c for c in (*COLUMNS[fmt], "input") if c in part.column_names]
         missing = [c for c in COLUMNS[fmt] if c not in part.column_names]
         if missing:
-            raise OptDeusError(f"{path} has no {', '.join(repr(c) for c in missing)} column for {fmt} data "
-                               f"(it has {', '.join(part.column_names)}); {KNOWN}")
+            raise OptDeusError(
+                f"{path} has no {', '.join(repr(c) for c in missing)} column for {fmt} data "
+                f"(it has {', '.join(part.column_names)}); {KNOWN}"
+            )
         named = [c for c in (*(c for f in COLUMNS.values() for c in f), text_field) if c in part.column_names]
-        verdicts = part.select_columns(named).map(lambda row: {"verdict": _row_verdict(row, fmt, text_field) or ""})["verdict"]
+        verdicts = part.select_columns(named).map(lambda row: {"verdict": _row_verdict(row, fmt, text_field) or ""})[
+            "verdict"
+        ]
         for index, verdict in enumerate(verdicts):
             if verdict and not verdict.startswith("skip:"):
                 raise OptDeusError(f"{path}, row {index + 1}: {verdict}")
@@ -185,8 +227,10 @@ def read_examples(files: list[Path], fmt: str, text_field: str, cache_dir: Path 
         parts.append(part.select_columns(columns).select(keep))
     dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(dataset) == 0:
-        raise OptDeusError(f"the {what} ({', '.join(map(str, files))}) holds no example with something to learn: "
-                           f"{sum(skipped.values())} of {rows} rows have no assistant turn or an empty completion")
+        raise OptDeusError(
+            f"the {what} ({', '.join(map(str, files))}) holds no example with something to learn: "
+            f"{sum(skipped.values())} of {rows} rows have no assistant turn or an empty completion"
+        )
     return Examples(dataset, rows, skipped)
 
 
@@ -198,7 +242,10 @@ def alpaca_as_prompt_completion(dataset, with_chat_template: bool):
         extra = (row.get("input") or "").strip()
         if with_chat_template:
             user = row["instruction"] + (f"\n\n{extra}" if extra else "")
-            return {"prompt": [{"role": "user", "content": user}], "completion": [{"role": "assistant", "content": row["output"]}]}
+            return {
+                "prompt": [{"role": "user", "content": user}],
+                "completion": [{"role": "assistant", "content": row["output"]}],
+            }
         template = ALPACA_PROMPT if extra else ALPACA_PROMPT_NO_INPUT
         return {"prompt": template.format(instruction=row["instruction"], input=extra), "completion": row["output"]}
 
@@ -212,12 +259,16 @@ def set_chat_template(tokenizer, template_file: str | None) -> str | None:
         try:
             tokenizer.chat_template = path.read_text()
         except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"--chat-template {path} cannot be read ({type(e).__name__}); give a Jinja template file")
+            raise UsageError(
+                f"--chat-template {path} cannot be read ({type(e).__name__}); give a Jinja template file"
+            ) from e
         return str(path.resolve())
     return "tokenizer" if tokenizer.chat_template else None
 
 
 def require_chat_template(source: str | None, model_dir: Path) -> None:
     if source is None:
-        raise UsageError(f"the tokenizer of {model_dir} has no chat template, which this conversational data needs; "
-                         "give one with --chat-template FILE (a Jinja template, e.g. examples/chat-template.jinja)")
+        raise UsageError(
+            f"the tokenizer of {model_dir} has no chat template, which this conversational data needs; "
+            "give one with --chat-template FILE (a Jinja template, e.g. examples/chat-template.jinja)"
+        )

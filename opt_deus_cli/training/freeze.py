@@ -51,8 +51,10 @@ def freeze_base(model, model_dir: Path | str) -> list[str]:
     depth = getattr(getattr(model, "config", None), arch.depth_key, None)
     expected = manifest.output.num_layers
     if depth != expected:
-        raise OptDeusError(f"the model has {depth} layers ({arch.depth_key}) but the manifest in {model_dir} "
-                           f"describes {expected}; load the checkpoint of that directory")
+        raise OptDeusError(
+            f"the model has {depth} layers ({arch.depth_key}) but the manifest in {model_dir} "
+            f"describes {expected}; load the checkpoint of that directory"
+        )
     layers = set(manifest.trainable_layers)
     if not layers:
         raise OptDeusError(f"the manifest in {model_dir} lists no trainable layers; train the whole model instead")
@@ -71,6 +73,8 @@ def freeze_base(model, model_dir: Path | str) -> list[str]:
         for _, parameter in model.named_parameters():  # leave no half-frozen model behind
             parameter.requires_grad_(True)
         what = "no parameter" if not trainable else f"no parameter of layers {missing}"
-        raise OptDeusError(f"{what} matches {arch.layers_prefix}<i>. for the trainable layers "
-                           f"{sorted(layers)} of the manifest in {model_dir}; is this a {arch.model_type} model?")
+        raise OptDeusError(
+            f"{what} matches {arch.layers_prefix}<i>. for the trainable layers "
+            f"{sorted(layers)} of the manifest in {model_dir}; is this a {arch.model_type} model?"
+        )
     return trainable

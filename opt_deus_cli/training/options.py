@@ -31,8 +31,15 @@ FLAG_FIELDS = {
     "seed": "seed",
     "eval_every": "eval_steps",
 }
-FLAG_NAMES = {"steps": "--steps", "epochs": "--epochs", "lr": "--lr", "batch_size": "--batch-size",
-              "grad_accum": "--grad-accum", "seed": "--seed", "eval_every": "--eval-every"}
+FLAG_NAMES = {
+    "steps": "--steps",
+    "epochs": "--epochs",
+    "lr": "--lr",
+    "batch_size": "--batch-size",
+    "grad_accum": "--grad-accum",
+    "seed": "--seed",
+    "eval_every": "--eval-every",
+}
 
 # what a run does when neither a flag nor the --args file says otherwise
 DEFAULTS = {
@@ -82,14 +89,21 @@ class TrainOptions:
         if self.train not in TRAIN_MODES:
             raise UsageError(f"--train {self.train!r} not understood; use new (only the new layers) or all")
         if self.device not in DEVICES:
-            raise UsageError(f"--device {self.device!r} not understood; use auto, cpu or cuda "
-                             "(several GPUs: one process each, with torchrun or accelerate launch)")
+            raise UsageError(
+                f"--device {self.device!r} not understood; use auto, cpu or cuda "
+                "(several GPUs: one process each, with torchrun or accelerate launch)"
+            )
         if self.dtype not in TRAINING_DTYPES:
             raise UsageError(f"--dtype {self.dtype!r} not understood; use {', '.join(TRAINING_DTYPES)}")
         if self.steps is not None and self.epochs is not None:
             raise UsageError("--steps and --epochs both given; a run has one length: keep one")
-        for name, low, kind in (("steps", 1, int), ("batch_size", 1, int), ("grad_accum", 1, int),
-                                ("seq_len", 2, int), ("eval_every", 1, int)):
+        for name, low, kind in (
+            ("steps", 1, int),
+            ("batch_size", 1, int),
+            ("grad_accum", 1, int),
+            ("seq_len", 2, int),
+            ("eval_every", 1, int),
+        ):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, kind) or value < low):
                 raise UsageError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
@@ -98,11 +112,15 @@ class TrainOptions:
             if value is not None and not value > 0:
                 raise UsageError(f"--{name} must be positive, got {value!r}")
         if self.format is not None and self.format not in DATA_FORMATS:
-            raise UsageError(f"--format {self.format!r} not understood; use {', '.join(DATA_FORMATS)} "
-                             "(or leave it out: the first row's columns tell)")
+            raise UsageError(
+                f"--format {self.format!r} not understood; use {', '.join(DATA_FORMATS)} "
+                "(or leave it out: the first row's columns tell)"
+            )
         if self.loss_on not in LOSS_ON:
-            raise UsageError(f"--loss-on {self.loss_on!r} not understood; use completion (only completion / "
-                             "assistant tokens carry loss) or all")
+            raise UsageError(
+                f"--loss-on {self.loss_on!r} not understood; use completion (only completion / "
+                "assistant tokens carry loss) or all"
+            )
         if self.chat_template is not None and not Path(self.chat_template).is_file():
             raise UsageError(f"--chat-template file {self.chat_template} does not exist")
         if self.eval_every is not None and not self.eval_data:
@@ -125,7 +143,9 @@ def read_args_file(path: Path | str) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UsageError(f"--args {path} must be a mapping of TrainingArguments fields (key: value), not a {type(data).__name__}")
+        raise UsageError(
+            f"--args {path} must be a mapping of TrainingArguments fields (key: value), not a {type(data).__name__}"
+        )
     check_field_names(data, str(path), training_argument_fields() | sft_config_fields())
     return data
 
@@ -148,8 +168,10 @@ def check_field_names(settings: dict, where: str, known: set[str] | None = None)
     unknown = [k for k in settings if k not in known]
     sft_only = [k for k in unknown if k in sft_config_fields()] if unknown and text_mode else []
     if sft_only:
-        raise UsageError(f"{where}: {sft_only[0]!r} is an SFTConfig field, for chat, prompt-completion or alpaca "
-                         "data; this data is text (continued pre-training, TrainingArguments)")
+        raise UsageError(
+            f"{where}: {sft_only[0]!r} is an SFTConfig field, for chat, prompt-completion or alpaca "
+            "data; this data is text (continued pre-training, TrainingArguments)"
+        )
     unknown = [k for k in settings if k not in known]
     if unknown:
         hints = []
@@ -157,11 +179,15 @@ def check_field_names(settings: dict, where: str, known: set[str] | None = None)
             close = difflib.get_close_matches(str(key), known, n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         kind = "TrainingArguments" if text_mode else "TrainingArguments or SFTConfig"
-        raise UsageError(f"{where}: {', '.join(hints)} {'is not a' if len(unknown) == 1 else 'are not'} "
-                         f"{kind} field(s); see transformers' TrainingArguments (and TRL's SFTConfig) for the names")
+        raise UsageError(
+            f"{where}: {', '.join(hints)} {'is not a' if len(unknown) == 1 else 'are not'} "
+            f"{kind} field(s); see transformers' TrainingArguments (and TRL's SFTConfig) for the names"
+        )
 
 
-def merged_settings(options: TrainOptions, work_dir: Path, has_experts: bool = False, known: set[str] | None = None) -> dict:
+def merged_settings(
+    options: TrainOptions, work_dir: Path, has_experts: bool = False, known: set[str] | None = None
+) -> dict:
     """The TrainingArguments keyword arguments: the --args file, the flags, then the defaults.
     has_experts: a mixture of experts, whose unrouted experts DDP must be told about; known: the
     fields the --args file may name (TrainingArguments', or SFTConfig's for supervised fine-tuning)."""

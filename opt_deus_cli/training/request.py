@@ -36,17 +36,22 @@ def check_request(model_dir: Path | str, data: list[Path | str], out_dir: Path |
     manifest = read_manifest(model_dir)
     if options.train == "new" and (manifest is None or not manifest.trainable_layers):
         why = f"has no {MANIFEST_FILE}" if manifest is None else "has a manifest that lists no new layers"
-        raise UsageError(f"{model_dir} {why}, so there are no new layers to train; "
-                         "train every parameter with --train all")
+        raise UsageError(
+            f"{model_dir} {why}, so there are no new layers to train; train every parameter with --train all"
+        )
     files = check_files(data, "--data")
     eval_files = check_files(options.eval_data, "--eval-data") if options.eval_data else []
     fmt = detect_format(files, options.text_field, options.format)
     if eval_files and (eval_fmt := detect_format(eval_files, options.text_field, options.format, "--eval-data")) != fmt:
-        raise OptDeusError(f"the --eval-data files are {eval_fmt} but the --data files are {fmt}; evaluate on the same format")
+        raise OptDeusError(
+            f"the --eval-data files are {eval_fmt} but the --data files are {fmt}; evaluate on the same format"
+        )
     check_options(fmt, options.loss_on, options.packing, options.chat_template, options.drop_long)
     OutputTransaction(out_dir, options.overwrite, model_dir).check()  # refusals before any work
     check_extra_globs([p for p in sorted(model_dir.iterdir()) if p.is_file()], options.copy_extra, model_dir)
-    request = Request(config, manifest, files, eval_files, fmt, parse_size(options.shard_size), _seq_len(options, config))
+    request = Request(
+        config, manifest, files, eval_files, fmt, parse_size(options.shard_size), _seq_len(options, config)
+    )
     # last (safetensors' reader brings torch): a truncated or broken shard named as upscale names it
     Checkpoint(model_dir).close()
     return request
@@ -57,5 +62,7 @@ def _seq_len(options: TrainOptions, config: dict) -> int:
     if options.seq_len is None:
         return min(1024, int(limit)) if limit else 1024
     if limit and options.seq_len > int(limit):
-        raise UsageError(f"--seq-len {options.seq_len} exceeds the model's max_position_embeddings {limit}; choose at most {limit}")
+        raise UsageError(
+            f"--seq-len {options.seq_len} exceeds the model's max_position_embeddings {limit}; choose at most {limit}"
+        )
     return options.seq_len

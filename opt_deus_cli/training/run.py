@@ -18,8 +18,8 @@ import shutil
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers import TrainerCallback
@@ -27,10 +27,10 @@ from transformers import TrainerCallback
 from .. import __version__
 from ..errors import OptDeusError
 from .data import DataFile, bos_of, build_blocks, collate_blocks, load_tokenizer
+from .distributed import engine_that_ran, engine_warning, outcome_of_rank_zero
 from .freeze import freeze_base, is_trainable, layer_pattern, manifest_architecture
 from .options import TrainOptions, training_arguments
 from .request import check_request
-from .distributed import engine_that_ran, engine_warning, outcome_of_rank_zero
 from .save import gathered_state_dict, json_safe, write_output
 
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts")  # config keys of a mixture of experts
@@ -83,8 +83,14 @@ class _Report(TrainerCallback):
             self.log(state.global_step, state.max_steps, dict(logs))
 
 
-def train(model_dir: Path | str, data: list[Path | str], out_dir: Path | str, options: TrainOptions = TrainOptions(),
-          progress: Progress | None = None, log: Log | None = None) -> dict:
+def train(
+    model_dir: Path | str,
+    data: list[Path | str],
+    out_dir: Path | str,
+    options: TrainOptions = TrainOptions(),
+    progress: Progress | None = None,
+    log: Log | None = None,
+) -> dict:
     """Train, save OUT (config, safetensors, tokenizer, manifest carried forward) and return the
     training record written into OUT's manifest. Deterministic for a given seed and data order
     (on one device type and world size)."""
@@ -109,8 +115,14 @@ def _remove_if_empty(work_dir: Path) -> None:
         pass
 
 
-def _train(model_dir: Path, data: list[Path | str], out_dir: Path, options: TrainOptions,
-           progress: Progress | None, log: Log | None) -> dict:
+def _train(
+    model_dir: Path,
+    data: list[Path | str],
+    out_dir: Path,
+    options: TrainOptions,
+    progress: Progress | None,
+    log: Log | None,
+) -> dict:
     started = time.perf_counter()
     phase: Callable[[str], None] = (lambda name: progress(name, 0, None)) if progress else (lambda name: None)
     phase("reading data")
@@ -129,14 +141,21 @@ def _train(model_dir: Path, data: list[Path | str], out_dir: Path, options: Trai
     phase("tokenizing")
     tokenizer = load_tokenizer(model_dir)
     if fmt == "text":
-        blocks = functools.partial(build_blocks, tokenizer=tokenizer, seq_len=seq_len, text_field=options.text_field,
-                                   first=args.main_process_first, cache_dir=options.cache_dir)
+        blocks = functools.partial(
+            build_blocks,
+            tokenizer=tokenizer,
+            seq_len=seq_len,
+            text_field=options.text_field,
+            first=args.main_process_first,
+            cache_dir=options.cache_dir,
+        )
         train_data = blocks(files, what="training data")
         eval_data = blocks(eval_files, what="eval data") if eval_files else None
     else:
         template = sft.chat_template_of(tokenizer, options)
-        examples = functools.partial(sft.prepare_examples, fmt=fmt, options=options, tokenizer=tokenizer,
-                                     model_dir=model_dir, template=template)
+        examples = functools.partial(
+            sft.prepare_examples, fmt=fmt, options=options, tokenizer=tokenizer, model_dir=model_dir, template=template
+        )
         with args.main_process_first():
             train_data = examples(files, what="training data")
             eval_data = examples(eval_files, what="eval data") if eval_files else None
@@ -156,14 +175,22 @@ def _train(model_dir: Path, data: list[Path | str], out_dir: Path, options: Trai
 
     report = _Report(progress, log, f"training ({options.train} layers)")
     if fmt == "text":
-        trainer = _counting(Trainer)(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-                                     data_collator=collate_blocks, callbacks=[report])
+        trainer = _counting(Trainer)(
+            model=model,
+            args=args,
+            train_dataset=train_data,
+            eval_dataset=eval_data,
+            data_collator=collate_blocks,
+            callbacks=[report],
+        )
     else:
         trainer = sft.sft_trainer(model, args, tokenizer, train_data, eval_data, [report], options.drop_long)
     trainer.remove_callback(PrinterCallback)  # the log callback prints the lines
     result = trainer.train()
     history = trainer.state.log_history
-    if eval_data is not None and not any(e.get("step") == trainer.state.global_step and "eval_loss" in e for e in history):
+    if eval_data is not None and not any(
+        e.get("step") == trainer.state.global_step and "eval_loss" in e for e in history
+    ):
         trainer.evaluate()
     loss_tokens = int(trainer.accelerator.reduce(torch.tensor(trainer.loss_tokens, device=args.device), "sum"))
     phase("gathering weights")
@@ -171,13 +198,32 @@ def _train(model_dir: Path, data: list[Path | str], out_dir: Path, options: Trai
 
     if fmt == "text":
         bos = bos_of(tokenizer)
-        data_record = {"format": "text", "loss_on": "all", "text_field": options.text_field,
-                       "train_blocks": len(train_data), "eval_blocks": len(eval_data) if eval_data is not None else None,
-                       "bos_per_block": bos is not None, "bos_token_id": bos}
+        data_record = {
+            "format": "text",
+            "loss_on": "all",
+            "text_field": options.text_field,
+            "train_blocks": len(train_data),
+            "eval_blocks": len(eval_data) if eval_data is not None else None,
+            "bos_per_block": bos is not None,
+            "bos_token_id": bos,
+        }
     else:
         data_record = sft.data_record(fmt, options, template, train_data, eval_data, trainer)
-    record = _record(options, args, trainer, result, report, files, eval_files, seq_len, data_record, loss_tokens,
-                     manifest, trainable, total)
+    record = _record(
+        options,
+        args,
+        trainer,
+        result,
+        report,
+        files,
+        eval_files,
+        seq_len,
+        data_record,
+        loss_tokens,
+        manifest,
+        trainable,
+        total,
+    )
     if fmt != "text":
         import trl
 
@@ -192,9 +238,20 @@ def _train(model_dir: Path, data: list[Path | str], out_dir: Path, options: Trai
             if problem:
                 warnings.warn(problem, stacklevel=2)
         record["seconds_total"] = round(time.perf_counter() - started, 3)
-        write = functools.partial(write_output, trainer.accelerator.unwrap_model(trainer.model), state_dict, model_dir,
-                                  out_dir, options.overwrite, shard_bytes, manifest, is_frozen, record,
-                                  options.copy_extra, phase)
+        write = functools.partial(
+            write_output,
+            trainer.accelerator.unwrap_model(trainer.model),
+            state_dict,
+            model_dir,
+            out_dir,
+            options.overwrite,
+            shard_bytes,
+            manifest,
+            is_frozen,
+            record,
+            options.copy_extra,
+            phase,
+        )
         outcome = _attempt(write, out_dir) if args.world_size > 1 else {"record": write()}
     del state_dict
     outcome = outcome_of_rank_zero(outcome, args.device)
@@ -220,10 +277,13 @@ def _load_model(model_dir: Path, dtype: str):
     hf_logging.disable_progress_bar()
     torch_dtype = "auto" if dtype == "keep" else getattr(torch, dtype)
     try:
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, trust_remote_code=False,
-                                                    use_safetensors=True, local_files_only=True)
+        return AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch_dtype, trust_remote_code=False, use_safetensors=True, local_files_only=True
+        )
     except Exception as e:  # transformers raises many kinds; name the directory and the reason
-        raise OptDeusError(f"transformers cannot load {model_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise OptDeusError(
+            f"transformers cannot load {model_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
 
 
 def _history(log_history: list[dict]) -> list[dict]:
@@ -247,19 +307,36 @@ def divergence(history: list[dict]) -> list[str]:
     if bad:
         found.append(f"the training loss became {bad[0][1]} at step {bad[0][0]}: the run diverged; lower --lr")
     elif len(losses) >= 2 and losses[-1][1] > DIVERGED * losses[0][1]:
-        found.append(f"the final training loss {losses[-1][1]:.4f} is well above the first {losses[0][1]:.4f}: "
-                     "the run diverged and the saved model is worse than the input; lower --lr")
+        found.append(
+            f"the final training loss {losses[-1][1]:.4f} is well above the first {losses[0][1]:.4f}: "
+            "the run diverged and the saved model is worse than the input; lower --lr"
+        )
     bad = [(step, x) for step, x in norms if not math.isfinite(x)]
     if bad:
         found.append(f"the gradient norm became {bad[0][1]} at step {bad[0][0]}: the run diverged; lower --lr")
     elif norms and norms[-1][1] == 0:
-        found.append(f"the gradient norm collapsed to 0 (step {norms[-1][0]}): the trained layers no longer learn "
-                     "(saturated or dead); lower --lr")
+        found.append(
+            f"the gradient norm collapsed to 0 (step {norms[-1][0]}): the trained layers no longer learn "
+            "(saturated or dead); lower --lr"
+        )
     return found
 
 
-def _record(options, args, trainer, result, report, files, eval_files, seq_len, data_record, loss_tokens,
-            manifest, trainable, total) -> dict:
+def _record(
+    options,
+    args,
+    trainer,
+    result,
+    report,
+    files,
+    eval_files,
+    seq_len,
+    data_record,
+    loss_tokens,
+    manifest,
+    trainable,
+    total,
+) -> dict:
     import datasets
     import transformers
 
@@ -298,6 +375,10 @@ def _record(options, args, trainer, result, report, files, eval_files, seq_len, 
         "history": history,
         "divergence": divergence(history),
         "trainer_args": json_safe(options.trainer_args),
-        "versions": {"opt-deus": __version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__, "datasets": datasets.__version__},
+        "versions": {
+            "opt-deus": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "datasets": datasets.__version__,
+        },
     }

@@ -13,8 +13,8 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -90,31 +90,52 @@ def check_saved(model_dir: Path, out: Path, is_frozen: Callable[[str], bool] | N
     try:
         missing, extra = sorted(set(before.names) - set(after.names)), sorted(set(after.names) - set(before.names))
         if missing or extra:
-            raise OptDeusError(f"the saved checkpoint does not hold the input's tensors (missing {missing[:3]}, "
-                               f"extra {extra[:3]}); it would not load as the input does")
+            raise OptDeusError(
+                f"the saved checkpoint does not hold the input's tensors (missing {missing[:3]}, "
+                f"extra {extra[:3]}); it would not load as the input does"
+            )
         for name in before.names:
             if before.meta(name) != after.meta(name):
-                raise OptDeusError(f"tensor {name} was saved as {after.meta(name)} but the input holds {before.meta(name)}")
+                raise OptDeusError(
+                    f"tensor {name} was saved as {after.meta(name)} but the input holds {before.meta(name)}"
+                )
         frozen = [n for n in before.names if is_frozen is not None and is_frozen(n)]
         moved = [n for n in frozen if not _same_bytes(before, after, n)]
         if moved:
-            raise OptDeusError(f"base tensor {moved[0]} (and {len(moved) - 1} more) differs from the input after "
-                               f"training only the new layers: frozen weights moved, so nothing was written")
+            raise OptDeusError(
+                f"base tensor {moved[0]} (and {len(moved) - 1} more) differs from the input after "
+                f"training only the new layers: frozen weights moved, so nothing was written"
+            )
         trained = [n for n in before.names if n not in set(frozen)]
         broken = [n for n in trained if not torch.isfinite(after.read(n).float()).all()]
         if broken:
-            raise OptDeusError(f"tensor {broken[0]} (and {len(broken) - 1} more) holds NaN or Inf after training: "
-                               "the loss diverged (lower --lr); nothing was written")
-        return {"tensors": len(before.names), "frozen_identical": len(frozen),
-                "trained_changed": sum(not _same_bytes(before, after, n) for n in trained)}
+            raise OptDeusError(
+                f"tensor {broken[0]} (and {len(broken) - 1} more) holds NaN or Inf after training: "
+                "the loss diverged (lower --lr); nothing was written"
+            )
+        return {
+            "tensors": len(before.names),
+            "frozen_identical": len(frozen),
+            "trained_changed": sum(not _same_bytes(before, after, n) for n in trained),
+        }
     finally:
         before.close()
         after.close()
 
 
-def write_output(model, state_dict: dict, model_dir: Path, out_dir: Path, overwrite: bool, shard_bytes: int,
-                 manifest: Manifest | None, is_frozen: Callable[[str], bool] | None, record: dict,
-                 copy_extra: tuple[str, ...] = (), phase: Callable[[str], None] = lambda name: None) -> dict:
+def write_output(
+    model,
+    state_dict: dict,
+    model_dir: Path,
+    out_dir: Path,
+    overwrite: bool,
+    shard_bytes: int,
+    manifest: Manifest | None,
+    is_frozen: Callable[[str], bool] | None,
+    record: dict,
+    copy_extra: tuple[str, ...] = (),
+    phase: Callable[[str], None] = lambda name: None,
+) -> dict:
     """Rank 0: save, check, record; OUT appears only when all of it succeeded. Returns the record
     with the check's counts."""
     from transformers.utils import logging as hf_logging
@@ -134,7 +155,9 @@ def write_output(model, state_dict: dict, model_dir: Path, out_dir: Path, overwr
         copy_input_files(model_dir, tmp, copy_extra)  # copies keep the input's modes, as upscale's side files do
         phase("checking")
         record = dict(record, check=check_saved(model_dir, tmp, is_frozen))
-        trained_card(model_dir=model_dir, out_dir=out_dir, record=record, tool_version=__version__).save(tmp / CARD_FILE)
+        trained_card(model_dir=model_dir, out_dir=out_dir, record=record, tool_version=__version__).save(
+            tmp / CARD_FILE
+        )
         if manifest is None:
             write_json(tmp / TRAINING_FILE, record)
         else:

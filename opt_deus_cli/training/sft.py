@@ -15,14 +15,19 @@ from pathlib import Path
 
 from ..errors import OptDeusError, UsageError
 from .data import bos_of
-from .formats import (Examples, alpaca_as_prompt_completion, read_examples, require_chat_template,
-                      set_chat_template)
+from .formats import Examples, alpaca_as_prompt_completion, read_examples, require_chat_template, set_chat_template
 from .options import TrainOptions, merged_settings, sft_config_fields, training_argument_fields
 
 IGNORE = -100  # the label of a token that carries no loss (transformers' and TRL's convention)
 # SFTConfig fields the command's flags set: one place says what a run does
-OWNED = {"max_length": "--seq-len", "packing": "--packing", "padding_free": "--packing",
-         "completion_only_loss": "--loss-on", "assistant_only_loss": "--loss-on", "chat_template_path": "--chat-template"}
+OWNED = {
+    "max_length": "--seq-len",
+    "packing": "--packing",
+    "padding_free": "--packing",
+    "completion_only_loss": "--loss-on",
+    "assistant_only_loss": "--loss-on",
+    "chat_template_path": "--chat-template",
+}
 
 
 def sft_arguments(options: TrainOptions, work_dir: Path, has_experts: bool, seq_len: int, fmt: str):
@@ -34,9 +39,12 @@ def sft_arguments(options: TrainOptions, work_dir: Path, has_experts: bool, seq_
             raise UsageError(f"{key} in the --args file is set by {flag} here; use the flag")
     settings = merged_settings(options, work_dir, has_experts, training_argument_fields() | sft_config_fields())
     completion_only = options.loss_on == "completion"
-    settings.update(max_length=seq_len, packing=options.packing,
-                    completion_only_loss=completion_only and fmt != "chat",
-                    assistant_only_loss=completion_only and fmt == "chat")
+    settings.update(
+        max_length=seq_len,
+        packing=options.packing,
+        completion_only_loss=completion_only and fmt != "chat",
+        assistant_only_loss=completion_only and fmt == "chat",
+    )
     settings["include_num_input_tokens_seen"] = "non_padding"  # padded batches: count the real tokens
     # SFTConfig's own defaults differ from TrainingArguments' (checkpointing and bf16 on): opt-deus's
     # defaults are the same in both modes, and --dtype / --args say otherwise
@@ -47,11 +55,12 @@ def sft_arguments(options: TrainOptions, work_dir: Path, has_experts: bool, seq_
         return SFTConfig(**settings)
     except (ValueError, TypeError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"SFTConfig refused the settings: {first}")
+        raise UsageError(f"SFTConfig refused the settings: {first}") from e
 
 
-def prepare_examples(files: list[Path], fmt: str, options: TrainOptions, tokenizer, model_dir: Path, what: str,
-                     template: str | None) -> Examples:
+def prepare_examples(
+    files: list[Path], fmt: str, options: TrainOptions, tokenizer, model_dir: Path, what: str, template: str | None
+) -> Examples:
     """The rows of the files as SFTTrainer takes them (alpaca as prompt-completion)."""
     examples = read_examples(files, fmt, options.text_field, options.cache_dir, what)
     if fmt == "alpaca":
@@ -88,24 +97,31 @@ def _trainer_class():
                 tokenized = tokenized.filter(lambda row: len(row["input_ids"]) <= limit)
             kept = len(tokenized)
             if kept == 0:
-                raise OptDeusError(f"every {dataset_name} example is longer than --seq-len {limit}; "
-                                   "raise --seq-len or leave out --drop-long")
+                raise OptDeusError(
+                    f"every {dataset_name} example is longer than --seq-len {limit}; "
+                    "raise --seq-len or leave out --drop-long"
+                )
             bos = bos_of(processing_class)
             starts = sum(ids[0] == bos for ids in tokenized["input_ids"] if ids) if bos is not None else 0
             prepared = super()._prepare_dataset(tokenized, processing_class, args, packing, None, dataset_name)
             self.prepared[dataset_name] = {
-                "examples": kept, "truncated": 0 if self.drop_long else long, "dropped_long": long if self.drop_long else 0,
+                "examples": kept,
+                "truncated": 0 if self.drop_long else long,
+                "dropped_long": long if self.drop_long else 0,
                 # after truncation, a prompt that fills --seq-len leaves nothing to learn: TRL drops it
                 "dropped_no_loss_after_truncation": 0 if packing else kept - len(prepared),
                 "data_tokens": sum(min(n, limit) for n in lengths if not (self.drop_long and n > limit)),
-                "examples_starting_with_bos": starts, "sequences": len(prepared),  # rows fed to the trainer (packed rows with --packing)
+                "examples_starting_with_bos": starts,
+                "sequences": len(prepared),  # rows fed to the trainer (packed rows with --packing)
             }
             return prepared
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:  # the model predicts labels[1:] from the tokens before them
                 self.loss_tokens += int((inputs["labels"][..., 1:] != IGNORE).sum())
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
 
     return CountingSFTTrainer
 
@@ -113,20 +129,29 @@ def _trainer_class():
 def sft_trainer(model, args, tokenizer, train: Examples, evaluation: Examples | None, callbacks: list, drop_long: bool):
     """SFTTrainer on the examples; TRL's refusals (a template without assistant markers, ...) become one line."""
     try:
-        return _trainer_class()(model=model, args=args, processing_class=tokenizer, train_dataset=train.dataset,
-                                eval_dataset=evaluation.dataset if evaluation else None, callbacks=callbacks,
-                                drop_long=drop_long)
+        return _trainer_class()(
+            model=model,
+            args=args,
+            processing_class=tokenizer,
+            train_dataset=train.dataset,
+            eval_dataset=evaluation.dataset if evaluation else None,
+            callbacks=callbacks,
+            drop_long=drop_long,
+        )
     except ValueError as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "not training-compatible" in message:
-            raise UsageError("--loss-on completion on chat data needs a chat template that marks the assistant turns "
-                             "with {% generation %} ... {% endgeneration %} (TRL knows no training version of this one); "
-                             "add the markers (see examples/chat-template.jinja) or use --loss-on all")
-        raise OptDeusError(f"TRL's SFTTrainer refused the data or settings: {message}")
+            raise UsageError(
+                "--loss-on completion on chat data needs a chat template that marks the assistant turns "
+                "with {% generation %} ... {% endgeneration %} (TRL knows no training version of this one); "
+                "add the markers (see examples/chat-template.jinja) or use --loss-on all"
+            ) from e
+        raise OptDeusError(f"TRL's SFTTrainer refused the data or settings: {message}") from e
 
 
-def data_record(fmt: str, options: TrainOptions, template: str | None, train: Examples, evaluation: Examples | None,
-                trainer) -> dict:
+def data_record(
+    fmt: str, options: TrainOptions, template: str | None, train: Examples, evaluation: Examples | None, trainer
+) -> dict:
     """The format-specific part of the training record: what was read, left out and trained on."""
 
     def part(examples: Examples, name: str) -> dict:

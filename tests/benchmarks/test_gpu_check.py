@@ -8,7 +8,8 @@ import subprocess
 import pytest
 import torch
 
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT
+
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 
 
@@ -25,9 +26,13 @@ def test_dry_run_lists_every_run_and_runs_nothing(tmp_path):
     runs = [line for line in lines if "benchmarks.eight_b" in line]
     for shapes in ("1b", "8b"):
         for solver in ("exact", "sinkhorn"):
-            assert any(f"--shapes {shapes}" in r and f"--solver {solver}" in r and "--device cuda" in r for r in runs), (shapes, solver)
+            assert any(
+                f"--shapes {shapes}" in r and f"--solver {solver}" in r and "--device cuda" in r for r in runs
+            ), (shapes, solver)
     assert all("--count 4" in r for r in runs if "--shapes 8b" in r)  # sized for the 8-minute budget
-    assert any("benchmarks.train_step" in line and "--device cuda" in line and "--dtype bfloat16" in line for line in lines)
+    assert any(
+        "benchmarks.train_step" in line and "--device cuda" in line and "--dtype bfloat16" in line for line in lines
+    )
     assert not work.exists()
 
 

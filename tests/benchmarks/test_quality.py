@@ -15,8 +15,8 @@ from benchmarks.quality.study import ALL_ARMS, MODELS, PARTS, RunSpec, Variant, 
 from opt_deus_cli.layers import recipe_layers
 from opt_deus_cli.recipe import parse_recipe
 
-
 # ---- what the parts run ----------------------------------------------------------------------
+
 
 def test_parts_cover_the_issue_and_share_runs():
     keys = [s.key for part in PARTS.values() for s in part.runs]
@@ -53,6 +53,7 @@ def test_settings_depend_on_the_regime_and_budget_not_the_arm():
 
 # ---- corpora ---------------------------------------------------------------------------------
 
+
 def test_windows_are_whole_lines_from_the_middle_covering_the_text():
     text = "".join(f"line {i:03d} " + "x" * (i % 7) + "\n" for i in range(200))
     pieces = data.windows(text, 100)
@@ -64,6 +65,7 @@ def test_windows_are_whole_lines_from_the_middle_covering_the_text():
 
 def test_eval_sample_spans_files_first_and_stops_at_its_size():
     heldout = [(f"f{i}.h", "".join(f"{i}:{j}\n" for j in range(2000))) for i in range(5)]
+
     def count(text: str) -> int:
         return len(text.split())
 
@@ -87,8 +89,11 @@ def test_headers_are_listed_once_per_content_without_symlinks(tmp_path):
 
 # ---- a run through the tool, saved and resumed -------------------------------------------------
 
+
 def test_runs_are_saved_one_file_each_and_resumed(tmp_path, monkeypatch):
-    places = runner.Places(results=tmp_path / "results", work=tmp_path / "work", max_corpus_bytes=120_000, eval_tokens=512)
+    places = runner.Places(
+        results=tmp_path / "results", work=tmp_path / "work", max_corpus_bytes=120_000, eval_tokens=512
+    )
     specs = [RunSpec("tiny-llama", "in-domain", v, 3, 0) for v in ("copy", "upper-copy")]
     first = runner.run_specs(specs, places, workers=1)
     for spec in specs:
@@ -114,11 +119,19 @@ def test_runs_are_saved_one_file_each_and_resumed(tmp_path, monkeypatch):
 
 # ---- statistics, report, figures -------------------------------------------------------------
 
+
 def fake_run(variant: str, seed: int, curve: list[float], steps: int = 60, domain: str = "new-domain") -> dict:
     spec = RunSpec("tiny-llama", domain, variant, steps, seed)
-    return {"spec": vars(spec), "settings": training_settings(spec), "eval_steps": [0, 20, 40, 60][:len(curve)],
-            "eval_loss": curve, "seconds_per_step": 0.5 + seed, "eval_blocks": 128, "data_sha256": ["a", "b"],
-            "variant": {"new_layers": [4, 6, 8, 10], "function_preserving": variant != "average"}}
+    return {
+        "spec": vars(spec),
+        "settings": training_settings(spec),
+        "eval_steps": [0, 20, 40, 60][: len(curve)],
+        "eval_loss": curve,
+        "seconds_per_step": 0.5 + seed,
+        "eval_blocks": 128,
+        "data_sha256": ["a", "b"],
+        "variant": {"new_layers": [4, 6, 8, 10], "function_preserving": variant != "average"},
+    }
 
 
 def fake_runs() -> list[dict]:
@@ -136,7 +149,9 @@ def test_paired_differences_cancel_the_data_order():
     assert table.rows["opt-deus-exact"].final()["std"] == pytest.approx(statistics.stdev(finals))
     p = table.paired("opt-deus-exact", "copy")
     assert p["diffs"] == pytest.approx([0.01, 0.02, 0.03]) and p["below"] == 0  # spread 0.25 apart, gaps exact
-    assert table.paired("average", "copy")["mean"] == pytest.approx(-0.1) and table.paired("average", "copy")["below"] == 3
+    assert (
+        table.paired("average", "copy")["mean"] == pytest.approx(-0.1) and table.paired("average", "copy")["below"] == 3
+    )
     assert table.paired("copy", "copy") is None
     assert [row.variant for row in table.ordered()] == ["average", "copy", "opt-deus-exact"]
     gap = table.paired_curve("opt-deus-exact", "copy")
@@ -146,7 +161,9 @@ def test_paired_differences_cancel_the_data_order():
 
 
 def test_report_and_figures_from_saved_runs(tmp_path):
-    runs = fake_runs() + [fake_run(v, s, [6.5, 5.0 + 0.001 * s], steps=600) for v in ("copy", "upper-copy") for s in (0, 1)]
+    runs = fake_runs() + [
+        fake_run(v, s, [6.5, 5.0 + 0.001 * s], steps=600) for v in ("copy", "upper-copy") for s in (0, 1)
+    ]
     runs[0]["data_sha256"] = ["other"]
     for r in runs:
         path = tmp_path / RunSpec(**r["spec"]).key

@@ -16,8 +16,11 @@ from opt_deus_cli.cli import app
 
 
 def test_instruction_data_is_split_by_module_and_reproducible(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "MODULES", ("json", "textwrap", "shlex", "fnmatch", "heapq", "bisect", "glob", "math",
-                                          "operator", "random", "datetime"))
+    monkeypatch.setattr(
+        data,
+        "MODULES",
+        ("json", "textwrap", "shlex", "fnmatch", "heapq", "bisect", "glob", "math", "operator", "random", "datetime"),
+    )
     first = data.build(tmp_path / "a")
     assert data.build(tmp_path / "b")["sha256"] == first["sha256"]  # same interpreter, same bytes
     train = [json.loads(line) for line in (tmp_path / "a" / "train.jsonl").read_text().splitlines()]
@@ -27,10 +30,12 @@ def test_instruction_data_is_split_by_module_and_reproducible(tmp_path, monkeypa
         user, assistant = row["messages"]
         assert user["role"] == "user" and assistant["role"] == "assistant"
         assert len(assistant["content"].split("`: ", 1)[-1]) <= data.ANSWER_CHARS  # the docstring part, cut
+
     # no module (or pydoc topic) on both sides: held-out questions are about unseen modules
     def group(question: str) -> str:
         name = question.split("`")[1] if "`" in question else "topic"
         return name.split(".")[0]
+
     held = {group(r["messages"][0]["content"]) for r in heldout} - {"topic"}
     seen = {group(r["messages"][0]["content"]) for r in train} - {"topic"}
     assert held and not held & seen
@@ -47,8 +52,10 @@ def test_the_lm_eval_task_reads_the_held_out_answers(tmp_path, monkeypatch):
     task = yaml.safe_load((tmp_path / "pydoc_qa" / "pydoc_qa.yaml").read_text())
     assert task["output_type"] == "multiple_choice" and task["doc_to_text"] == "Question: {{question}}\nAnswer:"
     rows = [json.loads(line) for line in open(task["dataset_kwargs"]["data_files"]["test"])]
-    heldout = {json.loads(line)["messages"][0]["content"]: json.loads(line)["messages"][1]["content"]
-               for line in (tmp_path / "heldout.jsonl").read_text().splitlines()}
+    heldout = {
+        json.loads(line)["messages"][0]["content"]: json.loads(line)["messages"][1]["content"]
+        for line in (tmp_path / "heldout.jsonl").read_text().splitlines()
+    }
     assert len(rows) == info["multiple_choice"] > 0
     for row in rows:
         assert len(set(row["choices"])) == data.CHOICES and 0 <= row["gold"] < data.CHOICES

@@ -20,7 +20,9 @@ def invoke(*args):
 
 def test_upscale_json_summary(model_factory, tmp_path):
     base = model_factory("llama")
-    result = runner.invoke(app, ["upscale", str(base), "--recipe", "llama-pro", "--out", str(tmp_path / "o"), "--device", "cpu", "--json"])
+    result = runner.invoke(
+        app, ["upscale", str(base), "--recipe", "llama-pro", "--out", str(tmp_path / "o"), "--device", "cpu", "--json"]
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["output_layers"] == 8 and summary["function_preserving"] is True
@@ -100,11 +102,14 @@ def test_unsupported_architecture(tmp_path):
     assert "gpt2" in line and "llama" in line and "qwen3" in line
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--device", "tpu"), "--device"),
-    (("--dtype", "int4"), "--dtype"),
-    (("--shard-size", "lots"), "shard size"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--device", "tpu"), "--device"),
+        (("--dtype", "int4"), "--dtype"),
+        (("--shard-size", "lots"), "shard size"),
+    ],
+)
 def test_bad_options(model_factory, tmp_path, args, message):
     code, output = invoke("upscale", model_factory("llama"), "--recipe", "llama-pro", "--out", tmp_path / "o", *args)
     assert code == 2
@@ -120,13 +125,16 @@ def without_progress(output: str) -> str:
     return "\n".join(line for line in output.splitlines() if not PROGRESS_LINE.match(line))
 
 
-@pytest.mark.parametrize("args, message", [
-    (("verify", "a"), "Missing argument 'OUT_DIR'"),
-    (("frobnicate",), "No such command 'frobnicate'"),
-    (("inspect", "x", "--layer", "four"), "Invalid value for '--layer'"),
-    (("upscale", "x", "--recipe", "top-half", "--colour"), "No such option: --colour"),
-    (("upscale", "x"), "Missing option '--recipe'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("verify", "a"), "Missing argument 'OUT_DIR'"),
+        (("frobnicate",), "No such command 'frobnicate'"),
+        (("inspect", "x", "--layer", "four"), "Invalid value for '--layer'"),
+        (("upscale", "x", "--recipe", "top-half", "--colour"), "No such option: --colour"),
+        (("upscale", "x"), "Missing option '--recipe'"),
+    ],
+)
 def test_click_usage_errors_are_one_line(args, message):
     """click's own usage errors read like ours: one `error:` line, exit 2, no usage block or box."""
     code, output = invoke(*args)
@@ -155,8 +163,20 @@ def test_error_messages_keep_their_brackets(model_factory, tmp_path):
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32", "BF16", "bfloat16"])
 @pytest.mark.parametrize("size", ["5G", "500M", "500MB", "2GiB"])
 def test_usual_spellings_of_dtype_and_size(model_factory, tmp_path, dtype, size):
-    code, output = invoke("upscale", model_factory("llama"), "--recipe", "llama-pro", "--out", tmp_path / "o",
-                          "--dtype", dtype, "--shard-size", size, "--dry-run", "--json")
+    code, output = invoke(
+        "upscale",
+        model_factory("llama"),
+        "--recipe",
+        "llama-pro",
+        "--out",
+        tmp_path / "o",
+        "--dtype",
+        dtype,
+        "--shard-size",
+        size,
+        "--dry-run",
+        "--json",
+    )
     assert code == 0, output
     want = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype.lower(), dtype)
     assert json.loads(output)["plan"]["dtype"] == want
@@ -164,8 +184,19 @@ def test_usual_spellings_of_dtype_and_size(model_factory, tmp_path, dtype, size)
 
 def test_progress_is_plain_lines_when_not_a_terminal(model_factory, tmp_path):
     """Under a job scheduler or in a log, stderr is not a terminal: one line per layer."""
-    result = runner.invoke(app, ["upscale", str(model_factory("llama")), "--recipe", "llama-pro",
-                                 "--out", str(tmp_path / "o"), "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "upscale",
+            str(model_factory("llama")),
+            "--recipe",
+            "llama-pro",
+            "--out",
+            str(tmp_path / "o"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stderr.splitlines() if PROGRESS_LINE.match(line)]
     assert [line.split("] ")[1].split(" (")[0] for line in lines[:8]] == [f"layer {i}" for i in range(8)]
@@ -209,8 +240,16 @@ def test_relative_model_that_names_nothing_may_be_a_repo_id(tmp_path):
 
 
 def test_reference_mode_records_only_what_it_uses(model_factory, tmp_path):
-    code, output = invoke("upscale", model_factory("llama"), "--recipe", "opt-deus-reference", "--out", tmp_path / "o",
-                          "--dry-run", "--json")
+    code, output = invoke(
+        "upscale",
+        model_factory("llama"),
+        "--recipe",
+        "opt-deus-reference",
+        "--out",
+        tmp_path / "o",
+        "--dry-run",
+        "--json",
+    )
     assert code == 0, output
     assert json.loads(output)["recipe"]["alignment"] == {"mode": "reference"}
 
@@ -231,23 +270,33 @@ def test_warnings_repeated_per_layer_are_said_once():
     from opt_deus_cli.upscale import layer_warnings
 
     stuck = {"converged": False, "iterations": 1, "marginal_error": 1.0}
-    entries = [LayerEntry(i, "new", [i - 1, i], "opt-deus", [], {"attention": stuck, "mlp": stuck}) for i in (4, 6, 8, 10)]
-    entries += [LayerEntry(5, "base", [5], "base", []),
-                LayerEntry(12, "new", [11, 12], "opt-deus", [], {"mlp": {**stuck, "iterations": 7}})]
+    entries = [
+        LayerEntry(i, "new", [i - 1, i], "opt-deus", [], {"attention": stuck, "mlp": stuck}) for i in (4, 6, 8, 10)
+    ]
+    entries += [
+        LayerEntry(5, "base", [5], "base", []),
+        LayerEntry(12, "new", [11, 12], "opt-deus", [], {"mlp": {**stuck, "iterations": 7}}),
+    ]
     said = layer_warnings(entries)
     assert len(said) == 2
     assert said[0].startswith("layers 4, 6, 8, 10: attention plan did not converge") and "; mlp plan" in said[0]
     assert said[1].startswith("layer 12: mlp plan did not converge (iterations 7")
     # the same warning with other figures (real runs: marginal errors differ a little) is still one line
-    entries = [LayerEntry(i, "new", [i - 1, i], "opt-deus", [], {"mlp": {**stuck, "iterations": 10000, "marginal_error": e}})
-               for i, e in ((4, 2.8e-7), (6, 2.6e-7), (8, 2.7e-7))]
-    assert layer_warnings(entries) == ["layers 4, 6, 8: mlp plan did not converge (iterations 10000, marginal error 2.6e-07..2.8e-07)"]
+    entries = [
+        LayerEntry(i, "new", [i - 1, i], "opt-deus", [], {"mlp": {**stuck, "iterations": 10000, "marginal_error": e}})
+        for i, e in ((4, 2.8e-7), (6, 2.6e-7), (8, 2.7e-7))
+    ]
+    assert layer_warnings(entries) == [
+        "layers 4, 6, 8: mlp plan did not converge (iterations 10000, marginal error 2.6e-07..2.8e-07)"
+    ]
 
 
 def test_lesa_predictor_warning_is_said_once(model_factory, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("method: lesa\npositions: [1, 2, 3]\nlesa: {steps: 1}\n")
-    code, output = invoke("upscale", model_factory("llama"), "--recipe", recipe, "--out", tmp_path / "o", "--device", "cpu")
+    code, output = invoke(
+        "upscale", model_factory("llama"), "--recipe", recipe, "--out", tmp_path / "o", "--device", "cpu"
+    )
     assert code == 0, output
     warnings = [line for line in output.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "predictor no better than predicting zero" in warnings[0], output

@@ -13,6 +13,7 @@ from opt_deus_cli.cli import app
 
 runner = CliRunner()
 from conftest import ROOT  # noqa: E402
+
 SHIPPED = ROOT / "examples" / "tiny-llama"
 COMMANDS = ("upscale", "inspect", "verify", "recipes", "train", "eval", "compare", "handoff")
 
@@ -20,7 +21,11 @@ COMMANDS = ("upscale", "inspect", "verify", "recipes", "train", "eval", "compare
 def test_recipe_depths_are_those_of_the_model_listed_for():
     plain = runner.invoke(app, ["recipes"])
     assert plain.exit_code == 0
-    rows = [line for line in plain.stdout.splitlines() if line.split() and line.split()[0] in ("top-half", "llama-pro", "top8")]
+    rows = [
+        line
+        for line in plain.stdout.splitlines()
+        if line.split() and line.split()[0] in ("top-half", "llama-pro", "top8")
+    ]
     assert [re.search(r"(\d+) -> (\d+) layers", r).groups() for r in rows] == [("32", "40"), ("32", "48"), ("32", "40")]
     assert all(len(re.findall(r"->", r)) == 1 for r in rows)  # the description no longer carries its own depth
     fitted = runner.invoke(app, ["recipes", str(SHIPPED)])
@@ -32,7 +37,9 @@ def test_usage_lines_and_the_command_list_read_plainly():
     for command in COMMANDS:
         usage = runner.invoke(app, [command, "--help"]).stdout.splitlines()[0]
         assert "{" not in usage and "[[" not in usage, usage
-    assert runner.invoke(app, ["recipes", "--help"]).stdout.startswith("Usage: root recipes [OPTIONS] [MODEL]\n")  # CliRunner names the program root
+    assert runner.invoke(app, ["recipes", "--help"]).stdout.startswith(
+        "Usage: root recipes [OPTIONS] [MODEL]\n"
+    )  # CliRunner names the program root
     assert runner.invoke(app, ["inspect", "--help"]).stdout.startswith("Usage: root inspect [OPTIONS] DIR\n")
     top = runner.invoke(app, ["--help"], env={"COLUMNS": "80"}).stdout
     listed = " ".join(top.split("Commands:")[1].split())
@@ -48,7 +55,9 @@ def test_overwrite_is_one_flag_in_both_commands():
 
 
 def test_progress_names_a_kept_layer_plainly(tmp_path):
-    result = runner.invoke(app, ["upscale", str(SHIPPED), "--recipe", "llama-pro", "--out", str(tmp_path / "o"), "--device", "cpu"])
+    result = runner.invoke(
+        app, ["upscale", str(SHIPPED), "--recipe", "llama-pro", "--out", str(tmp_path / "o"), "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     assert "] layer 0 (base layer 0)" in result.stderr and "base of" not in result.stderr
     assert "] layer 4 (new: copy of [3])" in result.stderr

@@ -53,10 +53,18 @@ def output(model_factory, tmp_path_factory):
 
 
 def test_answers_without_heavy_imports(output, tmp_path):
-    base, out = output
-    for args in (["--help"], ["upscale", "--help"], ["train", "--help"], ["recipes"], ["--version"],
-                 ["handoff", str(out), "--for", "peft"], ["handoff", str(out), "--for", "axolotl"],
-                 ["inspect", str(out)], ["inspect", str(out), "--json"]):
+    _, out = output
+    for args in (
+        ["--help"],
+        ["upscale", "--help"],
+        ["train", "--help"],
+        ["recipes"],
+        ["--version"],
+        ["handoff", str(out), "--for", "peft"],
+        ["handoff", str(out), "--for", "axolotl"],
+        ["inspect", str(out)],
+        ["inspect", str(out), "--json"],
+    ):
         code, heavy, stderr = probe(tmp_path, *args)
         assert code == 0, (args, stderr)
         assert heavy == [], (args, heavy)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import ROOT
 from opt_deus_cli.cli import app
 from opt_deus_cli.compare import stats
 from opt_deus_cli.compare.report import analyse, markdown, signed
@@ -17,7 +18,6 @@ from opt_deus_cli.compare.runner import train_flags
 from opt_deus_cli.compare.spec import with_train_fields
 from opt_deus_cli.training import TrainOptions
 
-from conftest import ROOT  # noqa: E402
 TINY = ROOT / "examples" / "tiny-llama"
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -32,11 +32,35 @@ def corpus(tmp_path_factory) -> tuple[Path, Path]:
     return where / "train.txt", where / "eval.txt"
 
 
-def compare_args(corpus, out: Path, *extra: str, recipes: str = "llama-pro,upper-copy", seeds: str = "0,1") -> list[str]:
+def compare_args(
+    corpus, out: Path, *extra: str, recipes: str = "llama-pro,upper-copy", seeds: str = "0,1"
+) -> list[str]:
     train, heldout = corpus
-    return ["compare", str(TINY), "--recipes", recipes, "--data", str(train), "--eval-data", str(heldout),
-            "--steps", "2", "--seeds", seeds, "--seq-len", "32", "--batch-size", "2", "--device", "cpu",
-            "--eval-every", "1", "--out", str(out), *extra]
+    return [
+        "compare",
+        str(TINY),
+        "--recipes",
+        recipes,
+        "--data",
+        str(train),
+        "--eval-data",
+        str(heldout),
+        "--steps",
+        "2",
+        "--seeds",
+        seeds,
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--eval-every",
+        "1",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def invoke(args: list[str]):
@@ -44,7 +68,9 @@ def invoke(args: list[str]):
 
 
 def saved_runs(out: Path) -> dict[tuple[str, int], dict]:
-    return {(r["recipe"], r["seed"]): r for r in (json.loads(p.read_text()) for p in (out / "runs").glob("*/seed?.json"))}
+    return {
+        (r["recipe"], r["seed"]): r for r in (json.loads(p.read_text()) for p in (out / "runs").glob("*/seed?.json"))
+    }
 
 
 @pytest.mark.slow
@@ -66,10 +92,14 @@ def test_two_recipes_two_seeds_report_resume_and_refusals(corpus, tmp_path, monk
     report = json.loads((out / "report.json").read_text())
     table = report["metrics"]["eval_loss"]
     p = table["paired"]["upper-copy"]
-    diffs = [runs[("upper-copy", s)]["metrics"]["eval_loss"] - runs[("llama-pro", s)]["metrics"]["eval_loss"] for s in (0, 1)]
+    diffs = [
+        runs[("upper-copy", s)]["metrics"]["eval_loss"] - runs[("llama-pro", s)]["metrics"]["eval_loss"] for s in (0, 1)
+    ]
     assert p["seeds"] == [0, 1] and p["diffs"] == pytest.approx(diffs)
     assert p["below"] == sum(d < 0 for d in diffs) and p["agree"] == max(p["below"], p["above"])
-    assert table["rows"]["upper-copy"]["mean"] == pytest.approx(sum(runs[("upper-copy", s)]["metrics"]["eval_loss"] for s in (0, 1)) / 2)
+    assert table["rows"]["upper-copy"]["mean"] == pytest.approx(
+        sum(runs[("upper-copy", s)]["metrics"]["eval_loss"] for s in (0, 1)) / 2
+    )
     assert set(report["step_time"]) == {"llama-pro", "upper-copy"} and report["reference"] == "llama-pro"
     text = (out / "report.md").read_text()
     assert "## eval_loss (lower is better)" in text and "| upper-copy |" in text and "## Recommendation" in text
@@ -150,12 +180,20 @@ def test_an_out_holding_something_else_is_refused(corpus, tmp_path):
 
 def test_sft_options_reach_train_options():
     options = with_train_fields(TrainOptions(), {"format": "chat", "loss_on": "all", "packing": True, "seed": None})
-    assert (options.format, options.loss_on, options.packing, options.seed) == ("chat", "all", True, TrainOptions().seed)
+    assert (options.format, options.loss_on, options.packing, options.seed) == (
+        "chat",
+        "all",
+        True,
+        TrainOptions().seed,
+    )
 
 
 def test_an_unknown_task_is_refused_before_anything_runs(corpus, tmp_path):
-    result = invoke(compare_args(corpus, tmp_path / "cmp", "--tasks", "python_syntx", "--include-path",
-                                 str(ROOT / "examples" / "tasks")))
+    result = invoke(
+        compare_args(
+            corpus, tmp_path / "cmp", "--tasks", "python_syntx", "--include-path", str(ROOT / "examples" / "tasks")
+        )
+    )
     assert result.exit_code == 2 and "unknown task 'python_syntx'" in result.output
     assert not (tmp_path / "cmp").exists()
 
@@ -164,22 +202,48 @@ def test_task_scores_are_read_from_opt_deus_evals_task_block():
     """opt-deus eval's per-model tasks: lm-eval's "metric,filter" names, standard errors beside each."""
     from opt_deus_cli.compare.tasks import flatten_scores, lower_is_better
 
-    tasks = {"arc_easy": {"metric": "acc", "value": 0.25,
-                          "metrics": {"alias": "arc_easy", "acc,none": 0.25, "acc_stderr,none": 0.04, "acc_norm,none": 0.5}},
-             "wikitext": {"metric": "word_perplexity", "value": 40.0,
-                          "metrics": {"word_perplexity,none": 40.0, "bits_per_byte,none": 1.1, "alias": "wikitext"}}}
+    tasks = {
+        "arc_easy": {
+            "metric": "acc",
+            "value": 0.25,
+            "metrics": {"alias": "arc_easy", "acc,none": 0.25, "acc_stderr,none": 0.04, "acc_norm,none": 0.5},
+        },
+        "wikitext": {
+            "metric": "word_perplexity",
+            "value": 40.0,
+            "metrics": {"word_perplexity,none": 40.0, "bits_per_byte,none": 1.1, "alias": "wikitext"},
+        },
+    }
     scores = flatten_scores(tasks)
-    assert scores == {"arc_easy/acc": 0.25, "arc_easy/acc_norm": 0.5, "wikitext/word_perplexity": 40.0,
-                      "wikitext/bits_per_byte": 1.1}
+    assert scores == {
+        "arc_easy/acc": 0.25,
+        "arc_easy/acc_norm": 0.5,
+        "wikitext/word_perplexity": 40.0,
+        "wikitext/bits_per_byte": 1.1,
+    }
     assert [lower_is_better(m) for m in scores] == [False, False, True, True] and lower_is_better("eval_loss")
 
 
 def test_train_flags_are_opt_deus_train_options(tmp_path):
     """The launcher path spells TrainOptions as `opt-deus train` flags; train's own parser accepts them."""
-    options = TrainOptions(train="all", steps=3, lr=0.1, batch_size=2, grad_accum=2, seq_len=32, device="cpu",
-                           dtype="bfloat16", seed=4, eval_data=(Path("a.txt"), Path("b.txt")), eval_every=1,
-                           text_field="body", cache_dir=tmp_path, overwrite=True, shard_size="1GB",
-                           trainer_args={"warmup_steps": 1})
+    options = TrainOptions(
+        train="all",
+        steps=3,
+        lr=0.1,
+        batch_size=2,
+        grad_accum=2,
+        seq_len=32,
+        device="cpu",
+        dtype="bfloat16",
+        seed=4,
+        eval_data=(Path("a.txt"), Path("b.txt")),
+        eval_every=1,
+        text_field="body",
+        cache_dir=tmp_path,
+        overwrite=True,
+        shard_size="1GB",
+        trainer_args={"warmup_steps": 1},
+    )
     flags = train_flags(options, tmp_path / "args.yaml")
     assert flags.count("--eval-data") == 2 and "--seq-len" in flags and "--overwrite" in flags
     assert flags[flags.index("--args") + 1] == str(tmp_path / "args.yaml")
@@ -189,17 +253,32 @@ def test_train_flags_are_opt_deus_train_options(tmp_path):
 
 # ---- statistics and recommendation -------------------------------------------------------------
 
+
 def fake_run(recipe: str, seed: int, loss: float, start: float = 6.0) -> dict:
-    return {"recipe": recipe, "seed": seed, "status": "ok", "metrics": {"eval_loss": loss, "train_loss": loss + 0.5},
-            "start": {"eval_loss": start}, "curves": {"eval_loss": [[0, start], [10, loss]], "train_loss": [[1, 7.0], [10, loss]]},
-            "seconds_per_step": 0.1 + 0.01 * seed, "data_sha256": ["x"],
-            "model": {"new_layers": [6, 7], "function_preserving": True}}
+    return {
+        "recipe": recipe,
+        "seed": seed,
+        "status": "ok",
+        "metrics": {"eval_loss": loss, "train_loss": loss + 0.5},
+        "start": {"eval_loss": start},
+        "curves": {"eval_loss": [[0, start], [10, loss]], "train_loss": [[1, 7.0], [10, loss]]},
+        "seconds_per_step": 0.1 + 0.01 * seed,
+        "data_sha256": ["x"],
+        "model": {"new_layers": [6, 7], "function_preserving": True},
+    }
 
 
 def comparison(recipes, seeds) -> dict:
-    return {"settings": {"training": {"steps": 10, "train": "new"}, "data": [{"name": "d.txt"}], "eval_data": [],
-                         "base": {"config_sha256": "0" * 64}},
-            "recipes": {r: {"method": "copy"} for r in recipes}, "seeds": list(seeds)}
+    return {
+        "settings": {
+            "training": {"steps": 10, "train": "new"},
+            "data": [{"name": "d.txt"}],
+            "eval_data": [],
+            "base": {"config_sha256": "0" * 64},
+        },
+        "recipes": {r: {"method": "copy"} for r in recipes},
+        "seeds": list(seeds),
+    }
 
 
 def test_paired_differences_and_sign_agreement():
@@ -210,30 +289,50 @@ def test_paired_differences_and_sign_agreement():
     assert q["consistent"] and q["mean"] == pytest.approx(-0.5) and q["sign_test_p"] == pytest.approx(0.5)
     assert stats.sign_test_p(5, 5) == pytest.approx(0.0625) and stats.sign_test_p(1, 2) == 1.0
     assert stats.paired({0: 1.0}, {1: 1.0}) is None
-    assert (signed(-2e-5), signed(0.01234), signed(0.0)) == ("-2.0e-05", "+0.0123", "+0.0000")  # tiny gaps keep their digits
+    assert (signed(-2e-5), signed(0.01234), signed(0.0)) == (
+        "-2.0e-05",
+        "+0.0123",
+        "+0.0000",
+    )  # tiny gaps keep their digits
     gap = stats.paired_band({0: {0: 1.0, 5: 2.0}, 1: {0: 1.0, 5: 3.0}}, {0: {0: 1.0, 5: 1.5}, 1: {0: 1.0, 5: 2.0}})
     assert gap["steps"] == [0, 5] and gap["mean"] == pytest.approx([0.0, 0.75]) and gap["max"][1] == pytest.approx(1.0)
 
 
 def test_seeds_that_disagree_make_no_recipe_separable():
     # the data order moves every recipe alike (+-0.3), and b's gap to a flips sign between seeds
-    runs = [fake_run("a", 0, 5.0), fake_run("b", 0, 4.99), fake_run("a", 1, 5.3), fake_run("b", 1, 5.31),
-            fake_run("a", 2, 4.7), fake_run("b", 2, 4.69)]
+    runs = [
+        fake_run("a", 0, 5.0),
+        fake_run("b", 0, 4.99),
+        fake_run("a", 1, 5.3),
+        fake_run("b", 1, 5.31),
+        fake_run("a", 2, 4.7),
+        fake_run("b", 2, 4.69),
+    ]
     report = analyse(comparison("ab", (0, 1, 2)), runs, [], "a")
     p = report["metrics"]["eval_loss"]["paired"]["b"]
     assert p["diffs"] == pytest.approx([-0.01, 0.01, -0.01]) and p["agree"] == 2 and not p["consistent"]
     text = " ".join(report["recommendation"])
     assert "no recipe separable from the reference a" in text and "not separable from a" in text
     assert "ahead of the reference" not in text
-    assert "| b | 6,7 | 6.0000 | 4.9967 ± 0.3101 | 4.9900 | 5.3100 | 4.6900 | -0.0033 | -0.0100 +0.0100 -0.0100 | 2/3 (below) |" in markdown(report)
+    assert (
+        "| b | 6,7 | 6.0000 | 4.9967 ± 0.3101 | 4.9900 | 5.3100 | 4.6900 | -0.0033 | -0.0100 +0.0100 -0.0100 | 2/3 (below) |"
+        in markdown(report)
+    )
 
 
 def test_a_recipe_ahead_in_every_seed_is_named_with_its_evidence():
-    runs = [fake_run(r, s, 5.0 + order + gap) for s, order in enumerate((0.0, 0.3, -0.2))
-            for r, gap in (("a", 0.0), ("b", -0.02 * (1 + s)), ("c", 0.01))]
-    report = analyse(comparison("abc", (0, 1, 2)), runs, [{"recipe": "c", "seed": 3, "error": "boom", "log": None}], "a")
+    runs = [
+        fake_run(r, s, 5.0 + order + gap)
+        for s, order in enumerate((0.0, 0.3, -0.2))
+        for r, gap in (("a", 0.0), ("b", -0.02 * (1 + s)), ("c", 0.01))
+    ]
+    report = analyse(
+        comparison("abc", (0, 1, 2)), runs, [{"recipe": "c", "seed": 3, "error": "boom", "log": None}], "a"
+    )
     lines = report["recommendation"]
-    assert lines[0].startswith("eval_loss (lower is better): b is ahead of the reference a in all 3 seeds (mean Δ -0.0400")
+    assert lines[0].startswith(
+        "eval_loss (lower is better): b is ahead of the reference a in all 3 seeds (mean Δ -0.0400"
+    )
     assert any("sign test" in line and "0.25" in line for line in lines)  # 3 seeds: p = 0.25, said so
     assert any(line.startswith("eval_loss: behind a in every seed: c") for line in lines)
     assert "c seed 3: failed: boom" in markdown(report)

@@ -16,11 +16,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import ROOT
 from opt_deus_cli.cli import app
 from opt_deus_cli.evaluation import evaluate
 from opt_deus_cli.evaluation.table import build_table, table_cells
 
-from conftest import ROOT  # noqa: E402
 SHIPPED = ROOT / "examples" / "tiny-llama"
 TASKS = ROOT / "tests" / "fixtures" / "eval_tasks"
 MC_TASK, PPL_TASK = "syntax_mc", "code_ppl"
@@ -109,8 +109,14 @@ def scored(upscaled, short_text, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(ROOT)
         try:
-            return evaluate([str(SHIPPED), str(upscaled)], [MC_TASK, PPL_TASK], include_path=TASKS, texts=[short_text],
-                            device="cpu", dtype="float32")
+            return evaluate(
+                [str(SHIPPED), str(upscaled)],
+                [MC_TASK, PPL_TASK],
+                include_path=TASKS,
+                texts=[short_text],
+                device="cpu",
+                dtype="float32",
+            )
         finally:
             datasets.config.HF_DATASETS_CACHE = previous
 
@@ -144,10 +150,14 @@ def test_text_perplexity_is_verifys_and_the_models_loss(scored, upscaled, short_
         loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
     assert measured["tokens"] == len(ids) - 1
     assert measured["token_perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
-    assert measured["word_perplexity"] == pytest.approx(math.exp(loss * (len(ids) - 1) / len(short_text.read_text().split())), rel=1e-5)
+    assert measured["word_perplexity"] == pytest.approx(
+        math.exp(loss * (len(ids) - 1) / len(short_text.read_text().split())), rel=1e-5
+    )
     report = verify(SHIPPED, upscaled, torch.device("cpu"), short_text)
     assert report["perplexity"]["base"] == pytest.approx(measured["token_perplexity"], rel=1e-6)
-    assert report["word_perplexity"]["output"] == pytest.approx(scored["models"][1]["texts"][0]["word_perplexity"], rel=1e-6)
+    assert report["word_perplexity"]["output"] == pytest.approx(
+        scored["models"][1]["texts"][0]["word_perplexity"], rel=1e-6
+    )
 
 
 @pytest.mark.slow
@@ -169,25 +179,38 @@ def test_results_record_what_ran(scored, upscaled):
     base, deeper = scored["models"]
     assert deeper["kind"] == "output" and deeper["sha256_from"] == "manifest"
     recorded = {f.name: f.sha256 for f in read_manifest(upscaled).output.files}
-    assert {f["name"]: f["sha256"] for f in deeper["files"]} == {n: h for n, h in recorded.items() if n.endswith(".safetensors")}
+    assert {f["name"]: f["sha256"] for f in deeper["files"]} == {
+        n: h for n, h in recorded.items() if n.endswith(".safetensors")
+    }
     from opt_deus_cli.checkpoint import sha256_file
 
-    assert base["files"] == [{"name": "model.safetensors", "bytes": (SHIPPED / "model.safetensors").stat().st_size,
-                              "sha256": sha256_file(SHIPPED / "model.safetensors")}]
+    assert base["files"] == [
+        {
+            "name": "model.safetensors",
+            "bytes": (SHIPPED / "model.safetensors").stat().st_size,
+            "sha256": sha256_file(SHIPPED / "model.safetensors"),
+        }
+    ]
     assert scored["versions"]["lm_eval"] == __import__("importlib.metadata").metadata.version("lm_eval")
     assert scored["tasks"][MC_TASK]["version"] == 1.0 and scored["tasks"][MC_TASK]["num_fewshot"] == 0
     json.dumps(scored, allow_nan=False)
 
 
 def record(spec, scores: dict, texts=()) -> dict:
-    return {"spec": spec, "kind": "model", "tasks": {t: {"value": v} for t, v in scores.items()},
-            "texts": [{"token_perplexity": a, "word_perplexity": b} for a, b in texts]}
+    return {
+        "spec": spec,
+        "kind": "model",
+        "tasks": {t: {"value": v} for t, v in scores.items()},
+        "texts": [{"token_perplexity": a, "word_perplexity": b} for a, b in texts],
+    }
 
 
 def test_table_average_and_deltas_against_the_first_model():
     info = {"a": {"higher_is_better": True}, "b": {"higher_is_better": True}, "ppl": {"higher_is_better": False}}
-    records = [record("base", {"a": 0.5, "b": 0.25, "ppl": 20.0}, [(3.0, 9.0)]),
-               record("deeper", {"a": 0.75, "b": 0.5, "ppl": 18.0}, [(2.5, 7.0)])]
+    records = [
+        record("base", {"a": 0.5, "b": 0.25, "ppl": 20.0}, [(3.0, 9.0)]),
+        record("deeper", {"a": 0.75, "b": 0.5, "ppl": 18.0}, [(2.5, 7.0)]),
+    ]
     table = build_table(records, ["a", "b", "ppl"], info, [("t word ppl", 0, "word_perplexity")], [])
     assert table["average_of"] == ["a", "b"]  # perplexities are not averaged with accuracies
     base, deeper = table["rows"]
@@ -204,16 +227,54 @@ def test_checkpoints_of_a_run_draw_the_curve_and_results_are_written(upscaled, s
     args = tmp_path / "args.yaml"
     args.write_text(f"save_strategy: steps\nsave_steps: 1\noutput_dir: {tmp_path / 'run'}\n")
     runner = CliRunner()
-    trained = runner.invoke(app, ["train", str(upscaled), "--data", str(short_text), "--out", str(tmp_path / "trained"),
-                                  "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--args", str(args)])
+    trained = runner.invoke(
+        app,
+        [
+            "train",
+            str(upscaled),
+            "--data",
+            str(short_text),
+            "--out",
+            str(tmp_path / "trained"),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--args",
+            str(args),
+        ],
+    )
     assert trained.exit_code == 0, trained.output
     checkpoints = [tmp_path / "run" / "checkpoint-1", tmp_path / "run" / "checkpoint-2"]
     assert all(c.is_dir() for c in checkpoints)
     before = {p: p.stat().st_mtime_ns for c in checkpoints for p in c.iterdir()}
     png, results_file = tmp_path / "curve.png", tmp_path / "results.json"
-    result = runner.invoke(app, ["eval", str(upscaled), *map(str, checkpoints), "--tasks", MC_TASK, "--include-path",
-                                 str(TASKS), "--text", str(short_text), "--limit", "4", "--dtype", "float32",
-                                 "--device", "cpu", "--png", str(png), "--out", str(results_file)])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            str(upscaled),
+            *map(str, checkpoints),
+            "--tasks",
+            MC_TASK,
+            "--include-path",
+            str(TASKS),
+            "--text",
+            str(short_text),
+            "--limit",
+            "4",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--png",
+            str(png),
+            "--out",
+            str(results_file),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads(results_file.read_text())
@@ -233,8 +294,21 @@ def test_different_tokenizers_are_allowed_and_noted(short_text, tmp_path):
     tokenizer = json.loads((other / "tokenizer.json").read_text())
     tokenizer["model"]["merges"] = tokenizer["model"]["merges"][:-200]  # same vocabulary, fewer merges
     (other / "tokenizer.json").write_text(json.dumps(tokenizer))
-    result = CliRunner().invoke(app, ["eval", str(SHIPPED), str(other), "--text", str(short_text), "--json",
-                                      "--dtype", "float32", "--device", "cpu"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            str(SHIPPED),
+            str(other),
+            "--text",
+            str(short_text),
+            "--json",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     results = json.loads(result.stdout)
     assert any("use a tokenizer other than the reference" in n and str(other) in n for n in results["notes"])
@@ -280,7 +354,8 @@ def test_uncached_dataset_while_offline_is_one_line(tmp_path):
     # a Hub dataset that is not in the (empty) cache; offline, so datasets may not fetch it
     (tasks / "hub_task.yaml").write_text(
         "task: hub_task\ndataset_path: opt-deus-tests/not-cached\ntest_split: test\noutput_type: multiple_choice\n"
-        "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: label\n")
+        "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
+    )
     result, errors = run_cli(["eval", str(SHIPPED), "--tasks", "hub_task", "--include-path", str(tasks)])
     assert result.exit_code == 2, result.output
     assert len(errors) == 1, result.output

@@ -38,8 +38,13 @@ def insert_one(base: Path, out: Path, k: int, solver: str = "exact") -> None:
     """One OpT-DeUS layer between base layers k and k+1, so output layer k+1: aligned lower layer,
     nothing of the upper one (alpha 1), o/down kept. (upscale's return value is not used: only the
     checkpoint it writes is a stable interface.)"""
-    recipe = {"method": "opt-deus", "positions": [k], "alignment": {"solver": solver},
-              "fusion": {"alpha": 1.0}, "zero_init": []}
+    recipe = {
+        "method": "opt-deus",
+        "positions": [k],
+        "alignment": {"solver": solver},
+        "fusion": {"alpha": 1.0},
+        "zero_init": [],
+    }
     upscale(base, parse_recipe(recipe), out, Options(device="cpu", shard_size="60KB"))
     depth = json.loads((base / "config.json").read_text())["num_hidden_layers"]
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == depth + 1
@@ -51,7 +56,7 @@ def layer_tensors(model_dir: Path, index: int) -> dict[str, torch.Tensor]:
     found = {}
     for shard in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(shard), "pt") as f:
-            found.update({n[len(prefix):]: f.get_tensor(n) for n in f.keys() if n.startswith(prefix)})
+            found.update({n[len(prefix) :]: f.get_tensor(n) for n in f.keys() if n.startswith(prefix)})
     assert found, f"no layer {index} in {model_dir}"
     return found
 
@@ -81,7 +86,7 @@ def without_layer(model, k: int):
     model.config.num_hidden_layers -= 1
     types = getattr(model.config, "layer_types", None)
     if types is not None:
-        model.config.layer_types = types[:k] + types[k + 1:]
+        model.config.layer_types = types[:k] + types[k + 1 :]
     return model
 
 
@@ -121,8 +126,9 @@ def attention_views(layer, H: int, G: int, d: int) -> dict[str, torch.Tensor]:
         views = {"q": q, "k": k, "v": v}
     else:
         views = {r: getattr(att, f"{r}_proj").weight for r in "qkv"}
-        views.update({f"{r}_bias": getattr(att, f"{r}_proj").bias for r in "qkv"
-                      if getattr(att, f"{r}_proj").bias is not None})
+        views.update(
+            {f"{r}_bias": getattr(att, f"{r}_proj").bias for r in "qkv" if getattr(att, f"{r}_proj").bias is not None}
+        )
     views["o"] = att.o_proj.weight
     return views
 
@@ -257,8 +263,11 @@ def move_gate_rows(layer):  # gate neurons re-ordered, up and down not following
     W.copy_(W.roll(1, dims=0))
 
 
-@pytest.mark.parametrize("illegal", [swap_q_groups, swap_q_heads, permute_in_heads, move_v_dims, move_gate_rows],
-                         ids=["q groups", "q heads", "in-head dims", "v dims", "gate rows"])
+@pytest.mark.parametrize(
+    "illegal",
+    [swap_q_groups, swap_q_heads, permute_in_heads, move_v_dims, move_gate_rows],
+    ids=["q groups", "q heads", "in-head dims", "v dims", "gate rows"],
+)
 def test_illegal_move_fails_the_check(model_factory, tmp_path, illegal):
     base = model_factory("llama", layers=LAYERS)  # 4 heads, 2 KV heads, head_dim 8
     insert_one(base, tmp_path / "o", 0)

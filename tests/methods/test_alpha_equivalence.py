@@ -30,7 +30,7 @@ TOLERANCE = 1e-5  # nats/token: float rounding of permuted sums (measured: <= 5e
 def data(tmp_path_factory):
     """Held-out stdlib text of the shipped model, as training and evaluation documents."""
     text = (TINY / "heldout.txt").read_text()
-    pieces = [text[i:i + 2000] for i in range(0, len(text), 2000)]
+    pieces = [text[i : i + 2000] for i in range(0, len(text), 2000)]
     root = tmp_path_factory.mktemp("data")
     for name, docs in (("train.jsonl", pieces[:-4]), ("eval.jsonl", pieces[-4:])):
         (root / name).write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
@@ -47,13 +47,23 @@ def trained(data, tmp_path_factory):
     for name, recipe in RECIPES.items():
         deeper = work / name
         upscale(TINY, parse_recipe(recipe), deeper, Options(device="cpu"))
-        options = TrainOptions(steps=4, lr=3e-3, batch_size=4, seq_len=64, device="cpu", seed=0,
-                               eval_data=(data / "eval.jsonl",), eval_every=2,
-                               trainer_args={"eval_on_start": True, "logging_steps": 1, "warmup_steps": 0})
+        options = TrainOptions(
+            steps=4,
+            lr=3e-3,
+            batch_size=4,
+            seq_len=64,
+            device="cpu",
+            seed=0,
+            eval_data=(data / "eval.jsonl",),
+            eval_every=2,
+            trainer_args={"eval_on_start": True, "logging_steps": 1, "warmup_steps": 0},
+        )
         record = train(deeper, [data / "train.jsonl"], work / f"{name}-trained", options)
-        results[name] = {"dir": deeper,
-                         "eval": [(r["step"], r["eval_loss"]) for r in record["history"] if "eval_loss" in r],
-                         "train": [(r["step"], r["loss"]) for r in record["history"] if "loss" in r]}
+        results[name] = {
+            "dir": deeper,
+            "eval": [(r["step"], r["eval_loss"]) for r in record["history"] if "eval_loss" in r],
+            "train": [(r["step"], r["loss"]) for r in record["history"] if "loss" in r],
+        }
     return results
 
 
@@ -64,15 +74,19 @@ def layer_tensors(model_dir: Path, index: int) -> dict:
     out = {}
     for shard in model_dir.glob("*.safetensors"):
         with safe_open(str(shard), "pt") as f:
-            out.update({k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
+            out.update({k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
     return out
 
 
 def test_alpha_one_is_a_nontrivial_permutation_of_the_copy(trained):
     new_layer = 8  # top, count 2 in 8 layers: new layers 6 and 8; 8 is built from base layers 6 and 7
-    permuted, copied = layer_tensors(trained["alpha1"]["dir"], new_layer), layer_tensors(trained["copy"]["dir"], new_layer)
+    permuted, copied = (
+        layer_tensors(trained["alpha1"]["dir"], new_layer),
+        layer_tensors(trained["copy"]["dir"], new_layer),
+    )
     up_a, up_c = permuted["mlp.up_proj.weight"], copied["mlp.up_proj.weight"]
     assert not torch.equal(up_a, up_c)  # the alignment moved neurons: the test is not trivially true
+
     def rows(w):
         return sorted(map(tuple, w.float().tolist()))
 
@@ -93,4 +107,3 @@ def test_alpha_half_does_not(trained):
     """The check has teeth: a layer that is not a permuted copy trains to other losses."""
     gap = abs(trained["alpha0.5"]["eval"][-1][1] - trained["copy"]["eval"][-1][1])
     assert gap > 20 * TOLERANCE, gap
-

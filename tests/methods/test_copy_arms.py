@@ -27,17 +27,21 @@ def run(model, out, **recipe):
 
 def layer(ts: dict, i: int) -> dict:
     prefix = f"model.layers.{i}."
-    return {n[len(prefix):]: t for n, t in ts.items() if n.startswith(prefix)}
+    return {n[len(prefix) :]: t for n, t in ts.items() if n.startswith(prefix)}
 
 
 def test_settings_parse_and_refuse_clearly():
-    recipe = parse_recipe({"method": "copy", "positions": "top", "count": 2, "copy": {"neighbour": "upper", "scale": 0.5}})
+    recipe = parse_recipe(
+        {"method": "copy", "positions": "top", "count": 2, "copy": {"neighbour": "upper", "scale": 0.5}}
+    )
     assert recipe.settings["copy"] == CopySettings("upper", 0.5)
     assert recipe.to_dict()["copy"] == {"neighbour": "upper", "scale": 0.5}
     assert parse_recipe({"method": "copy", "positions": "top", "count": 1}).settings["copy"] == CopySettings()
-    bad = [({"neighbour": "above"}, "copy.neighbour must be one of lower, upper"),
-           ({"scale": -1}, "copy.scale must be a number >= 0"),
-           ({"sclae": 1}, "did you mean 'scale'")]
+    bad = [
+        ({"neighbour": "above"}, "copy.neighbour must be one of lower, upper"),
+        ({"scale": -1}, "copy.scale must be a number >= 0"),
+        ({"sclae": 1}, "did you mean 'scale'"),
+    ]
     for block, message in bad:
         with pytest.raises(UsageError, match=message):
             parse_recipe({"method": "copy", "positions": "top", "count": 1, "copy": block})
@@ -60,8 +64,9 @@ def test_an_upper_copy_needs_a_layer_above():
 @pytest.mark.parametrize("zero_init", [[], ["o_proj", "down_proj"]])
 def test_upper_copy_is_layer_k_plus_1(model_factory, tmp_path, zero_init):
     base = model_factory("llama", tied=True)
-    manifest = run(base, tmp_path / "o", method="copy", positions="top", count=2, zero_init=zero_init,
-                   copy={"neighbour": "upper"})
+    manifest = run(
+        base, tmp_path / "o", method="copy", positions="top", count=2, zero_init=zero_init, copy={"neighbour": "upper"}
+    )
     assert manifest["new_layers"] == [4, 6]
     # the record names what the layer is built from: the upper neighbour alone (issue 25, item 6)
     assert [l["sources"] for l in manifest["layers"] if l["origin"] == "new"] == [[4], [5]]
@@ -103,7 +108,9 @@ def test_scaled_copy_without_zero_init_changes_the_function(model_factory, tmp_p
 
 def test_dry_run_names_the_copied_layer(model_factory, tmp_path):
     base = model_factory("llama")
-    plan = dry_run(base, parse_recipe({"method": "copy", "positions": [0], "copy": {"neighbour": "upper"}}), tmp_path / "o")
+    plan = dry_run(
+        base, parse_recipe({"method": "copy", "positions": [0], "copy": {"neighbour": "upper"}}), tmp_path / "o"
+    )
     assert [l["sources"] for l in plan["plan"]["layers"] if l["origin"] == "new"] == [[1]]
 
 
@@ -133,4 +140,6 @@ def test_the_shipped_upper_copy_recipe_is_the_studys_arm():
 
     shipped = load_recipe("upper-copy").to_dict()
     arm = parse_recipe({**ARMS["upper-copy"], "positions": "top", "count": "50%"}).to_dict()
-    assert {k: v for k, v in shipped.items() if k != "description"} == {k: v for k, v in arm.items() if k != "description"}
+    assert {k: v for k, v in shipped.items() if k != "description"} == {
+        k: v for k, v in arm.items() if k != "description"
+    }

@@ -51,16 +51,22 @@ PRESERVING = preserving_recipes()
 def refuses(recipe_name: str, family: str) -> bool:
     """Reference-mode OpT-DeUS refuses experts by design (the published script has no experts)."""
     recipe = load_recipe(recipe_name)
-    return bool(SUPPORTED[family].experts) and recipe.settings.get("alignment") is not None and \
-        recipe.settings["alignment"].mode == "reference"
+    return (
+        bool(SUPPORTED[family].experts)
+        and recipe.settings.get("alignment") is not None
+        and recipe.settings["alignment"].mode == "reference"
+    )
 
 
 @pytest.fixture(autouse=True)
 def capped_reference_solver(monkeypatch):
     """The published solver's 10000 Sinkhorn iterations cost seconds per tiny layer; the start of a
     new layer is set after the method built it, whatever the plan, so 50 iterations test it as well."""
-    monkeypatch.setattr(OptDeusMethod, "from_settings",
-                        classmethod(lambda cls, settings: cls(**settings, reference_solver=ReferenceSolver(max_iter=50))))
+    monkeypatch.setattr(
+        OptDeusMethod,
+        "from_settings",
+        classmethod(lambda cls, settings: cls(**settings, reference_solver=ReferenceSolver(max_iter=50))),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +85,7 @@ def bases(tmp_path_factory):
 def first_step_movement(base: Path, recipe_name: str, out: Path) -> tuple[float, dict]:
     """(max |logit change| after one step / the base logits' std, the manifest), asserting the
     up-scaled logits equal the base's before the step."""
-    manifest = upscale(base, load_recipe(recipe_name), out,
-                       Options(device="cpu", shard_size="5GB")).to_dict()
+    manifest = upscale(base, load_recipe(recipe_name), out, Options(device="cpu", shard_size="5GB")).to_dict()
     assert manifest["function_preserving"]
     ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -108,8 +113,9 @@ def llama_movement(bases, tmp_path_factory):
 
     def get(recipe_name: str) -> float:
         if recipe_name not in cache:
-            cache[recipe_name], _ = first_step_movement(bases("llama", recipe_name), recipe_name,
-                                                        tmp_path_factory.mktemp("llama-out") / "o")
+            cache[recipe_name], _ = first_step_movement(
+                bases("llama", recipe_name), recipe_name, tmp_path_factory.mktemp("llama-out") / "o"
+            )
         return cache[recipe_name]
 
     return get

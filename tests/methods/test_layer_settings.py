@@ -16,16 +16,25 @@ from opt_deus_cli.recipe import parse_recipe
 from opt_deus_cli.upscale import upscale
 
 # qwen2 slides only when asked: layers >= max_window_layers use the window
-SLIDING = {"gemma2": {}, "gemma3_text": {}, "qwen2": dict(use_sliding_window=True, max_window_layers=2, sliding_window=8)}
+SLIDING = {
+    "gemma2": {},
+    "gemma3_text": {},
+    "qwen2": dict(use_sliding_window=True, max_window_layers=2, sliding_window=8),
+}
 ZERO = ["o_proj", "down_proj"]
 # recipe -> (sources the record lists, the source whose settings the new layer takes), for a new layer after k
 CASES = {
     "copy": ({"method": "copy"}, lambda k: ([k], k)),
     "upper-copy": ({"method": "copy", "copy": {"neighbour": "upper"}}, lambda k: ([k + 1], k + 1)),
     "opt-deus": ({"method": "opt-deus", "alignment": {"solver": "exact"}}, lambda k: ([k, k + 1], k + 1)),  # tie: upper
-    "opt-deus-alpha0.75": ({"method": "opt-deus", "alignment": {"solver": "exact"}, "fusion": {"alpha": 0.75}},
-                           lambda k: ([k, k + 1], k)),
-    "average-alpha0.25": ({"method": "average", "fusion": {"alpha": 0.25}, "zero_init": ZERO}, lambda k: ([k, k + 1], k + 1)),
+    "opt-deus-alpha0.75": (
+        {"method": "opt-deus", "alignment": {"solver": "exact"}, "fusion": {"alpha": 0.75}},
+        lambda k: ([k, k + 1], k),
+    ),
+    "average-alpha0.25": (
+        {"method": "average", "fusion": {"alpha": 0.25}, "zero_init": ZERO},
+        lambda k: ([k, k + 1], k + 1),
+    ),
 }
 
 
@@ -41,8 +50,9 @@ def test_new_layer_takes_its_sources_settings(model_factory, tmp_path, family, c
     k = next(i for i in range(len(types) - 1) if types[i] != types[i + 1])  # a sliding/full boundary
     recipe, expect = CASES[case]
     sources, settings_from = expect(k)
-    manifest = upscale(base, parse_recipe({**recipe, "positions": [k]}), tmp_path / "o",
-                       Options(device="cpu")).to_dict()
+    manifest = upscale(
+        base, parse_recipe({**recipe, "positions": [k]}), tmp_path / "o", Options(device="cpu")
+    ).to_dict()
     new = manifest["layers"][k + 1]
     assert new["origin"] == "new" and new["sources"] == sources and new["settings_from"] == settings_from
     want = [types[j] for j in range(k + 1)] + [types[settings_from]] + [types[j] for j in range(k + 1, len(types))]
@@ -61,5 +71,7 @@ def test_new_layer_takes_its_sources_settings(model_factory, tmp_path, family, c
 def test_stack_repeats_keep_their_own_settings(model_factory, tmp_path):
     base = model_factory("gemma2", layers=4)
     types = load_model(base).config.layer_types
-    manifest = upscale(base, parse_recipe({"method": "stack", "overlap": 1}), tmp_path / "o", Options(device="cpu")).to_dict()
+    manifest = upscale(
+        base, parse_recipe({"method": "stack", "overlap": 1}), tmp_path / "o", Options(device="cpu")
+    ).to_dict()
     assert layer_types(tmp_path / "o") == [types[layer["sources"][0]] for layer in manifest["layers"]]

@@ -17,10 +17,10 @@ from safetensors.torch import load_file, save_file
 from conftest import FAMILIES, checkpoint_tensors, load_model, logits, make_model
 from opt_deus_cli.architectures import PROJECTION_ROLES, SUPPORTED
 from opt_deus_cli.errors import OptDeusError, UsageError
+from opt_deus_cli.job import Options
 from opt_deus_cli.methods.lesa.predictor import stack_svd, train_predictor
 from opt_deus_cli.methods.lesa.settings import LesaSettings
 from opt_deus_cli.recipe import load_recipe, parse_recipe
-from opt_deus_cli.job import Options
 from opt_deus_cli.upscale import upscale
 
 CPU = torch.device("cpu")
@@ -181,20 +181,23 @@ def test_recipe_settings():
     json.dumps(recipe.to_dict(), allow_nan=False)
 
 
-@pytest.mark.parametrize("lesa, message", [
-    ({"hiden": 64}, "unknown key 'hiden' (did you mean 'hidden'?)"),
-    ({"hidden": 0}, "lesa.hidden must be a whole number >= 1"),
-    ({"layers": 2.5}, "lesa.layers must be a whole number"),
-    ({"steps": True}, "lesa.steps must be a whole number >= 1 or null"),
-    ({"rank": 0}, "lesa.rank must be a whole number >= 1 or null"),
-    ({"seed": -1}, "lesa.seed must be a whole number >= 0"),
-    ({"lr": 0}, "lesa.lr must be a positive number"),
-    ({"lr": float("nan")}, "lesa.lr must be a positive number"),
-    ({"weight_decay": -0.1}, "lesa.weight_decay must be a number >= 0"),
-    ({"norm_loss": 2}, "lesa.norm_loss must be a number in [0, 1]"),
-    ({"copy_from": "middle"}, "lesa.copy_from must be one of first, lower, upper"),
-    ([1, 2], "lesa must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "lesa, message",
+    [
+        ({"hiden": 64}, "unknown key 'hiden' (did you mean 'hidden'?)"),
+        ({"hidden": 0}, "lesa.hidden must be a whole number >= 1"),
+        ({"layers": 2.5}, "lesa.layers must be a whole number"),
+        ({"steps": True}, "lesa.steps must be a whole number >= 1 or null"),
+        ({"rank": 0}, "lesa.rank must be a whole number >= 1 or null"),
+        ({"seed": -1}, "lesa.seed must be a whole number >= 0"),
+        ({"lr": 0}, "lesa.lr must be a positive number"),
+        ({"lr": float("nan")}, "lesa.lr must be a positive number"),
+        ({"weight_decay": -0.1}, "lesa.weight_decay must be a number >= 0"),
+        ({"norm_loss": 2}, "lesa.norm_loss must be a number in [0, 1]"),
+        ({"copy_from": "middle"}, "lesa.copy_from must be one of first, lower, upper"),
+        ([1, 2], "lesa must be a mapping"),
+    ],
+)
 def test_recipe_rejects_bad_lesa_block(lesa, message):
     with pytest.raises(UsageError) as e:
         parse_recipe({"method": "lesa", "positions": [1], "lesa": lesa}, source="r.yaml")
@@ -208,8 +211,17 @@ def test_lesa_block_only_for_lesa():
         parse_recipe({"method": "lesa", "positions": [1], "fusion": {"alpha": 0.5}})
 
 
-lesa_values = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=6) | st.lists(st.integers(), max_size=2)
-lesa_blocks = st.dictionaries(st.sampled_from([f.name for f in dataclasses.fields(LesaSettings)] + ["hiden"]), lesa_values, max_size=4)
+lesa_values = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.text(max_size=6)
+    | st.lists(st.integers(), max_size=2)
+)
+lesa_blocks = st.dictionaries(
+    st.sampled_from([f.name for f in dataclasses.fields(LesaSettings)] + ["hiden"]), lesa_values, max_size=4
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -221,7 +233,9 @@ def test_any_lesa_block_is_settings_or_a_usage_error(lesa):
         assert "\n" not in str(e) and str(e).startswith("recipe r.yaml")
         return
     json.dumps(recipe.to_dict(), allow_nan=False)
-    assert parse_recipe(recipe.to_dict()).settings["lesa"] == recipe.settings["lesa"]  # the manifest's record reads back
+    assert (
+        parse_recipe(recipe.to_dict()).settings["lesa"] == recipe.settings["lesa"]
+    )  # the manifest's record reads back
 
 
 def test_nonfinite_base_weight_is_refused(tmp_path):

@@ -8,16 +8,25 @@ import json
 import pytest
 import torch
 
-from conftest import EXACT, MOE_FAMILIES, SHARP_SINKHORN, SINKHORN, assert_blocks_close, check_report, load_model, logits, planted_permutation
+from conftest import (
+    EXACT,
+    MOE_FAMILIES,
+    SHARP_SINKHORN,
+    SINKHORN,
+    assert_blocks_close,
+    check_report,
+    load_model,
+    logits,
+    planted_permutation,
+)
 from opt_deus_cli.architectures import ATTENTION_ROLES, MLP_ROLES, SUPPORTED, HeadLayout
 from opt_deus_cli.errors import UsageError
-from opt_deus_cli.methods.base import BuildContext
-from opt_deus_cli.methods.base import Fusion
+from opt_deus_cli.job import Options
+from opt_deus_cli.methods.base import BuildContext, Fusion
 from opt_deus_cli.methods.opt_deus import OptDeusMethod
 from opt_deus_cli.methods.opt_deus.matrices import alignment_matrices
 from opt_deus_cli.methods.opt_deus.settings import AlignmentSettings
 from opt_deus_cli.recipe import parse_recipe
-from opt_deus_cli.job import Options
 from opt_deus_cli.upscale import upscale
 
 MOE = MOE_FAMILIES
@@ -35,7 +44,9 @@ def random_moe_block(family: str, seed: int, dtype=torch.float32) -> dict:
     block = {arch.weight(r): 0.1 * torch.randn(LAYOUT.weight_shape(r), generator=g) for r in ATTENTION_ROLES}
     for role in MLP_ROLES:
         for e in range(LAYOUT.num_experts):
-            block[arch.experts[role].format(e=e) + ".weight"] = 0.1 * torch.randn(LAYOUT.weight_shape(role), generator=g)
+            block[arch.experts[role].format(e=e) + ".weight"] = 0.1 * torch.randn(
+                LAYOUT.weight_shape(role), generator=g
+            )
     block[arch.router] = 0.1 * torch.randn(LAYOUT.num_experts, LAYOUT.hidden, generator=g)
     for name in arch.norms:
         block[name] = 1 + 0.3 * torch.randn(LAYOUT.hidden, generator=g)

@@ -12,7 +12,17 @@ import ot
 import pytest
 import torch
 
-from conftest import EXACT, LAYOUT, SHARP_SINKHORN, SINKHORN, assert_blocks_close, check_report, ctx, planted_permutation, random_block
+from conftest import (
+    EXACT,
+    LAYOUT,
+    SHARP_SINKHORN,
+    SINKHORN,
+    assert_blocks_close,
+    check_report,
+    ctx,
+    planted_permutation,
+    random_block,
+)
 from opt_deus_cli.architectures import SUPPORTED, HeadLayout
 from opt_deus_cli.errors import OptDeusError
 from opt_deus_cli.methods.base import BuildContext, Fusion
@@ -117,7 +127,9 @@ def test_non_convergence_is_reported():
     check_report(report)
 
 
-def wide_mlp_pair(hidden: int, intermediate: int, noise: float, seed: int) -> tuple[dict, dict, torch.Tensor, BuildContext]:
+def wide_mlp_pair(
+    hidden: int, intermediate: int, noise: float, seed: int
+) -> tuple[dict, dict, torch.Tensor, BuildContext]:
     """An MLP and its neuron-permuted copy plus Gaussian noise (noise x the weights' std); the
     permutation perm: B's neuron j is A's neuron perm[j]."""
     g = torch.Generator().manual_seed(seed)
@@ -146,9 +158,13 @@ def test_sinkhorn_recovers_a_planted_permutation_on_a_wide_mlp_where_median_scal
     assert torch.equal(al.solved.map.P.argmax(1), perm)
     # the median scaling, computed here with POT: a plan between near-permutation and uniform
     arch = wide.arch
-    C = cost_matrix_blocks(mlp_features(lower, mlp_paths(arch)), mlp_features(upper, mlp_paths(arch)), "sqeuclidean").double()
+    C = cost_matrix_blocks(
+        mlp_features(lower, mlp_paths(arch)), mlp_features(upper, mlp_paths(arch)), "sqeuclidean"
+    ).double()
     marginal = torch.full((512,), 1 / 512, dtype=torch.float64)
-    T = ot.sinkhorn(marginal, marginal, C, 0.05 * float(C.median()), method="sinkhorn_log", numItermax=2000, stopThr=1e-6)
+    T = ot.sinkhorn(
+        marginal, marginal, C, 0.05 * float(C.median()), method="sinkhorn_log", numItermax=2000, stopThr=1e-6
+    )
     P = barycentric_map(T).float()
     median_fused = {n: 0.5 * (t @ P.T if "down" in n else P @ t) + 0.5 * upper[n] for n, t in lower.items()}
 
@@ -289,8 +305,10 @@ def test_reference_mode_says_what_an_underflowed_plan_means():
     new, report = method.build(lower, upper, ctx("llama"))
     mlp = report["mlp"]
     assert mlp["underflow"] == ["gate", "up", "down"] and mlp["cost_after"] is None
-    assert mlp["warnings"][0] == ("the gate/up/down plans have no mass (kernel underflow); with the published "
-                                  "semantics the fused gate/up/down are 0.5 x the upper layer")
+    assert mlp["warnings"][0] == (
+        "the gate/up/down plans have no mass (kernel underflow); with the published "
+        "semantics the fused gate/up/down are 0.5 x the upper layer"
+    )
     assert all(f["underflow"] and f["mass"] < 1e-6 for f in mlp["plans"].values())
     for name in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
         torch.testing.assert_close(new[name], 0.5 * upper[name])
@@ -315,8 +333,9 @@ def test_reference_alignment_matrices():
     lower, upper = random_block("llama", seed=25), random_block("llama", seed=26)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        got = alignment_matrices(lower, upper, ctx("llama"), AlignmentSettings(mode="reference"), "attention",
-                                 ReferenceSolver(max_iter=50))
+        got = alignment_matrices(
+            lower, upper, ctx("llama"), AlignmentSettings(mode="reference"), "attention", ReferenceSolver(max_iter=50)
+        )
     assert got["plan"].shape == (LAYOUT.num_heads * LAYOUT.head_dim,) * 2
     assert set(got["tensors"]) == {f"self_attn.{p}_proj.weight" for p in "qkvo"}
 
@@ -328,8 +347,17 @@ def test_planted_permutation_preserves_the_function(family):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model(family, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, head_dim=8, vocab_size=50, max_position_embeddings=32)
+    config = AutoConfig.for_model(
+        family,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=50,
+        max_position_embeddings=32,
+    )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # random biases (Qwen2) so that they matter
         for name, p in model.named_parameters():
@@ -340,7 +368,7 @@ def test_planted_permutation_preserves_the_function(family):
         before = model(input_ids=ids).logits
         prefix = "model.layers.0."
         state = model.state_dict()
-        block = {k[len(prefix):]: v.clone() for k, v in state.items() if k.startswith(prefix)}
+        block = {k[len(prefix) :]: v.clone() for k, v in state.items() if k.startswith(prefix)}
         assert block.keys() == random_block(family, 0).keys()
         permuted = planted_permutation(block, family, seed=2)
         model.load_state_dict({**state, **{prefix + k: v for k, v in permuted.items()}})

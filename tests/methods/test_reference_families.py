@@ -12,7 +12,9 @@ from opt_deus_cli.methods.base import Fusion
 from opt_deus_cli.methods.opt_deus import OptDeusMethod
 from opt_deus_cli.methods.opt_deus.settings import AlignmentSettings, ReferenceSolver
 
-REFERENCE = OptDeusMethod(AlignmentSettings(mode="reference"), Fusion(alpha=0.5), reference_solver=ReferenceSolver(max_iter=200))
+REFERENCE = OptDeusMethod(
+    AlignmentSettings(mode="reference"), Fusion(alpha=0.5), reference_solver=ReferenceSolver(max_iter=200)
+)
 
 
 def as_gemma(block: dict, seed: int) -> dict:

@@ -107,4 +107,6 @@ def test_a_budget_under_twice_the_need_solves_in_order_with_the_same_result(mode
         new = [layer for layer in manifest.to_dict()["layers"] if layer["origin"] == "new"]
         assert [layer["report"]["mlp"]["overlapped"] for layer in new] == [overlapped, overlapped]
     shards = sorted(p.name for p in (tmp_path / "tight").glob("*.safetensors"))
-    assert shards and all((tmp_path / "tight" / s).read_bytes() == (tmp_path / "roomy" / s).read_bytes() for s in shards)
+    assert shards and all(
+        (tmp_path / "tight" / s).read_bytes() == (tmp_path / "roomy" / s).read_bytes() for s in shards
+    )

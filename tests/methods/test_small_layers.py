@@ -10,12 +10,11 @@ from pathlib import Path
 import torch
 
 from conftest import EXACT, SINKHORN, ctx, planted_permutation, random_block
+from conftest import SHIPPED_MODEL as SHIPPED
 from opt_deus_cli import solvers
 from opt_deus_cli.methods.opt_deus import OptDeusMethod, attention, corrected
 from opt_deus_cli.recipe import load_recipe
 from opt_deus_cli.upscale import Options, upscale
-
-from conftest import SHIPPED_MODEL as SHIPPED  # noqa: E402
 
 
 def shard_digests(out: Path) -> dict[str, str]:
@@ -25,8 +24,10 @@ def shard_digests(out: Path) -> dict[str, str]:
 def test_shipped_model_layers_are_solved_in_process_with_the_same_bytes(tmp_path, monkeypatch):
     forks = []
     real = solvers.exact_assignments_in_background
-    monkeypatch.setattr("opt_deus_cli.methods.opt_deus.plans.exact_assignments_in_background",
-                        lambda *a, **k: forks.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        "opt_deus_cli.methods.opt_deus.plans.exact_assignments_in_background",
+        lambda *a, **k: forks.append(1) or real(*a, **k),
+    )
     small = upscale(SHIPPED, load_recipe("top-half"), tmp_path / "small", Options(device="cpu"))
     assert forks == []  # 512 neurons: below the threshold, no child process
     assert all(layer.report["mlp"]["overlapped"] is False for layer in small.layers if layer.origin == "new")
@@ -40,7 +41,9 @@ def test_shipped_model_layers_are_solved_in_process_with_the_same_bytes(tmp_path
 def test_a_small_layer_is_built_on_one_thread_and_the_threads_come_back(monkeypatch):
     seen = []
     real = attention.align_attention
-    monkeypatch.setattr(corrected, "align_attention", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    monkeypatch.setattr(
+        corrected, "align_attention", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k)
+    )
     lower = random_block("llama", seed=1)
     upper = planted_permutation(lower, "llama", seed=2)
     threads = torch.get_num_threads()

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHIPPED_MODEL as SHIPPED
 from opt_deus_cli.training.data import bos_of, build_blocks, check_files, load_tokenizer
 
-from conftest import SHIPPED_MODEL as SHIPPED  # noqa: E402
 TEXT = (SHIPPED / "heldout.txt").read_text()
 DOCS = [TEXT[:700], TEXT[700:2500], TEXT[2500:2600], TEXT[2600:4000]]
 
@@ -33,7 +33,9 @@ def tokenizer_dir(tmp_path: Path, with_bos: bool) -> Path:
 def blocks_of(tmp_path: Path, tokenizer, seq_len: int) -> list[list[int]]:
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
-    blocks = build_blocks(check_files([path], "--data"), tokenizer, seq_len, "text", "training data", cache_dir=tmp_path / "cache")
+    blocks = build_blocks(
+        check_files([path], "--data"), tokenizer, seq_len, "text", "training data", cache_dir=tmp_path / "cache"
+    )
     return [b["input_ids"].tolist() for b in blocks]
 
 
@@ -50,10 +52,10 @@ def test_every_block_starts_with_bos_when_the_tokenizer_adds_one(tmp_path, seq_l
     rebuilt, position = [], 0
     for block in blocks:
         body = block if stream[position] == bos else block[1:]
-        assert body == stream[position:position + len(body)]
+        assert body == stream[position : position + len(body)]
         rebuilt += body
         position += len(body)
-    assert rebuilt == stream[:len(rebuilt)] and len(stream) - len(rebuilt) < seq_len
+    assert rebuilt == stream[: len(rebuilt)] and len(stream) - len(rebuilt) < seq_len
     assert stream[0] == bos and blocks[0] == stream[:seq_len]  # the first block is the first document's own start
     # a document's BOS where a block starts is not doubled
     assert not any(b[1] == bos for b in blocks)
@@ -64,4 +66,4 @@ def test_blocks_are_plain_slices_when_the_tokenizer_adds_no_bos(tmp_path):
     assert tokenizer.bos_token_id == 0 and bos_of(tokenizer) is None  # a BOS token exists but is not added
     stream = [t for d in DOCS for t in tokenizer(d)["input_ids"] + [tokenizer.eos_token_id]]
     assert 0 not in stream
-    assert blocks_of(tmp_path, tokenizer, 16) == [stream[i:i + 16] for i in range(0, len(stream) // 16 * 16, 16)]
+    assert blocks_of(tmp_path, tokenizer, 16) == [stream[i : i + 16] for i in range(0, len(stream) // 16 * 16, 16)]

@@ -35,8 +35,14 @@ def base(tmp_path_factory) -> Path:
     return d
 
 
-MODEL_FILES = {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "LICENSE", "NOTICE.txt",
-               "chat_template.jinja"}
+MODEL_FILES = {
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "LICENSE",
+    "NOTICE.txt",
+    "chat_template.jinja",
+}
 BASE_NOTES = {"TRAINING.md", "training.json", "heldout.txt"}
 
 
@@ -55,9 +61,23 @@ def test_upscale_copies_only_the_model_files_and_what_copy_extra_names(base, tmp
 
 
 def test_upscale_cli_takes_copy_extra_repeated(base, tmp_path):
-    result = runner.invoke(app, ["upscale", str(base), "--recipe", str(_recipe(tmp_path)),
-                                 "--out", str(tmp_path / "o"), "--device", "cpu",
-                                 "--copy-extra", "TRAINING.md", "--copy-extra", "heldout.*"])
+    result = runner.invoke(
+        app,
+        [
+            "upscale",
+            str(base),
+            "--recipe",
+            str(_recipe(tmp_path)),
+            "--out",
+            str(tmp_path / "o"),
+            "--device",
+            "cpu",
+            "--copy-extra",
+            "TRAINING.md",
+            "--copy-extra",
+            "heldout.*",
+        ],
+    )
     assert result.exit_code == 0, result.output
     names = {p.name for p in (tmp_path / "o").iterdir()}
     assert {"TRAINING.md", "heldout.txt"} <= names and "training.json" not in names
@@ -76,8 +96,27 @@ def test_trained_output_has_its_own_card_and_only_model_files(base, tmp_path):
     data = tmp_path / "train.txt"
     data.write_text((SHIPPED_MODEL / "heldout.txt").read_text()[:6000])
     out = tmp_path / "trained"
-    result = runner.invoke(app, ["train", str(deeper), "--data", str(data), "--out", str(out), "--steps", "2",
-                                 "--batch-size", "2", "--seq-len", "32", "--lr", "1e-3", "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            str(deeper),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--lr",
+            "1e-3",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     names = {p.name for p in out.iterdir()}
     assert MODEL_FILES <= names and "heldout.txt" not in names and not BASE_NOTES & names
@@ -89,10 +128,30 @@ def test_trained_output_has_its_own_card_and_only_model_files(base, tmp_path):
     losses = [row["loss"] for row in record["history"] if "loss" in row]
     assert f"first {losses[0]:.4f}, final {losses[-1]:.4f}" in card
     assert "only the new layers [7, 9]" in card and f"{record['check']['frozen_identical']} tensors" in card
-    result = runner.invoke(app, ["train", str(deeper), "--data", str(data), "--out", str(tmp_path / "t2"), "--steps", "1",
-                                 "--batch-size", "2", "--seq-len", "32", "--device", "cpu", "--copy-extra", "heldout.txt"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            str(deeper),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "t2"),
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--device",
+            "cpu",
+            "--copy-extra",
+            "heldout.txt",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "t2" / "heldout.txt").is_file()
-    result = runner.invoke(app, ["train", str(deeper), "--data", str(data), "--out", str(tmp_path / "t3"),
-                                 "--copy-extra", "nothing*"])
+    result = runner.invoke(
+        app, ["train", str(deeper), "--data", str(data), "--out", str(tmp_path / "t3"), "--copy-extra", "nothing*"]
+    )
     assert result.exit_code == 2 and "--copy-extra nothing* matches no file" in result.output

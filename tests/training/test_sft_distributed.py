@@ -14,18 +14,32 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import checkpoint_tensors
+from conftest import (
+    ROOT,
+    checkpoint_tensors,
+)
 from opt_deus_cli.manifest import read_manifest
 from opt_deus_cli.recipe import parse_recipe
 from opt_deus_cli.upscale import Options, upscale
 
-from conftest import ROOT  # noqa: E402
 SHIPPED = ROOT / "examples" / "tiny-llama"
 BIN = Path(sys.executable).parent
 LAUNCHERS = {
     "torchrun": [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"],
-    "accelerate": [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"],  # + a free port
+    "accelerate": [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+    ],  # + a free port
 }
 
 
@@ -48,8 +62,25 @@ def test_sft_under_a_two_process_launch(tmp_path, launcher):
     out = tmp_path / "trained"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
     launch = LAUNCHERS[launcher] + ([free_port()] if launcher == "accelerate" else [])
-    command = [*launch, str(BIN / "opt-deus"), "train", str(deeper), "--data", str(ROOT / "examples/sft/alpaca.jsonl"),
-               "--out", str(out), "--steps", "2", "--batch-size", "2", "--seq-len", "128", "--device", "cpu", "--json"]
+    command = [
+        *launch,
+        str(BIN / "opt-deus"),
+        "train",
+        str(deeper),
+        "--data",
+        str(ROOT / "examples/sft/alpaca.jsonl"),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "128",
+        "--device",
+        "cpu",
+        "--json",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads(result.stdout)  # one JSON document: only rank 0 prints

@@ -55,10 +55,16 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
 
 # ---- freeze_base --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_freeze_base_leaves_exactly_the_new_layers_trainable(model_factory, tmp_path, tied):
     out = tmp_path / "out"
-    upscale(model_factory("qwen3", tied=tied), parse_recipe({"method": "copy", "positions": [0, 4]}), out, Options(device="cpu"))
+    upscale(
+        model_factory("qwen3", tied=tied),
+        parse_recipe({"method": "copy", "positions": [0, 4]}),
+        out,
+        Options(device="cpu"),
+    )
     new = read_manifest(out).trainable_layers
     assert new == [1, 6]
     model = load_model(out)
@@ -89,10 +95,15 @@ def test_freeze_base_refuses_the_wrong_model(model_factory, tmp_path):
 
 # ---- options and the --args file ----------------------------------------------------------------
 
+
 def test_args_file_keys_are_training_arguments_fields(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text("weight_decay: 0.1\nactivation_checkpointing: true\nlr_scheduler_type: cosine\n")
-    assert read_args_file(good) == {"weight_decay": 0.1, "activation_checkpointing": True, "lr_scheduler_type": "cosine"}
+    assert read_args_file(good) == {
+        "weight_decay": 0.1,
+        "activation_checkpointing": True,
+        "lr_scheduler_type": "cosine",
+    }
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rte: 0.1\nwarmup_steps: 3\n")
     with pytest.raises(UsageError) as caught:
@@ -112,15 +123,18 @@ def test_flags_and_args_file_merge_without_conflicts(tmp_path):
         merged_settings(TrainOptions(lr=1e-3, trainer_args={"learning_rate": 1e-4}), tmp_path)
     with pytest.raises(UsageError, match="--steps and num_train_epochs"):
         merged_settings(TrainOptions(steps=3, trainer_args={"num_train_epochs": 2}), tmp_path)
-    for options, message in ((TrainOptions(steps=3, epochs=1.0), "--steps and --epochs"),
-                             (TrainOptions(train="some"), "--train 'some'"),
-                             (TrainOptions(eval_every=2), "--eval-every needs --eval-data"),
-                             (TrainOptions(batch_size=0), "--batch-size must be an integer >= 1")):
+    for options, message in (
+        (TrainOptions(steps=3, epochs=1.0), "--steps and --epochs"),
+        (TrainOptions(train="some"), "--train 'some'"),
+        (TrainOptions(eval_every=2), "--eval-every needs --eval-data"),
+        (TrainOptions(batch_size=0), "--batch-size must be an integer >= 1"),
+    ):
         with pytest.raises(UsageError, match=message):
             options.check()
 
 
 # ---- data -----------------------------------------------------------------------------------
+
 
 def test_every_format_packs_the_same_token_stream(tmp_path):
     import pyarrow as pa
@@ -141,11 +155,15 @@ def test_every_format_packs_the_same_token_stream(tmp_path):
         take = 16 if stream[start] == bos else 15  # a document's own BOS, or one prepended
         if start + take > len(stream):
             break
-        expected.append(stream[start:start + 16] if take == 16 else [bos, *stream[start:start + 15]])
+        expected.append(stream[start : start + 16] if take == 16 else [bos, *stream[start : start + 15]])
         start += take
     cache = tmp_path / "cache"
-    for files, field in (([tmp_path / "a.txt", tmp_path / "b.md", tmp_path / "c.txt"], "text"), ([tmp_path / "d.jsonl"], "text"),
-                         ([tmp_path / "e.json"], "body"), ([tmp_path / "f.parquet"], "text")):
+    for files, field in (
+        ([tmp_path / "a.txt", tmp_path / "b.md", tmp_path / "c.txt"], "text"),
+        ([tmp_path / "d.jsonl"], "text"),
+        ([tmp_path / "e.json"], "body"),
+        ([tmp_path / "f.parquet"], "text"),
+    ):
         blocks = build_blocks(check_files(files, "--data"), tokenizer, 16, field, "training data", cache_dir=cache)
         assert [b["input_ids"].tolist() for b in blocks] == expected, files
     with pytest.raises(OptDeusError, match=r"no 'text' column .*body"):
@@ -161,14 +179,24 @@ def test_every_format_packs_the_same_token_stream(tmp_path):
 
 # ---- the run --------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def trained(upscaled, corpus, tmp_path_factory):
     """Two runs with the same seed (weight decay on, so a decay reaching frozen weights would show)."""
     runs = []
     for k in range(2):
         out = tmp_path_factory.mktemp(f"trained{k}") / "out"
-        options = TrainOptions(steps=4, batch_size=2, seq_len=32, lr=1e-3, device="cpu", eval_data=(corpus["eval"],),
-                               eval_every=2, trainer_args={"weight_decay": 0.1}, cache_dir=corpus["cache"])
+        options = TrainOptions(
+            steps=4,
+            batch_size=2,
+            seq_len=32,
+            lr=1e-3,
+            device="cpu",
+            eval_data=(corpus["eval"],),
+            eval_every=2,
+            trainer_args={"weight_decay": 0.1},
+            cache_dir=corpus["cache"],
+        )
         runs.append((out, train(upscaled, [corpus["train"]], out, options)))
     return runs
 
@@ -204,7 +232,9 @@ def test_output_loads_and_carries_the_manifest_with_a_training_record(upscaled, 
     assert manifest.new_layers == read_manifest(upscaled).new_layers and manifest.function_preserving is False
     assert verify_files(out, manifest) == []  # the files the manifest lists are the ones written
     data = corpus["train"].read_bytes()
-    assert record["data"] == [{"path": str(corpus["train"].resolve()), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}]
+    assert record["data"] == [
+        {"path": str(corpus["train"].resolve()), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    ]
     assert record["steps"] == 4 and record["tokens"] == 4 * 2 * 32 and record["world_size"] == 1
     assert record["trainable_layers"] == [7, 9] and record["train"] == "new"
     assert record["format"] == "text" and record["bos_per_block"] is True and record["loss_tokens"] == 4 * 2 * 31
@@ -224,9 +254,19 @@ def test_same_seed_same_run(trained):
 @pytest.mark.slow
 def test_gradient_checkpointing_trains_the_new_layers_behind_frozen_embeddings(upscaled, corpus, trained, tmp_path):
     """Checkpointed blocks get no gradient when their input does not ask for one (frozen embeddings)."""
-    options = TrainOptions(steps=4, batch_size=2, seq_len=32, lr=1e-3, device="cpu", cache_dir=corpus["cache"],
-                           trainer_args={"weight_decay": 0.1, "activation_checkpointing": True,
-                                         "activation_checkpointing_kwargs": {"use_reentrant": True}})
+    options = TrainOptions(
+        steps=4,
+        batch_size=2,
+        seq_len=32,
+        lr=1e-3,
+        device="cpu",
+        cache_dir=corpus["cache"],
+        trainer_args={
+            "weight_decay": 0.1,
+            "activation_checkpointing": True,
+            "activation_checkpointing_kwargs": {"use_reentrant": True},
+        },
+    )
     record = train(upscaled, [corpus["train"]], tmp_path / "out", options)
     expected = [row["loss"] for row in trained[0][1]["history"] if "loss" in row]
     assert [row["loss"] for row in record["history"] if "loss" in row] == pytest.approx(expected, rel=1e-4)
@@ -254,15 +294,38 @@ def test_check_fails_loudly_when_a_base_tensor_moved(upscaled, trained, tmp_path
 
 # ---- the command ----------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_cli_train_new_needs_a_manifest_and_train_all_runs_without(corpus, tmp_path):
     result = runner.invoke(app, ["train", str(SHIPPED), "--data", str(corpus["train"]), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert "no opt-deus-manifest.json" in result.output and "--train all" in result.output
     assert len(messages(result.output)) == 1 and not (tmp_path / "o").exists()  # besides progress lines
-    result = runner.invoke(app, ["train", str(SHIPPED), "--data", str(corpus["train"]), str(corpus["eval"]), "--out", str(tmp_path / "o"),
-                                 "--train", "all", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--device", "cpu",
-                                 "--cache-dir", str(corpus["cache"]), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            str(SHIPPED),
+            "--data",
+            str(corpus["train"]),
+            str(corpus["eval"]),
+            "--out",
+            str(tmp_path / "o"),
+            "--train",
+            "all",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--device",
+            "cpu",
+            "--cache-dir",
+            str(corpus["cache"]),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     assert record["train"] == "all" and record["trainable_parameters"] == record["total_parameters"]
@@ -278,10 +341,12 @@ def test_cli_refuses_unknown_args_keys_and_bad_options(upscaled, corpus, tmp_pat
     args = tmp_path / "trainer.yaml"
     args.write_text("bf17: true\n")
     base = ["train", str(upscaled), "--data", str(corpus["train"]), "--out", str(tmp_path / "o")]
-    for extra, message in ((["--args", str(args)], "'bf17' (did you mean 'bf16'?) is not a TrainingArguments or SFTConfig field"),
-                           (["--steps", "2", "--epochs", "1"], "--steps and --epochs"),
-                           (["--seq-len", "4096"], "exceeds the model's max_position_embeddings 256"),
-                           (["--device", "tpu"], "--device 'tpu' not understood")):
+    for extra, message in (
+        (["--args", str(args)], "'bf17' (did you mean 'bf16'?) is not a TrainingArguments or SFTConfig field"),
+        (["--steps", "2", "--epochs", "1"], "--steps and --epochs"),
+        (["--seq-len", "4096"], "exceeds the model's max_position_embeddings 256"),
+        (["--device", "tpu"], "--device 'tpu' not understood"),
+    ):
         result = runner.invoke(app, base + extra)
         assert result.exit_code == 2, result.output
         lines = messages(result.output)  # besides progress lines

@@ -24,8 +24,10 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None or shutil.which("opt-deus", path=str(BIN)) is None,
-                    reason="torchrun and opt-deus are installed beside the interpreter by `make install`")
+@pytest.mark.skipif(
+    shutil.which("torchrun", path=str(BIN)) is None or shutil.which("opt-deus", path=str(BIN)) is None,
+    reason="torchrun and opt-deus are installed beside the interpreter by `make install`",
+)
 def test_torchrun_two_cpu_processes(tmp_path):
     deeper = tmp_path / "deeper"
     upscale(SHIPPED, parse_recipe({"method": "copy", "positions": "bottom", "count": 2}), deeper, Options(device="cpu"))
@@ -34,9 +36,28 @@ def test_torchrun_two_cpu_processes(tmp_path):
     (tmp_path / "train.txt").write_text((SHIPPED / "heldout.txt").read_text()[:12000])
     out = tmp_path / "trained"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
-    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(BIN / "opt-deus"), "train", str(deeper),
-               "--data", str(tmp_path / "train.txt"), "--out", str(out), "--steps", "3", "--batch-size", "2",
-               "--seq-len", "32", "--device", "cpu", "--json"]
+    command = [
+        str(BIN / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(BIN / "opt-deus"),
+        "train",
+        str(deeper),
+        "--data",
+        str(tmp_path / "train.txt"),
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--device",
+        "cpu",
+        "--json",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads(result.stdout)  # one JSON document: only rank 0 prints
@@ -51,7 +72,12 @@ def test_torchrun_two_cpu_processes(tmp_path):
         if layer not in new:
             assert torch.equal(after[name].view(torch.int16), tensor.view(torch.int16)), name
     assert not torch.equal(before["model.layers.1.mlp.down_proj.weight"], after["model.layers.1.mlp.down_proj.weight"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "deeper", "train.txt", "trained"]  # nothing else written
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cache",
+        "deeper",
+        "train.txt",
+        "trained",
+    ]  # nothing else written
 
 
 AGREE = """
@@ -70,13 +96,23 @@ dist.destroy_process_group()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun is installed beside the interpreter")
+@pytest.mark.skipif(
+    shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun is installed beside the interpreter"
+)
 def test_every_rank_ends_with_rank_zeros_outcome(tmp_path):
     """What makes every process exit with rank 0's error when rank 0 alone fails writing OUT."""
     script = tmp_path / "agree.py"
     script.write_text(AGREE)
-    result = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)],
-                            capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    result = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     for rank in (0, 1):
-        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"error": "rank 0 could not write", "exit_code": 3}
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {
+            "error": "rank 0 could not write",
+            "exit_code": 3,
+        }

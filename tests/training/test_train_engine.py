@@ -41,21 +41,48 @@ def deeper(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_one_process_records_no_engine(deeper, tmp_path):
-    record = train(deeper, [deeper.parent / "train.txt"], tmp_path / "out",
-                   TrainOptions(steps=1, batch_size=2, seq_len=32, device="cpu"))
+    record = train(
+        deeper,
+        [deeper.parent / "train.txt"],
+        tmp_path / "out",
+        TrainOptions(steps=1, batch_size=2, seq_len=32, device="cpu"),
+    )
     assert record["distributed"] == {"engine": "none", "distributed_type": "NO", "requested": None}
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None or shutil.which("opt-deus", path=str(BIN)) is None,
-                    reason="torchrun and opt-deus are installed beside the interpreter by `make install`")
+@pytest.mark.skipif(
+    shutil.which("torchrun", path=str(BIN)) is None or shutil.which("opt-deus", path=str(BIN)) is None,
+    reason="torchrun and opt-deus are installed beside the interpreter by `make install`",
+)
 def test_fsdp_asked_for_on_cpu_is_recorded_as_the_ddp_that_ran(deeper, tmp_path):
     args = tmp_path / "fsdp.yaml"
     args.write_text("fsdp: full_shard auto_wrap\nfsdp_config:\n  transformer_layer_cls_to_wrap: [LlamaDecoderLayer]\n")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
-    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(BIN / "opt-deus"), "train", str(deeper),
-               "--data", str(deeper.parent / "train.txt"), "--out", str(tmp_path / "out"), "--steps", "2",
-               "--batch-size", "2", "--seq-len", "32", "--device", "cpu", "--args", str(args), "--json"]
+    command = [
+        str(BIN / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(BIN / "opt-deus"),
+        "train",
+        str(deeper),
+        "--data",
+        str(deeper.parent / "train.txt"),
+        "--out",
+        str(tmp_path / "out"),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--device",
+        "cpu",
+        "--args",
+        str(args),
+        "--json",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads(result.stdout)

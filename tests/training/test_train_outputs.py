@@ -89,8 +89,27 @@ def test_a_diverged_run_is_warned_about_and_recorded(upscaled, corpus, tmp_path)
     from opt_deus_cli.manifest import read_manifest
 
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["train", str(upscaled), "--data", str(corpus), "--out", str(out), "--steps", "6",
-                                      "--batch-size", "2", "--seq-len", "32", "--lr", "1e30", "--device", "cpu"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(upscaled),
+            "--data",
+            str(corpus),
+            "--out",
+            str(out),
+            "--steps",
+            "6",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--lr",
+            "1e30",
+            "--device",
+            "cpu",
+        ],
+    )
     # the run: loss 5.11 -> 8.32, then a gradient norm of 0; finite but wrecked weights
     assert result.exit_code == 0, result.output
     record = read_manifest(out).training
@@ -98,6 +117,7 @@ def test_a_diverged_run_is_warned_about_and_recorded(upscaled, corpus, tmp_path)
     assert "gradient norm collapsed to 0" in record["divergence"][1]
     for problem in record["divergence"]:
         assert f"warning: {problem}" in " ".join(result.output.split()), result.output
+
 
 @pytest.mark.slow
 def test_the_save_check_refuses_non_finite_trained_weights(upscaled, corpus, tmp_path):
@@ -125,8 +145,15 @@ def test_progress_names_each_phase_in_order(upscaled, corpus, tmp_path):
     seen: list[tuple[str, int, int | None]] = []
     train(upscaled, [corpus], tmp_path / "out", quick(), progress=lambda *call: seen.append(call))
     phases = list(dict.fromkeys(phase for phase, _, _ in seen))
-    assert phases == ["reading data", "tokenizing", "loading model", "training (new layers)", "gathering weights",
-                      "saving", "checking"]
+    assert phases == [
+        "reading data",
+        "tokenizing",
+        "loading model",
+        "training (new layers)",
+        "gathering weights",
+        "saving",
+        "checking",
+    ]
     steps = [(done, total) for phase, done, total in seen if phase.startswith("training")]
     assert steps == [(0, 2), (1, 2), (2, 2)]
     assert all(total is None for phase, _, total in seen if not phase.startswith("training"))
@@ -156,20 +183,44 @@ def test_the_first_progress_line_comes_before_the_heavy_imports(upscaled, corpus
     import sys
     import time
 
-    command = [sys.executable, "-c", "from opt_deus_cli.cli import app; app()", "train", str(upscaled), "--data",
-               str(corpus), "--out", str(tmp_path / "out"), "--steps", "1", "--batch-size", "2", "--seq-len", "32",
-               "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-c",
+        "from opt_deus_cli.cli import app; app()",
+        "train",
+        str(upscaled),
+        "--data",
+        str(corpus),
+        "--out",
+        str(tmp_path / "out"),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--device",
+        "cpu",
+    ]
     started = time.monotonic()
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
+    process = subprocess.Popen(
+        command,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"},
+    )
     first = process.stderr.readline()
     first_at = time.monotonic() - started
     _, rest = process.communicate(timeout=600)
     assert process.returncode == 0, first + rest
     assert "starting (importing torch, transformers)" in first
     assert "import torch" not in first and first_at < 5.0  # the CLI alone; torch and transformers take longer
-    order = [phase for phase in ("reading data", "tokenizing", "loading model", "training (new layers)", "saving",
-                                 "checking") if phase in rest]
+    order = [
+        phase
+        for phase in ("reading data", "tokenizing", "loading model", "training (new layers)", "saving", "checking")
+        if phase in rest
+    ]
     assert order == ["reading data", "tokenizing", "loading model", "training (new layers)", "saving", "checking"]
     assert [rest.index(p) for p in order] == sorted(rest.index(p) for p in order)
 

@@ -52,6 +52,7 @@ from ...errors import OptDeusError, UsageError
 from ..base import Block, BuildContext, Decisions, JobView, Method, Progress
 from .settings import LesaSettings
 
+
 class LesaMethod(Method):
     name = "lesa"
     needs_upper = True
@@ -68,11 +69,15 @@ class LesaMethod(Method):
     def check(self, job: JobView) -> Decisions:
         arch = job.source.arch
         if arch.fused:  # LESA reads one weight type across all layers; fused tensors would need splitting first
-            raise UsageError(f"method lesa does not support {arch.model_type}'s fused projections yet; "
-                             "use copy, average, stack or opt-deus")
+            raise UsageError(
+                f"method lesa does not support {arch.model_type}'s fused projections yet; "
+                "use copy, average, stack or opt-deus"
+            )
         if job.base_layers < 3:
-            raise UsageError(f"recipe {job.recipe.source}: LESA learns from layer triples (l-1, l, l+1) and needs "
-                             f"at least 3 base layers; this model has {job.base_layers}")
+            raise UsageError(
+                f"recipe {job.recipe.source}: LESA learns from layer triples (l-1, l, l+1) and needs "
+                f"at least 3 base layers; this model has {job.base_layers}"
+            )
         return Decisions()
 
     def prepare(self, job: JobView, progress: Progress | None = None) -> list[str]:
@@ -92,16 +97,19 @@ class LesaMethod(Method):
                 progress(f"lesa: {short} (SVD of {L} layers, predictor)", done, len(PROJECTION_ROLES))
             rel = arch.weight(role)
             names = [arch.layer_prefix(l) + rel for l in range(L)]
-            predicted, self._figures[short] = predict_role([source.ckpt.read(n) for n in names], names, positions, s,
-                                                           job.device, job.dtype)
+            predicted, self._figures[short] = predict_role(
+                [source.ckpt.read(n) for n in names], names, positions, s, job.device, job.dtype
+            )
             for k, weight in predicted.items():
                 self._weights[k][rel] = weight
         # An undertrained predictor (e.g. the authors' 10 epochs on a small model: few steps)
         # predicts noise; say so in the manifest rather than let the numbers hide it.
         weak = [short for short, f in self._figures.items() if f["rank"] and f["train_mse_last"] >= f["train_mse_zero"]]
         if weak:  # one predictor per weight type serves every new layer: said once, not per layer
-            return [f"lesa: predictor no better than predicting zero for {', '.join(weak)} (training MSE >= the "
-                    "targets' mean square): those weights are mostly noise; raise lesa.steps or lesa.epochs"]
+            return [
+                f"lesa: predictor no better than predicting zero for {', '.join(weak)} (training MSE >= the "
+                "targets' mean square): those weights are mostly noise; raise lesa.steps or lesa.epochs"
+            ]
         return []
 
     def build(self, lower: Block, upper: Block | None, ctx: BuildContext) -> tuple[Block, dict]:
@@ -113,7 +121,9 @@ class LesaMethod(Method):
         block = {}
         for rel in lower:
             block[rel] = self._weights[k][rel] if rel in self._weights[k] else others[rel].clone()
-        source = {"first": "base layer 0", "lower": f"base layer {k}", "upper": f"base layer {k + 1}"}[self.lesa.copy_from]
+        source = {"first": "base layer 0", "lower": f"base layer {k}", "upper": f"base layer {k + 1}"}[
+            self.lesa.copy_from
+        ]
         notes = [
             "projection weights: U S V_pred, V_pred predicted by the per-weight-type MLP from the SVD "
             f"right factors of base layers {k} and {k + 1} (LESA, arXiv 2502.13794)",

@@ -101,20 +101,34 @@ def train_predictor(V: torch.Tensor, s: LesaSettings) -> tuple[nn.Sequential, di
     last = _mse(model, V)["model"]
     if not math.isfinite(last):
         raise OptDeusError(f"LESA: the predictor's training diverged (loss {last}); lower lesa.lr")
-    return model, {"rank": r, "train_rows": n, "steps": steps, "train_mse_first": first["model"],
-                   "train_mse_last": last, "train_mse_neighbour_mean": first["neighbour_mean"],
-                   "train_mse_zero": first["zero"]}
+    return model, {
+        "rank": r,
+        "train_rows": n,
+        "steps": steps,
+        "train_mse_first": first["model"],
+        "train_mse_last": last,
+        "train_mse_neighbour_mean": first["neighbour_mean"],
+        "train_mse_zero": first["zero"],
+    }
 
 
-def predict_role(weights: list[torch.Tensor], names: list[str], positions: list[int], settings: LesaSettings,
-                 device: torch.device, out_dtype: torch.dtype | None = None) -> tuple[dict[int, torch.Tensor], dict]:
+def predict_role(
+    weights: list[torch.Tensor],
+    names: list[str],
+    positions: list[int],
+    settings: LesaSettings,
+    device: torch.device,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[dict[int, torch.Tensor], dict]:
     """SVD + predictor for one weight type, given every base layer's weight (`names` for messages):
     the predicted weight of the layer after each position k (source dtype, CPU), and figures."""
     t0 = time.perf_counter()
     for name, w in zip(names, weights):  # one bad layer would spoil every layer's factors
         if not torch.isfinite(w).all():
-            raise OptDeusError(f"tensor {name} contains NaN or Inf; LESA's SVD of "
-                               "the whole stack needs every layer finite (even with --allow-nonfinite)")
+            raise OptDeusError(
+                f"tensor {name} contains NaN or Inf; LESA's SVD of "
+                "the whole stack needs every layer finite (even with --allow-nonfinite)"
+            )
     dtype = out_dtype or weights[0].dtype  # stored as the output will be: no detour through bf16
     US, V = stack_svd(weights, settings.rank, device)  # (out, r), (r, L, in)
     del weights

@@ -22,7 +22,9 @@ class LesaSettings:
     weight_decay: float = setting(0.01, minimum=0.0, doc="AdamW's default, which the authors' code uses")
     norm_loss: float = setting(5e-4, minimum=0.0, maximum=1.0, doc="weight of the batch-norm matching term in the loss")
     rank: int | None = setting(None, minimum=1, doc="singular components kept; None = all (the authors' choice)")
-    copy_from: str = setting("first", choices=COPY_FROM, doc="where norms and biases come from: base layer 0, or neighbour k or k+1")
+    copy_from: str = setting(
+        "first", choices=COPY_FROM, doc="where norms and biases come from: base layer 0, or neighbour k or k+1"
+    )
     seed: int = setting(0, minimum=0)
 
     def __post_init__(self):

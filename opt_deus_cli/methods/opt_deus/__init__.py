@@ -39,8 +39,12 @@ class OptDeusMethod(Method):
     needs_finite = True  # a cost matrix with NaN has no alignment
     settings = {"fusion": Fusion, "alignment": AlignmentSettings}
 
-    def __init__(self, alignment: AlignmentSettings = AlignmentSettings(), fusion: Fusion = Fusion(),
-                 reference_solver: ReferenceSolver = PUBLISHED):
+    def __init__(
+        self,
+        alignment: AlignmentSettings = AlignmentSettings(),
+        fusion: Fusion = Fusion(),
+        reference_solver: ReferenceSolver = PUBLISHED,
+    ):
         self.alignment = alignment
         self.alpha = fusion.alpha
         self.reference_solver = reference_solver
@@ -53,7 +57,9 @@ class OptDeusMethod(Method):
 
         refuse_reference_experts(self.alignment, job.source.arch)
         # the published solver holds dense float32 plans, as the entropic one does
-        return Decisions(overlap=guard(job, "sinkhorn" if self.alignment.mode == "reference" else self.alignment.solver))
+        return Decisions(
+            overlap=guard(job, "sinkhorn" if self.alignment.mode == "reference" else self.alignment.solver)
+        )
 
     def prepare(self, job: JobView, progress: Progress | None = None) -> list[str]:
         return [REFERENCE_WARNING] if self.alignment.mode == "reference" else []

@@ -33,7 +33,7 @@ class Heads:
     vb: torch.Tensor | None
 
     @classmethod
-    def of(cls, block: Block, arch: Architecture, layout: HeadLayout, device: torch.device) -> "Heads":
+    def of(cls, block: Block, arch: Architecture, layout: HeadLayout, device: torch.device) -> Heads:
         G, r, d, h = layout.num_kv_heads, layout.heads_per_group, layout.head_dim, layout.hidden
 
         def get(name: str, *shape: int) -> torch.Tensor:
@@ -69,7 +69,7 @@ class Heads:
         return torch.cat(cols, 1)
 
 
-def head_costs(a: dict[str, torch.Tensor], o_moved: torch.Tensor, B: "Heads", kind: str) -> torch.Tensor:
+def head_costs(a: dict[str, torch.Tensor], o_moved: torch.Tensor, B: Heads, kind: str) -> torch.Tensor:
     """(G, r, r): the cost between the query heads of group a (its parts, o columns moved by each
     of the G v-dim maps: o_moved (G, r, d, h)) and those of every group b of B. A head's features
     are its q rows (in order: RoPE pairs are not permuted), q bias and o columns; they are never
@@ -122,8 +122,9 @@ def move_each(maps: list[Map], W: torch.Tensor, dim: int) -> torch.Tensor:
     return (rows @ Pt).squeeze(-2).movedim(-1, axis)
 
 
-def align_group(parts: dict[str, torch.Tensor], heads: list[Map], vdims: list[Map],
-                o_vdims_moved: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def align_group(
+    parts: dict[str, torch.Tensor], heads: list[Map], vdims: list[Map], o_vdims_moved: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Group a's tensors moved onto the slots of N groups at once, (N, ...) each: query heads by
     heads[k], value dims by vdims[k] (v rows, v bias and the matching o columns of every head);
     k is never permuted inside. o_vdims_moved: (N, r, d, h), parts["o"] already moved by vdims
@@ -190,18 +191,27 @@ def align_attention(lower: Block, upper: Block, ctx: BuildContext, settings: Ali
         aligned = align_group(parts_A[a], [s.map for s in solved], maps, o_moved)
         group_costs_of.append(stacked_parts_cost(aligned, parts_B, kind))
         del o_moved, aligned
-    head_cost, group_cost = torch.stack(head_costs_of), torch.stack(group_costs_of).cpu()  # (G, G, r, r), (G, G) float64
+    head_cost, group_cost = (
+        torch.stack(head_costs_of),
+        torch.stack(group_costs_of).cpu(),
+    )  # (G, G, r, r), (G, G) float64
     cost_before = float(stacked_parts_cost(A.groups(), parts_B, kind).mean())
     group = solve(group_cost, settings, "attention KV groups")  # (G, G) on the CPU: too small for a device
     used = {(a, b): w / G for b in range(G) for a, w in group.map.sources(b)}  # mass of the KV-group plan
-    pairs = {(a, b): GroupPair(v_dims[a * G + b], heads[a * G + b], v_cost[a, b], head_cost[a, b])
-             for a in range(G) for b in range(G)}
+    pairs = {
+        (a, b): GroupPair(v_dims[a * G + b], heads[a * G + b], v_cost[a, b], head_cost[a, b])
+        for a in range(G)
+        for b in range(G)
+    }
 
     def level(inner: dict[tuple[int, int], Solved]) -> dict:
         """The many small inner plans of one level: worst case over all of them, and their
         permutation likeness weighted by how much the fusion uses each pair of groups."""
-        return {"plans": len(inner), **worst_of([s.status() for s in inner.values()]),
-                "permutation_likeness": sum(w * inner[pair].likeness for pair, w in used.items())}
+        return {
+            "plans": len(inner),
+            **worst_of([s.status() for s in inner.values()]),
+            "permutation_likeness": sum(w * inner[pair].likeness for pair, w in used.items()),
+        }
 
     inner_v = {pair: p.v_dims for pair, p in pairs.items()}
     inner_h = {pair: p.heads for pair, p in pairs.items()}

@@ -20,7 +20,9 @@ def check_blocks(lower: Block, upper: Block, arch: Architecture, layout: HeadLay
     for role in arch.projections:
         expected[arch.bias(role)] = (layout.weight_shape(role)[0],)
     for role, path in arch.experts.items():
-        expected.update({path.format(e=e) + ".bias": (layout.weight_shape(role)[0],) for e in range(layout.num_experts)})
+        expected.update(
+            {path.format(e=e) + ".bias": (layout.weight_shape(role)[0],) for e in range(layout.num_experts)}
+        )
     for name, t in upper.items():
         if name in expected and tuple(t.shape) != expected[name]:
             raise OptDeusError(f"tensor {name} has shape {tuple(t.shape)}, config.json implies {expected[name]}")

@@ -16,7 +16,6 @@ from .experts import build_experts
 from .mlp import align_mlp, align_mlp_later, fuse_mlp
 from .settings import AlignmentSettings
 
-
 # An exact layer is "large" from this many MLP neurons on. A large layer solves its MLP assignment
 # in a forked child beside attention (overlap): that pays there. A small one is built in process
 # on one thread: the fork, its copy-on-write pages and attention on one core less cost more than
@@ -40,22 +39,28 @@ def _threads(count: int):
         torch.set_num_threads(threads)
 
 
-def build_corrected(lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings,
-                    alpha: float) -> tuple[Block, dict]:
+def build_corrected(
+    lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings, alpha: float
+) -> tuple[Block, dict]:
     """ctx.decisions.overlap: a dense MLP's cost first, its exact assignment (one core, seconds) then solved in
     a child process while attention is aligned and fused here (faster; attention's buffers join
     the cost in memory, and pages the fork shares get copied as they are written), for an MLP of
     at least OVERLAP_MIN_NEURONS. Otherwise attention first and the MLP after, in this process:
     the lower peak (OptDeusMethod.check chooses); a small exact layer, on one thread."""
     # Sinkhorn's n x n iterations and a mixture's many experts are work enough for every thread
-    large = (ctx.layout.intermediate >= OVERLAP_MIN_NEURONS or settings.solver != "exact" or bool(ctx.arch.experts)
-             or ctx.device.type != "cpu")
+    large = (
+        ctx.layout.intermediate >= OVERLAP_MIN_NEURONS
+        or settings.solver != "exact"
+        or bool(ctx.arch.experts)
+        or ctx.device.type != "cpu"
+    )
     with _threads(torch.get_num_threads() if large else 1):
         return _build(lower, upper, ctx, settings, alpha, ctx.decisions.overlap and large)
 
 
-def _build(lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings, alpha: float,
-           overlap: bool) -> tuple[Block, dict]:
+def _build(
+    lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings, alpha: float, overlap: bool
+) -> tuple[Block, dict]:
     notes: list[str] = []
     background = overlap and settings.solver == "exact" and not ctx.arch.experts
     pending_mlp = align_mlp_later(lower, upper, ctx, settings) if background else None

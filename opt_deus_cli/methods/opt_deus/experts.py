@@ -5,8 +5,9 @@ a dense MLP (one neuron plan shared by gate/up/down)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, cast
+from typing import cast
 
 import torch
 
@@ -100,8 +101,15 @@ def align_experts(lower: Block, upper: Block, ctx: BuildContext, settings: Align
 AlignPair = Callable[[Block, Block, BuildContext, AlignmentSettings, tuple[int, int]], MlpAlignment]
 
 
-def align_expert_neurons(ex: ExpertAlignment, lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings,
-                         on_expert: Callable[[int, list[Source]], None], align: AlignPair = align_mlp) -> dict:
+def align_expert_neurons(
+    ex: ExpertAlignment,
+    lower: Block,
+    upper: Block,
+    ctx: BuildContext,
+    settings: AlignmentSettings,
+    on_expert: Callable[[int, list[Source]], None],
+    align: AlignPair = align_mlp,
+) -> dict:
     """Aligns the neurons of every pair of experts the expert plan uses, one B expert at a time (a
     Sinkhorn neuron plan at Mixtral's size is 0.8 GB: they are not all kept), and hands each B
     expert's [(weight, A expert, alignment)] to on_expert(b, sources). `align` aligns one pair
@@ -114,10 +122,17 @@ def align_expert_neurons(ex: ExpertAlignment, lower: Block, upper: Block, ctx: B
         aligned: list[Source] = [(w, a, align(lower, upper, ctx, settings, (a, b))) for a, w in src]
         on_expert(b, aligned)
         used += [(w / E, al.figures) for w, _, al in aligned]
-    before = torch.cat([
-        identity_cost(mlp_features(lower, mlp_paths(arch, e)), mlp_features(upper, mlp_paths(arch, e)), settings.cost, ctx.device)
-        for e in range(E)
-    ])
+    before = torch.cat(
+        [
+            identity_cost(
+                mlp_features(lower, mlp_paths(arch, e)),
+                mlp_features(upper, mlp_paths(arch, e)),
+                settings.cost,
+                ctx.device,
+            )
+            for e in range(E)
+        ]
+    )
     every = [f for _, f in used]
     return {
         "solver": every[0]["solver"],
@@ -140,7 +155,9 @@ def fuse_router(ex: ExpertAlignment, lower: Block, upper: Block, ctx: BuildConte
     return {name: ctx.result(mix(alpha, aligned, upper[name].to(dev, F32)), upper[name])}
 
 
-def build_experts(lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings, alpha: float) -> tuple[Block, dict]:
+def build_experts(
+    lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings, alpha: float
+) -> tuple[Block, dict]:
     ex = align_experts(lower, upper, ctx, settings)
     out: Block = {}
 

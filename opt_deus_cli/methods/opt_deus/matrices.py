@@ -16,8 +16,14 @@ from .reference import group_report, reference_pass
 from .settings import PUBLISHED, AlignmentSettings, ReferenceSolver, refuse_reference_experts
 
 
-def alignment_matrices(lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings, group: str,
-                       reference_solver: ReferenceSolver = PUBLISHED) -> dict:
+def alignment_matrices(
+    lower: Block,
+    upper: Block,
+    ctx: BuildContext,
+    settings: AlignmentSettings,
+    group: str,
+    reference_solver: ReferenceSolver = PUBLISHED,
+) -> dict:
     """Cost matrices and plans of one group, for inspection.
 
     corrected, "attention": cost/plan (H, H) between query heads (cost of head (a, i) vs (b, j)
@@ -61,8 +67,15 @@ def _attention(lower: Block, upper: Block, ctx: BuildContext, settings: Alignmen
 
     head_cost, head_plan = compose(r, lambda p: (p.head_cost, p.heads))
     v_cost, v_plan = compose(d, lambda p: (p.v_cost, p.v_dims))
-    return {"cost": head_cost, "plan": head_plan, "group_cost": al.group_cost.cpu().double(), "group_plan": TG,
-            "v_cost": v_cost, "v_plan": v_plan, "report": al.figures}
+    return {
+        "cost": head_cost,
+        "plan": head_plan,
+        "group_cost": al.group_cost.cpu().double(),
+        "group_plan": TG,
+        "v_cost": v_cost,
+        "v_plan": v_plan,
+        "report": al.figures,
+    }
 
 
 def _experts(lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings) -> dict:
@@ -76,8 +89,12 @@ def _experts(lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentS
         return al
 
     mlp = align_expert_neurons(ex, lower, upper, ctx, settings, lambda b, sources: None, align_and_keep)
-    return {"cost": ex.cost.cpu().double(), "plan": ex.experts.map.plan(),
-            "expert_pairs": pairs, "report": {**ex.figures, "neurons": mlp}}
+    return {
+        "cost": ex.cost.cpu().double(),
+        "plan": ex.experts.map.plan(),
+        "expert_pairs": pairs,
+        "report": {**ex.figures, "neurons": mlp},
+    }
 
 
 def _reference(lower: Block, upper: Block, ctx: BuildContext, group: str, solver: ReferenceSolver) -> dict:

@@ -54,8 +54,11 @@ def layer_memory(job: JobView, solver: str) -> LayerMemory:
         """Base block k: (bytes as stored, bytes of the new block in the output dtype, numel of
         its largest tensor, numel of its attention)."""
         metas = {rel: source.ckpt.meta(source.arch.layer_prefix(k) + rel) for rel in source.blocks[k]}
-        out = sum(math.prod(m.shape) * (job.dtype.itemsize if job.dtype is not None and m.dtype.is_floating_point
-                                        else m.dtype.itemsize) for m in metas.values())
+        out = sum(
+            math.prod(m.shape)
+            * (job.dtype.itemsize if job.dtype is not None and m.dtype.is_floating_point else m.dtype.itemsize)
+            for m in metas.values()
+        )
         attention = sum(math.prod(m.shape) for rel, m in metas.items() if "attn" in rel)
         return sum(m.nbytes for m in metas.values()), out, max(math.prod(m.shape) for m in metas.values()), attention
 
@@ -69,9 +72,13 @@ def layer_memory(job: JobView, solver: str) -> LayerMemory:
         cost_cpu, cost_device = ("MLP cost (float64, for LAPJV)", 8 * n * n), ("MLP cost (float32)", 4 * n * n)
     else:
         cost_cpu = cost_device = ("MLP cost and Sinkhorn buffers (float32)", SINKHORN_BUFFERS * 4 * n * n)
-    cpu = {"runtime": RUNTIME, "two source blocks": 2 * stored, "new block": new,
-           # measured, the whole CLI against one layer built alone: ~0.2 GB more at 1B and 8B shapes
-           "reading, writing and checksums": PIPELINE}
+    cpu = {
+        "runtime": RUNTIME,
+        "two source blocks": 2 * stored,
+        "new block": new,
+        # measured, the whole CLI against one layer built alone: ~0.2 GB more at 1B and 8B shapes
+        "reading, writing and checksums": PIPELINE,
+    }
     device: dict[str, int] = {}
     if not gpu:
         cpu.update([max(cost_cpu, fusing, key=lambda part: part[1])])
@@ -92,19 +99,27 @@ def check_memory(job: JobView, solver: str, cpu_budget: int | None, device_budge
     limit); the message names what needs the memory and the ways out."""
     need = layer_memory(job, solver)
     n = job.source.layout.intermediate
-    for where, total, parts, budget in (("memory", need.cpu_total, need.cpu, cpu_budget),
-                                        (f"{job.device} memory", need.device_total, need.device, device_budget)):
+    for where, total, parts, budget in (
+        ("memory", need.cpu_total, need.cpu, cpu_budget),
+        (f"{job.device} memory", need.device_total, need.device, device_budget),
+    ):
         if budget is None or total <= budget:
             continue
         biggest = ", ".join(f"{name} {_gb(size)}" for name, size in sorted(parts.items(), key=lambda p: -p[1])[:3])
         if solver == "exact":
-            ways = (f"run on a machine with {_gb(total)} or more of RAM, or use alignment: {{solver: sinkhorn}} with "
-                    f"--device cuda (float32 on the GPU: about {_gb(SINKHORN_BUFFERS * 4 * n * n)} there)")
+            ways = (
+                f"run on a machine with {_gb(total)} or more of RAM, or use alignment: {{solver: sinkhorn}} with "
+                f"--device cuda (float32 on the GPU: about {_gb(SINKHORN_BUFFERS * 4 * n * n)} there)"
+            )
         else:
-            ways = (f"use a device with {_gb(total)} or more, or alignment: {{solver: exact}} on a CPU with "
-                    f"{_gb(layer_memory(job, 'exact').cpu_total)} of RAM")
-        raise UsageError(f"opt-deus with solver {solver} needs about {_gb(total)} of {where} per new layer at these shapes "
-                         f"(MLP width {n}: {biggest}), more than the budget of {_gb(budget)}; {ways}")
+            ways = (
+                f"use a device with {_gb(total)} or more, or alignment: {{solver: exact}} on a CPU with "
+                f"{_gb(layer_memory(job, 'exact').cpu_total)} of RAM"
+            )
+        raise UsageError(
+            f"opt-deus with solver {solver} needs about {_gb(total)} of {where} per new layer at these shapes "
+            f"(MLP width {n}: {biggest}), more than the budget of {_gb(budget)}; {ways}"
+        )
     return need
 
 

@@ -4,8 +4,8 @@ gate rows, up rows (and their biases) and down columns, so the SwiGLU pairing su
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -32,8 +32,9 @@ def mlp_features(block: Block, paths: dict[str, str]) -> list[torch.Tensor]:
     return feats
 
 
-def mlp_cost(lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings,
-             pair: tuple[int, int] | None = None) -> torch.Tensor:
+def mlp_cost(
+    lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings, pair: tuple[int, int] | None = None
+) -> torch.Tensor:
     """(I, I) cost between A's neurons (rows) and B's, of the dense MLP or of A's expert pair[0]
     and B's expert pair[1]; with settings.sketch, between the neurons' sketched features.
     exact: the solver wants a CPU float64 matrix, so on the CPU the cost is written straight into
@@ -58,9 +59,14 @@ class MlpAlignment:
     figures: dict
 
 
-def align_mlp_cost(cost: torch.Tensor, settings: AlignmentSettings, pair: tuple[int, int] | None = None,
-                   started: float | None = None, full: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
-                   solved: Solved | None = None) -> MlpAlignment:
+def align_mlp_cost(
+    cost: torch.Tensor,
+    settings: AlignmentSettings,
+    pair: tuple[int, int] | None = None,
+    started: float | None = None,
+    full: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+    solved: Solved | None = None,
+) -> MlpAlignment:
     """The neuron plan for a cost from mlp_cost (or `solved`, the plan already solved for it).
     With a sketch, `full` (the neuron features of A and B, as mlp_features gives them) lets an
     exact plan's costs be reported in full features."""
@@ -75,13 +81,16 @@ def align_mlp_cost(cost: torch.Tensor, settings: AlignmentSettings, pair: tuple[
             n, device = cost.shape[0], full[0][0].device
             before = matched_cost(*full, torch.arange(n), settings.cost, device)
             # the map lists, per B neuron j, the A neuron landing on it
-            solved.cost_after = float(matched_cost(*full, torch.argsort(solved.map.index.cpu()), settings.cost, device).mean())
+            solved.cost_after = float(
+                matched_cost(*full, torch.argsort(solved.map.index.cpu()), settings.cost, device).mean()
+            )
             cost_before, extra["cost_basis"] = float(before.mean()), "full features"
     return MlpAlignment(solved, {**solved.figures(cost_before, time.perf_counter() - started), **extra})
 
 
-def align_mlp(lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings,
-              pair: tuple[int, int] | None = None) -> MlpAlignment:
+def align_mlp(
+    lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings, pair: tuple[int, int] | None = None
+) -> MlpAlignment:
     """The neuron plan of A's MLP onto B's, or of A's expert pair[0] onto B's expert pair[1]."""
     started = time.perf_counter()
     a, b = pair if pair is not None else (None, None)
@@ -89,7 +98,9 @@ def align_mlp(lower: Block, upper: Block, ctx: BuildContext, settings: Alignment
     return align_mlp_cost(mlp_cost(lower, upper, ctx, settings, pair), settings, pair, started, full)
 
 
-def align_mlp_later(lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings) -> Callable[[], MlpAlignment]:
+def align_mlp_later(
+    lower: Block, upper: Block, ctx: BuildContext, settings: AlignmentSettings
+) -> Callable[[], MlpAlignment]:
     """align_mlp of a dense MLP, whose exact solver runs in a child process while the caller
     goes on (attention, on the other core); the returned function waits and gives the alignment."""
     started = time.perf_counter()
@@ -112,15 +123,22 @@ def align_mlp_later(lower: Block, upper: Block, ctx: BuildContext, settings: Ali
 Source = tuple[float, "int | None", MlpAlignment]
 
 
-def fuse_mlp(sources: list[Source], lower: Block, upper: Block, ctx: BuildContext, alpha: float,
-             expert: int | None = None) -> Block:
+def fuse_mlp(
+    sources: list[Source], lower: Block, upper: Block, ctx: BuildContext, alpha: float, expert: int | None = None
+) -> Block:
     """B's MLP (or B's expert `expert`) fused with alpha * sum_w w * (A's MLP or expert moved by
     its neuron map): ONE map per source for gate rows, up rows, their biases and down columns;
     down's bias (per residual dim, not per neuron) follows the source weights only. One tensor
     at a time. A dense MLP has one source of weight 1."""
     arch, dev = ctx.arch, ctx.device
-    neuron_axis = {("gate", ".weight"): 0, ("up", ".weight"): 0, ("down", ".weight"): 1,
-                   ("gate", ".bias"): 0, ("up", ".bias"): 0, ("down", ".bias"): None}
+    neuron_axis = {
+        ("gate", ".weight"): 0,
+        ("up", ".weight"): 0,
+        ("down", ".weight"): 1,
+        ("gate", ".bias"): 0,
+        ("up", ".bias"): 0,
+        ("down", ".bias"): None,
+    }
     out = {}
     for (role, suffix), dim in neuron_axis.items():
         name = mlp_paths(arch, expert)[role] + suffix
@@ -138,8 +156,9 @@ def fuse_mlp(sources: list[Source], lower: Block, upper: Block, ctx: BuildContex
     return out
 
 
-def matched_cost(Xs: list[torch.Tensor], Ys: list[torch.Tensor], match: torch.Tensor, kind: str,
-                 device: torch.device) -> torch.Tensor:
+def matched_cost(
+    Xs: list[torch.Tensor], Ys: list[torch.Tensor], match: torch.Tensor, kind: str, device: torch.device
+) -> torch.Tensor:
     """(n,) float32: the cost between unit i of A and unit match[i] of B, from column blocks as
     cost_matrix_blocks takes them, without the n x n matrix (rows in chunks: no n x D copy)."""
     n, parts = match.numel(), []

@@ -4,8 +4,8 @@ plans."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 
@@ -16,8 +16,10 @@ from .settings import AlignmentSettings
 # An entropic plan less permutation-like than this moves averages of several units rather than
 # units: said in the plan's warnings (the figure itself is in the report).
 LOW_LIKENESS = 0.5
-BLURRED = (f"plan is blurred: permutation likeness below {LOW_LIKENESS} (each new unit averages several of the "
-           "lower layer's); lower alignment.epsilon or use solver: exact")
+BLURRED = (
+    f"plan is blurred: permutation likeness below {LOW_LIKENESS} (each new unit averages several of the "
+    "lower layer's); lower alignment.epsilon or use solver: exact"
+)
 
 
 class Map:
@@ -26,7 +28,9 @@ class Map:
     P (m, n): B's unit j receives sum_i P[j, i] * A's unit i (entropic solver); colsum (m,) the
     plan's column sums, so that the plan itself can be given back for inspection."""
 
-    def __init__(self, index: torch.Tensor | None = None, P: torch.Tensor | None = None, colsum: torch.Tensor | None = None):
+    def __init__(
+        self, index: torch.Tensor | None = None, P: torch.Tensor | None = None, colsum: torch.Tensor | None = None
+    ):
         self.index, self.P, self.colsum = index, P, colsum
 
     def weights(self) -> torch.Tensor:
@@ -63,8 +67,12 @@ class Solved:
     likeness: float  # permutation likeness: 1 for a permutation
 
     def status(self) -> dict:
-        return {"iterations": self.report.iterations, "marginal_error": self.report.marginal_error,
-                "converged": self.report.converged, "warnings": list(self.report.warnings)}
+        return {
+            "iterations": self.report.iterations,
+            "marginal_error": self.report.marginal_error,
+            "converged": self.report.converged,
+            "warnings": list(self.report.warnings),
+        }
 
     def figures(self, cost_before: float, seconds: float) -> dict:
         return figures(self.report, cost_before, self.cost_after, self.likeness, seconds)
@@ -101,11 +109,15 @@ def solve_batch(costs: torch.Tensor, settings: AlignmentSettings, what: str) -> 
         return [Solved(Map(index=torch.argsort(cols[k])), reports[k], float(matched[k]), 1.0) for k in range(N)]
     T, reports = sinkhorn_plans(costs, settings.epsilon, settings.max_iter, settings.tol, what)
     # mean cost under each plan, mass-normalised; a batched dot product makes no n x m temporary
-    after = (torch.bmm(T.reshape(N, 1, -1), costs.to(T.dtype).reshape(N, -1, 1)).reshape(N) / T.sum((1, 2))).double().cpu()
+    after = (
+        (torch.bmm(T.reshape(N, 1, -1), costs.to(T.dtype).reshape(N, -1, 1)).reshape(N) / T.sum((1, 2))).double().cpu()
+    )
     solved = []
     for k in range(N):
         likeness = permutation_likeness(T[k])
-        report = reports[k] if likeness >= LOW_LIKENESS else replace(reports[k], warnings=reports[k].warnings + (BLURRED,))
+        report = (
+            reports[k] if likeness >= LOW_LIKENESS else replace(reports[k], warnings=reports[k].warnings + (BLURRED,))
+        )
         solved.append(Solved(Map(P=barycentric_map(T[k]), colsum=T[k].sum(0)), report, float(after[k]), likeness))
     return solved
 

@@ -5,7 +5,7 @@ marginal correction, independent plans for q/k and gate/up, heads and GQA groups
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -26,11 +26,15 @@ NO_MASS = 1e-6
 def underflow_warning(roles: list[str], alpha: float) -> str:
     """What an underflowed plan means for the fused tensors, in one line."""
     names = "/".join(roles)
-    return (f"the {names} plan{'s have' if len(roles) > 1 else ' has'} no mass (kernel underflow); with the published "
-            f"semantics the fused {names} {'are' if len(roles) > 1 else 'is'} {1 - alpha:g} x the upper layer")
+    return (
+        f"the {names} plan{'s have' if len(roles) > 1 else ' has'} no mass (kernel underflow); with the published "
+        f"semantics the fused {names} {'are' if len(roles) > 1 else 'is'} {1 - alpha:g} x the upper layer"
+    )
 
 
-def reference_plan(WA: torch.Tensor, WB: torch.Tensor, solver: ReferenceSolver, what: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def reference_plan(
+    WA: torch.Tensor, WB: torch.Tensor, solver: ReferenceSolver, what: str
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The published per-tensor plan: raw Euclidean cost between rows, POT default Sinkhorn, fp32.
     Returns the cost C and plan T, both (n_A, n_B), and the plan's figures."""
     start = time.perf_counter()
@@ -69,8 +73,9 @@ def reference_summary(plans: dict[str, dict], roles: dict[str, str], alpha: floa
     }
 
 
-def reference_pass(lower: Block, upper: Block, ctx: BuildContext, alpha: float, solver: ReferenceSolver,
-                   on_plan: OnPlan | None = None) -> tuple[Block, dict[str, dict], list[str]]:
+def reference_pass(
+    lower: Block, upper: Block, ctx: BuildContext, alpha: float, solver: ReferenceSolver, on_plan: OnPlan | None = None
+) -> tuple[Block, dict[str, dict], list[str]]:
     """Everything the published script computes: fused tensors, per-tensor figures, notes."""
     arch, dev = ctx.arch, ctx.device
     out: Block = {}
@@ -126,7 +131,12 @@ def group_report(figs: dict[str, dict], ctx: BuildContext, group: str, alpha: fl
     return reference_summary({name: figs[name] for name in names}, names, alpha)
 
 
-def build_reference(lower: Block, upper: Block, ctx: BuildContext, alpha: float, solver: ReferenceSolver) -> tuple[Block, dict]:
+def build_reference(
+    lower: Block, upper: Block, ctx: BuildContext, alpha: float, solver: ReferenceSolver
+) -> tuple[Block, dict]:
     out, figs, notes = reference_pass(lower, upper, ctx, alpha, solver)
-    return out, {"attention": group_report(figs, ctx, "attention", alpha), "mlp": group_report(figs, ctx, "mlp", alpha),
-                 "notes": notes}
+    return out, {
+        "attention": group_report(figs, ctx, "attention", alpha),
+        "mlp": group_report(figs, ctx, "mlp", alpha),
+        "notes": notes,
+    }

@@ -44,8 +44,10 @@ class AlignmentSettings:
     def unused(self) -> dict[str, str]:
         """Fields this mode and solver ignore -> why (settings.parse_settings refuses them in a recipe)."""
         if self.mode == "reference":
-            why = (f"mode reference runs the published solver with its fixed settings (POT Sinkhorn on the raw "
-                   f"Euclidean cost, reg {PUBLISHED.reg}, {PUBLISHED.max_iter} iterations, stop {PUBLISHED.stop_thr:g})")
+            why = (
+                f"mode reference runs the published solver with its fixed settings (POT Sinkhorn on the raw "
+                f"Euclidean cost, reg {PUBLISHED.reg}, {PUBLISHED.max_iter} iterations, stop {PUBLISHED.stop_thr:g})"
+            )
             return {f.name: why for f in fields(self) if f.name != "mode"}
         if self.solver == "exact":
             why = "solver exact (an assignment) has no regularisation or iterations (they are for solver: sinkhorn)"
