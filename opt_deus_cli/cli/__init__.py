@@ -3,7 +3,10 @@ lives in the library modules. Importing a command module registers it on the app
 
 from __future__ import annotations
 
-from . import compare, eval, handoff, inspect, recipes, train, upscale, verify  # noqa: F401  (registers the commands, in this order)
+# isort: off
+# importing a command registers it: the order of these names is the order of the help
+from . import upscale, inspect, verify, recipes, train, eval, compare, handoff  # noqa: F401
+# isort: on
 from .common import app
 
 __all__ = ["app"]
