@@ -6,6 +6,7 @@ from __future__ import annotations
 # isort: off
 # importing a command registers it: the order of these names is the order of the help
 from . import upscale, inspect, verify, recipes, train, eval, compare, handoff  # noqa: F401
+
 # isort: on
 from .common import app
 
