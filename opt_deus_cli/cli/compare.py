@@ -91,7 +91,8 @@ def compare(
                                                "chat_template": chat_template, "drop_long": drop_long})
     if not tasks and (limit is not None or num_fewshot is not None or include_path is not None):
         fail(UsageError("--limit, --num-fewshot and --include-path apply to --tasks; give --tasks or leave them out"))
-    task_options = {"limit": limit, "num_fewshot": num_fewshot, "device": device,
+    # tasks score the models in the training dtype (a bf16 checkpoint scored in bf16 crawls on CPU)
+    task_options = {"limit": limit, "num_fewshot": num_fewshot, "device": device, "dtype": dtype,
                     "include_path": str(include_path.resolve()) if include_path else None}
     task_options = {k: v for k, v in task_options.items() if v is not None} if tasks else {}
     spec = CompareSpec(base=run(resolve_model, base).path, recipes=_recipes(_listed(recipes, "--recipes")),
