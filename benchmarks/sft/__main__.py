@@ -9,15 +9,18 @@ completion loss (eval loss on held-out modules' questions) and the offline lm-ev
 (multiple choice over held-out answers), on each model as built and after training.
 
 The defaults are the reduced study that was run on a loaded 2-core machine (BENCHMARKS.md): ARMS
-without stack and average, BUDGETS steps of batch 4 x 256, and every SAMPLE-th held-out conversation
-and pydoc_qa question (spread over all held-out modules). `--full` is the study as first defined:
-all six arms, FULL_BUDGETS steps of batch 8 x 256, every held-out conversation and question.
+without stack and average, BUDGETS steps of batch 4 x 128, the held-out loss on every SAMPLE-th
+held-out conversation (spread over all held-out modules) at step 0 and at the end, and no lm-eval
+task (`--task` adds pydoc_qa on every SAMPLE-th question). `--full` is the study as first defined:
+all six arms, FULL_BUDGETS steps of batch 8 x 256, every held-out conversation, pydoc_qa on all
+291 questions, six evaluations per run.
 
 Each budget is one `opt-deus compare` command (printed before it runs, so it can be run by hand),
 writing benchmarks/results/sft/steps-N/ (runs, report.md, report.json, PNGs); interrupted, it
 resumes. Needs SFT in `opt-deus train` (TrainOptions.format) and `opt-deus eval` for --tasks.
 
     python -m benchmarks.sft                 # data, recipes, then both budgets of the reduced study
+    python -m benchmarks.sft --seeds 1       # one seed only (two such calls can run side by side)
     python -m benchmarks.sft --full          # the study as first defined (hours on 2 CPU cores)
     python -m benchmarks.sft --dry-run       # print the commands only
 """
@@ -40,16 +43,17 @@ FULL_ARMS = ("copy", "upper-copy", "opt-deus-exact", "opt-deus-reference", "aver
 ARMS = ("copy", "upper-copy", "opt-deus-exact", "opt-deus-reference")  # stack, then average dropped for time
 REFERENCE = "copy"  # LLaMA-Pro, as in the continued pre-training tables
 FULL_BUDGETS = (60, 240)
-BUDGETS = (10, 30)
+BUDGETS = (8, 24)
 SEEDS = "0,1"
-SAMPLE = 6  # every 6th held-out conversation and pydoc_qa question (49 each); 1 = all 291
+SAMPLE = 12  # every 12th held-out conversation and pydoc_qa question (25 each); 1 = all 291
 BATCH_SIZE, FULL_BATCH_SIZE = 4, 8
+SEQ_LEN, FULL_SEQ_LEN = 128, 256
 # one setting for every arm (not tuned per arm); the SFT options are opt-deus train's own flags:
 # the data are conversations ({"messages": [...]}), which `--format` detects when not given.
 # Loss on the assistant's tokens only (the default --loss-on completion) needs {% generation %}
 # markers, which SmolLM2's shipped template lacks: the same template with the markers.
 TEMPLATE = Path(__file__).with_name("smollm2-chat-template.jinja")
-TRAIN_FLAGS = ["--lr", "2e-4", "--seq-len", "256", "--device", "cpu", "--dtype", "float32"]
+TRAIN_FLAGS = ["--lr", "2e-4", "--device", "cpu", "--dtype", "float32"]
 SFT_FLAGS = ["--loss-on", "completion", "--chat-template", str(TEMPLATE)]
 TRAINER_ARGS = {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
                 "weight_decay": 0.1, "adam_beta2": 0.95, "max_grad_norm": 1.0, "per_device_eval_batch_size": 16}
@@ -85,8 +89,9 @@ def sample(data_dir: Path, every: int) -> tuple[Path, Path]:
     return heldout, out / "pydoc_qa"
 
 
-def commands(work: Path, results: Path, arms=ARMS, budgets=BUDGETS, every: int = SAMPLE,
-             batch_size: int = BATCH_SIZE) -> list[list[str]]:
+def commands(work: Path, results: Path, arms=ARMS, budgets=BUDGETS, every: int = SAMPLE, batch_size: int = BATCH_SIZE,
+             seq_len: int = SEQ_LEN, task: bool = False, seeds: str = SEEDS, evals: int = 1) -> list[list[str]]:
+    """One `opt-deus compare` per budget; `evals` held-out evaluations after step 0 (every steps/evals)."""
     model = MODELS["smollm2-135m"].dir
     files = [work / "recipes" / f"{arm}.yaml" for arm in arms]
     ordered = [f for f in files if f.stem == REFERENCE] + [f for f in files if f.stem != REFERENCE]
@@ -94,9 +99,10 @@ def commands(work: Path, results: Path, arms=ARMS, budgets=BUDGETS, every: int =
     heldout, task_dir = sample(work / "data", every)
     return [[program, "compare", str(model), "--recipes", ",".join(map(str, ordered)),
              "--data", str(work / "data" / "train.jsonl"), "--eval-data", str(heldout),
-             "--tasks", "pydoc_qa", "--include-path", str(task_dir),
-             "--steps", str(steps), "--seeds", SEEDS, "--eval-every", str(max(1, steps // 2)),
-             "--args", str(work / f"trainer-{steps}.yaml"), "--batch-size", str(batch_size), *TRAIN_FLAGS, *SFT_FLAGS,
+             *(["--tasks", "pydoc_qa", "--include-path", str(task_dir)] if task else []),
+             "--steps", str(steps), "--seeds", seeds, "--eval-every", str(max(1, steps // evals)),
+             "--args", str(work / f"trainer-{steps}.yaml"), "--batch-size", str(batch_size), "--seq-len", str(seq_len),
+             *TRAIN_FLAGS, *SFT_FLAGS,
              "--out", str(results / f"steps-{steps}")]
             for steps in budgets]
 
@@ -110,6 +116,8 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true", help="the study as first defined: all arms, budgets "
                    f"{FULL_BUDGETS}, batch {FULL_BATCH_SIZE}, all held-out data (hours on 2 CPU cores)")
     p.add_argument("--budgets", help="comma-separated steps, one comparison each (default: the study's)")
+    p.add_argument("--seeds", default=SEEDS, help=f"comma-separated seeds (default {SEEDS}; a run already saved is skipped)")
+    p.add_argument("--task", action="store_true", help="the reduced study plus pydoc_qa on every SAMPLE-th question")
     args = p.parse_args(argv)
     budgets = tuple(int(b) for b in args.budgets.split(",")) if args.budgets else (FULL_BUDGETS if args.full else BUDGETS)
     if not MODELS["smollm2-135m"].dir.is_dir() and not args.dry_run:
@@ -121,8 +129,11 @@ def main(argv=None) -> int:
     for steps in budgets:
         (args.work / f"trainer-{steps}.yaml").write_text(yaml.safe_dump({"warmup_steps": warmup(steps), **TRAINER_ARGS}))
     code = 0
-    chosen = (FULL_ARMS, 1, FULL_BATCH_SIZE) if args.full else (ARMS, SAMPLE, BATCH_SIZE)
-    for command in commands(args.work, args.results, chosen[0], budgets, chosen[1], chosen[2]):
+    if args.full:
+        todo = commands(args.work, args.results, FULL_ARMS, budgets, 1, FULL_BATCH_SIZE, FULL_SEQ_LEN, True, args.seeds, 6)
+    else:
+        todo = commands(args.work, args.results, ARMS, budgets, SAMPLE, BATCH_SIZE, SEQ_LEN, args.task, args.seeds)
+    for command in todo:
         print("$ " + shlex.join(command), flush=True)
         if not args.dry_run:
             code = max(code, subprocess.run(command).returncode)
