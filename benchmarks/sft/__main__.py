@@ -67,7 +67,7 @@ def recipes(work: Path, depth: int = 30) -> list[Path]:
     """The arms as recipe files (the label is the file's stem), from the quality study's definitions."""
     work.mkdir(parents=True, exist_ok=True)
     paths = []
-    for arm in ARMS:
+    for arm in FULL_ARMS:
         path = work / f"{arm}.yaml"
         path.write_text(yaml.safe_dump(Variant(arm).recipe(MODELS["smollm2-135m"], depth), sort_keys=False))
         paths.append(path)
