@@ -1,6 +1,8 @@
-"""`opt-deus compare --tasks` scores each model in the comparison's --dtype, not the stored one: a
-bf16 checkpoint (SmolLM2 as built by benchmarks/smollm2.py) scored in bf16 by lm-eval took ~13 s
-per request on a loaded 2-core CPU, which made the SFT study's task unaffordable."""
+"""`opt-deus compare --tasks` scores each model in the comparison's --dtype (float32 by default), the
+dtype its held-out loss is computed in, not in the stored one (SmolLM2 as built by
+benchmarks/smollm2.py is a bf16 checkpoint, whose bf16 matmuls are slow on CPUs without bf16 units).
+Under the load of the SFT study's session lm-eval took 13-30 s per request either way, so no speed
+figure is claimed for the change."""
 
 from __future__ import annotations
 
