@@ -8,11 +8,20 @@ documentation (benchmarks/sft/data.py), 2 seeds, at each of BUDGETS steps. Measu
 completion loss (eval loss on held-out modules' questions) and the offline lm-eval task pydoc_qa
 (multiple choice over held-out answers), on each model as built and after training.
 
+The defaults are the reduced study that was run on a loaded 2-core machine (BENCHMARKS.md): ARMS
+without stack and average, BUDGETS steps of batch 4 x 128, the held-out loss on every SAMPLE-th
+held-out conversation (spread over all held-out modules) at step 0 and at the end, and no lm-eval
+task (`--task` adds pydoc_qa on every SAMPLE-th question). `--full` is the study as first defined:
+all six arms, FULL_BUDGETS steps of batch 8 x 256, every held-out conversation, pydoc_qa on all
+291 questions, six evaluations per run.
+
 Each budget is one `opt-deus compare` command (printed before it runs, so it can be run by hand),
 writing benchmarks/results/sft/steps-N/ (runs, report.md, report.json, PNGs); interrupted, it
 resumes. Needs SFT in `opt-deus train` (TrainOptions.format) and `opt-deus eval` for --tasks.
 
-    python -m benchmarks.sft                 # data, recipes, then both budgets (hours on 2 CPU cores)
+    python -m benchmarks.sft                 # data, recipes, then both budgets of the reduced study
+    python -m benchmarks.sft --seeds 1       # one seed only (two such calls can run side by side)
+    python -m benchmarks.sft --full          # the study as first defined (hours on 2 CPU cores)
     python -m benchmarks.sft --dry-run       # print the commands only
 """
 
@@ -30,16 +39,23 @@ from benchmarks.quality.study import MODELS, REPO, Variant
 
 from . import data
 
-ARMS = ("copy", "upper-copy", "opt-deus-exact", "opt-deus-reference", "average", "stack")
+FULL_ARMS = ("copy", "upper-copy", "opt-deus-exact", "opt-deus-reference", "average", "stack")
+ARMS = ("copy", "upper-copy", "opt-deus-exact", "opt-deus-reference")  # stack, then average dropped for time
 REFERENCE = "copy"  # LLaMA-Pro, as in the continued pre-training tables
-BUDGETS = (60, 240)
+FULL_BUDGETS = (60, 240)
+BUDGETS = (8, 24)
 SEEDS = "0,1"
+SAMPLE = 12  # every 12th held-out conversation and pydoc_qa question (25 each); 1 = all 291
+BATCH_SIZE, FULL_BATCH_SIZE = 4, 8
+SEQ_LEN, FULL_SEQ_LEN = 128, 256
 # one setting for every arm (not tuned per arm); the SFT options are opt-deus train's own flags:
-# the data are conversations ({"messages": [...]}), which `--format` detects when not given
-TRAIN_FLAGS = ["--lr", "2e-4", "--batch-size", "8", "--seq-len", "256", "--device", "cpu", "--dtype", "float32"]
-SFT_FLAGS: list[str] = []  # e.g. ["--loss-on", "completion"] if the SFT default is not completion-only
+# the data are conversations ({"messages": [...]}), which `--format` detects when not given.
+# Loss on the assistant's tokens only (the default --loss-on completion) needs {% generation %}
+# markers, which SmolLM2's shipped template lacks: the same template with the markers.
+TEMPLATE = Path(__file__).with_name("smollm2-chat-template.jinja")
+TRAIN_FLAGS = ["--lr", "2e-4", "--device", "cpu", "--dtype", "float32"]
+SFT_FLAGS = ["--loss-on", "completion", "--chat-template", str(TEMPLATE)]
 TRAINER_ARGS = {
-    "warmup_steps": 6,
     "lr_scheduler_type": "cosine_with_min_lr",
     "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
     "weight_decay": 0.1,
@@ -49,22 +65,56 @@ TRAINER_ARGS = {
 }
 
 
+def warmup(steps: int) -> int:
+    return max(1, round(steps / 10))  # 6 of 60 as first defined: a tenth of every budget
+
+
 def recipes(work: Path, depth: int = 30) -> list[Path]:
     """The arms as recipe files (the label is the file's stem), from the quality study's definitions."""
     work.mkdir(parents=True, exist_ok=True)
     paths = []
-    for arm in ARMS:
+    for arm in FULL_ARMS:
         path = work / f"{arm}.yaml"
         path.write_text(yaml.safe_dump(Variant(arm).recipe(MODELS["smollm2-135m"], depth), sort_keys=False))
         paths.append(path)
     return paths
 
 
-def commands(work: Path, results: Path) -> list[list[str]]:
+def sample(data_dir: Path, every: int) -> tuple[Path, Path]:
+    """The held-out conversations and the pydoc_qa task on every `every`-th row (rows are grouped by
+    module, so a stride spreads the sample over all of them): (held-out file, task directory)."""
+    if every == 1:
+        return data_dir / "heldout.jsonl", data_dir / "pydoc_qa"
+    out = data_dir / f"sample-{every}"
+    (out / "pydoc_qa").mkdir(parents=True, exist_ok=True)
+    heldout = out / "heldout.jsonl"
+    heldout.write_text("".join((data_dir / "heldout.jsonl").read_text().splitlines(keepends=True)[::every]))
+    rows = (data_dir / "pydoc_qa" / "heldout_mc.jsonl").read_text().splitlines(keepends=True)[::every]
+    (out / "pydoc_qa" / "heldout_mc.jsonl").write_text("".join(rows))
+    (out / "pydoc_qa" / "pydoc_qa.yaml").write_text(
+        data.TASK_YAML.format(data=(out / "pydoc_qa" / "heldout_mc.jsonl").resolve())
+    )
+    return heldout, out / "pydoc_qa"
+
+
+def commands(
+    work: Path,
+    results: Path,
+    arms=ARMS,
+    budgets=BUDGETS,
+    every: int = SAMPLE,
+    batch_size: int = BATCH_SIZE,
+    seq_len: int = SEQ_LEN,
+    task: bool = False,
+    seeds: str = SEEDS,
+    evals: int = 1,
+) -> list[list[str]]:
+    """One `opt-deus compare` per budget; `evals` held-out evaluations after step 0 (every steps/evals)."""
     model = MODELS["smollm2-135m"].dir
-    files = sorted(work.glob("recipes/*.yaml"), key=lambda p: ARMS.index(p.stem))
+    files = [work / "recipes" / f"{arm}.yaml" for arm in arms]
     ordered = [f for f in files if f.stem == REFERENCE] + [f for f in files if f.stem != REFERENCE]
     program = str(Path(sys.executable).parent / "opt-deus")
+    heldout, task_dir = sample(work / "data", every)
     return [
         [
             program,
@@ -75,25 +125,26 @@ def commands(work: Path, results: Path) -> list[list[str]]:
             "--data",
             str(work / "data" / "train.jsonl"),
             "--eval-data",
-            str(work / "data" / "heldout.jsonl"),
-            "--tasks",
-            "pydoc_qa",
-            "--include-path",
-            str(work / "data" / "pydoc_qa"),
+            str(heldout),
+            *(["--tasks", "pydoc_qa", "--include-path", str(task_dir)] if task else []),
             "--steps",
             str(steps),
             "--seeds",
-            SEEDS,
+            seeds,
             "--eval-every",
-            str(max(1, steps // 6)),
+            str(max(1, steps // evals)),
             "--args",
-            str(work / "trainer.yaml"),
+            str(work / f"trainer-{steps}.yaml"),
+            "--batch-size",
+            str(batch_size),
+            "--seq-len",
+            str(seq_len),
             *TRAIN_FLAGS,
             *SFT_FLAGS,
             "--out",
             str(results / f"steps-{steps}"),
         ]
-        for steps in BUDGETS
+        for steps in budgets
     ]
 
 
@@ -104,7 +155,21 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=REPO / "bench-out" / "sft", help="data, recipes (git-ignored)")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "sft")
     p.add_argument("--dry-run", action="store_true", help="build data and recipes, print the commands, run nothing")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="the study as first defined: all arms, budgets "
+        f"{FULL_BUDGETS}, batch {FULL_BATCH_SIZE}, all held-out data (hours on 2 CPU cores)",
+    )
+    p.add_argument("--budgets", help="comma-separated steps, one comparison each (default: the study's)")
+    p.add_argument(
+        "--seeds", default=SEEDS, help=f"comma-separated seeds (default {SEEDS}; a run already saved is skipped)"
+    )
+    p.add_argument("--task", action="store_true", help="the reduced study plus pydoc_qa on every SAMPLE-th question")
     args = p.parse_args(argv)
+    budgets = (
+        tuple(int(b) for b in args.budgets.split(",")) if args.budgets else (FULL_BUDGETS if args.full else BUDGETS)
+    )
     if not MODELS["smollm2-135m"].dir.is_dir() and not args.dry_run:
         sys.exit(f"no {MODELS['smollm2-135m'].dir}: build it first with `python -m benchmarks.smollm2`")
     info = data.build(args.work / "data")
@@ -114,9 +179,18 @@ def main(argv=None) -> int:
         flush=True,
     )
     recipes(args.work / "recipes")
-    (args.work / "trainer.yaml").write_text(yaml.safe_dump(TRAINER_ARGS))
+    for steps in budgets:
+        (args.work / f"trainer-{steps}.yaml").write_text(
+            yaml.safe_dump({"warmup_steps": warmup(steps), **TRAINER_ARGS})
+        )
     code = 0
-    for command in commands(args.work, args.results):
+    if args.full:
+        todo = commands(
+            args.work, args.results, FULL_ARMS, budgets, 1, FULL_BATCH_SIZE, FULL_SEQ_LEN, True, args.seeds, 6
+        )
+    else:
+        todo = commands(args.work, args.results, ARMS, budgets, SAMPLE, BATCH_SIZE, SEQ_LEN, args.task, args.seeds)
+    for command in todo:
         print("$ " + shlex.join(command), flush=True)
         if not args.dry_run:
             code = max(code, subprocess.run(command).returncode)

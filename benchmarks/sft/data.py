@@ -158,7 +158,9 @@ def first_sentence(text: str) -> str:
 
 def _signature(name: str, obj) -> str:
     try:
-        return f"`{name}{inspect.signature(obj)}`"
+        # a sentinel default renders as "<object object at 0x7f...>": drop the address, which
+        # changes from process to process, so that the files are byte-identical run to run
+        return re.sub(r" at 0x[0-9a-fA-F]+", "", f"`{name}{inspect.signature(obj)}`")
     except (TypeError, ValueError):
         return f"`{name}`"
 

@@ -143,10 +143,12 @@ def compare(
     )
     if not tasks and (limit is not None or num_fewshot is not None or include_path is not None):
         fail(UsageError("--limit, --num-fewshot and --include-path apply to --tasks; give --tasks or leave them out"))
+    # tasks score the models in the dtype the held-out loss is computed in (not a bf16 checkpoint's own)
     task_options = {
         "limit": limit,
         "num_fewshot": num_fewshot,
         "device": device,
+        "dtype": dtype,
         "include_path": str(include_path.resolve()) if include_path else None,
     }
     task_options = {k: v for k, v in task_options.items() if v is not None} if tasks else {}

@@ -63,11 +63,24 @@ def test_the_lm_eval_task_reads_the_held_out_answers(tmp_path, monkeypatch):
         assert row["choices"][row["gold"]].split(")")[-1].strip()[:30] in doc  # the gold is this question's answer
 
 
-def test_the_study_is_opt_deus_compare_commands(tmp_path):
+def test_the_study_is_opt_deus_compare_commands(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MODULES", ("json", "textwrap", "math", "random", "operator", "datetime", "heapq"))
+    data.build(tmp_path / "data")
     study.recipes(tmp_path / "recipes")
-    commands = study.commands(tmp_path, tmp_path / "results")
-    assert [c[c.index("--steps") + 1] for c in commands] == [str(b) for b in study.BUDGETS]
-    for command in commands:
+    reduced = study.commands(tmp_path, tmp_path / "results")
+    full = study.commands(
+        tmp_path, tmp_path / "results", study.FULL_ARMS, study.FULL_BUDGETS, 1, 8, 256, True, "0,1", 6
+    )
+    assert [c[c.index("--steps") + 1] for c in reduced] == [str(b) for b in study.BUDGETS]
+    assert [c[c.index("--steps") + 1] for c in full] == [str(b) for b in study.FULL_BUDGETS]
+    # the reduced study: a stride sample of the held-out file, no task; the full one: all of it and pydoc_qa
+    sample = reduced[0][reduced[0].index("--eval-data") + 1]
+    held = (tmp_path / "data" / "heldout.jsonl").read_text().splitlines()
+    assert open(sample).read().splitlines() == held[:: study.SAMPLE] and "--tasks" not in reduced[0]
+    assert full[0][full[0].index("--eval-data") + 1] == str(tmp_path / "data" / "heldout.jsonl")
+    assert full[0][full[0].index("--tasks") + 1] == "pydoc_qa"
+    assert len(full[0][full[0].index("--recipes") + 1].split(",")) == 6
+    for command in reduced + full:
         assert command[1] == "compare" and command[command.index("--recipes") + 1].split(",")[0].endswith("copy.yaml")
         result = CliRunner().invoke(app, [*command[1:], "--help"])
         assert result.exit_code == 0, shlex.join(command) + "\n" + result.output
