@@ -55,7 +55,8 @@ def write_checkpoint(path: Path, shapes: dict, shard: str = "1GB", seed: int = 0
     from transformers import AutoConfig
 
     from opt_deus_cli.architectures import SUPPORTED, HeadLayout, expected_block_shapes
-    from opt_deus_cli.checkpoint import ShardWriter, TensorMeta, parse_size
+    from opt_deus_cli.checkpoint import TensorMeta
+    from opt_deus_cli.shards import ShardWriter, parse_size
 
     if (path / "config.json").is_file():
         return path

@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING
 
 from .architectures import PROJECTION_ROLES, RESIDUAL_WRITERS
 from .block import Decisions
-from .checkpoint import TensorMeta, parse_size
+from .checkpoint import TensorMeta
 from .devices import check_device, dtype_name, resolve_device, resolve_dtype
 from .errors import OptDeusError, UsageError
 from .layers import OutputLayer, recipe_layers
 from .methods.base import Method
 from .methods.registry import method_class
 from .recipe import Recipe
+from .shards import parse_size
 from .source import SourceModel
 
 if TYPE_CHECKING:

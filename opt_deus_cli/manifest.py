@@ -109,7 +109,7 @@ class Manifest:
             ) from e
 
     def write(self, path: Path) -> None:
-        from .checkpoint import write_json
+        from .shards import write_json
 
         write_json(path, self.to_dict())
 

@@ -14,7 +14,7 @@ import torch
 
 from . import __version__
 from .card import CARD_FILE, model_card
-from .checkpoint import INDEX_FILE, ShardWriter, TensorMeta, parse_size, sha256_file, write_json
+from .checkpoint import INDEX_FILE, TensorMeta, sha256_file
 from .configs import rewrite_config
 from .errors import UsageError
 from .hashing import Hashing
@@ -35,6 +35,7 @@ from .manifest import (
 from .methods.base import Block, Progress
 from .output import OutputTransaction, check_extra_globs, copy_side_files
 from .recipe import Recipe
+from .shards import ShardWriter, parse_size, write_json
 from .source import SourceModel, check_finite
 
 # files of the base directory that are rewritten, hence not copied as they are (nor are weights)

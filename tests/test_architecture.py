@@ -23,7 +23,7 @@ README = PACKAGE.parent / "README.md"
 # is a silo: a method never imports another one (what they share lives in methods.base).
 LAYERS = (
     ("base", ("__init__", "errors", "devices", "dtypes", "hashing", "figures")),
-    ("storage", ("checkpoint", "architectures", "ot_names", "ot", "solvers")),
+    ("storage", ("checkpoint", "shards", "architectures", "ot_names", "ot", "solvers")),
     ("model", ("hub", "block", "configs", "source", "manifest", "card", "output", "settings")),
     ("contract", ("methods", "methods.base")),
     ("methods", ("methods.copy", "methods.average", "methods.lesa.*", "methods.opt_deus.*")),

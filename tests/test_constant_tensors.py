@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opt_deus_cli.checkpoint import ShardWriter, TensorMeta
+from opt_deus_cli.checkpoint import TensorMeta
 from opt_deus_cli.dtypes import dtype_code, value_bytes
+from opt_deus_cli.shards import ShardWriter
 
 FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 

@@ -13,9 +13,10 @@ import torch
 
 from conftest import make_hub_cache
 from opt_deus_cli import hashing
-from opt_deus_cli.checkpoint import ShardWriter, TensorMeta
+from opt_deus_cli.checkpoint import TensorMeta
 from opt_deus_cli.hashing import Hashing, hub_blob_sha256, sha256_file
 from opt_deus_cli.recipe import parse_recipe
+from opt_deus_cli.shards import ShardWriter
 from opt_deus_cli.upscale import Options, upscale
 
 

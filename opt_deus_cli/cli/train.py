@@ -109,52 +109,51 @@ def train(
     tensor of OUT is checked bit-identical to the input's. OUT carries the manifest forward with
     a training record (data and sha256, steps, tokens, losses, seconds, world size)."""
     main = _rank() == 0
-    with progress_bar(enabled=main and not as_json) as bar:
-        # the first line at once; the arguments are checked before torch and transformers are imported
-        task = bar.add_task("starting", total=None)
-        bar.update(task, completed=0)
+    # the arguments first: a usage error is one line, before torch and transformers are imported
+    from ..training import TrainOptions
+    from ..training.data import file_format
+    from ..training.options import read_args_file
+    from ..training.request import check_request
 
-        from ..training import TrainOptions
-        from ..training.data import file_format
-        from ..training.options import read_args_file
-        from ..training.request import check_request
-
-        data = [*data, *(more_data or [])]  # click gives --data one value; the files after it land here
-        if text_field is not None and all(run(file_format, p) == "text" for p in [*data, *(eval_data or [])]):
-            fail(
-                UsageError(
-                    f"--text-field {text_field} names a column of .json/.jsonl/.parquet/.csv files; these are plain text "
-                    "(each file one document): drop the option"
-                )
+    data = [*data, *(more_data or [])]  # click gives --data one value; the files after it land here
+    if text_field is not None and all(run(file_format, p) == "text" for p in [*data, *(eval_data or [])]):
+        fail(
+            UsageError(
+                f"--text-field {text_field} names a column of .json/.jsonl/.parquet/.csv files; these are plain text "
+                "(each file one document): drop the option"
             )
-        options = TrainOptions(
-            train=train_mode,
-            steps=steps,
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            seq_len=seq_len,
-            device=device,
-            dtype=dtype,
-            seed=seed,
-            eval_data=tuple(eval_data or ()),
-            eval_every=eval_every,
-            text_field=text_field or "text",
-            cache_dir=cache_dir,
-            overwrite=overwrite,
-            shard_size=shard_size,
-            format=data_format,
-            loss_on=loss_on,
-            packing=packing,
-            drop_long=drop_long,
-            chat_template=str(chat_template) if chat_template else None,
-            copy_extra=tuple(copy_extra or ()),
         )
-        run(check_request, model_dir, data, out_dir, options)  # usage errors before torch, transformers, datasets
+    options = TrainOptions(
+        train=train_mode,
+        steps=steps,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        seq_len=seq_len,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        eval_data=tuple(eval_data or ()),
+        eval_every=eval_every,
+        text_field=text_field or "text",
+        cache_dir=cache_dir,
+        overwrite=overwrite,
+        shard_size=shard_size,
+        format=data_format,
+        loss_on=loss_on,
+        packing=packing,
+        drop_long=drop_long,
+        chat_template=str(chat_template) if chat_template else None,
+        copy_extra=tuple(copy_extra or ()),
+    )
+    run(check_request, model_dir, data, out_dir, options)  # usage errors before torch, transformers, datasets
+    with progress_bar(enabled=main and not as_json) as bar:
+        # the first line at once: importing torch and transformers alone takes seconds
+        task = bar.add_task("starting (importing torch, transformers)", total=None)
+        bar.update(task, completed=0)
         # the --args file's keys are checked against transformers' own TrainingArguments (and SFTConfig)
         options.trainer_args = run(read_args_file, args_file) if args_file else {}
-        bar.update(task, description="starting (importing torch, transformers)")
         from ..training.run import train as run_train
 
         phases = {"current": task, "name": None}

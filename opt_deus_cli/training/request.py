@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import Checkpoint, parse_size, read_config
+from ..checkpoint import Checkpoint, read_config
 from ..errors import OptDeusError, UsageError
 from ..manifest import MANIFEST_FILE, Manifest, read_manifest
 from ..output import OutputTransaction, check_extra_globs
+from ..shards import parse_size
 from .data import check_files
 from .formats import check_options, detect_format
 from .options import TrainOptions
@@ -49,12 +50,13 @@ def check_request(model_dir: Path | str, data: list[Path | str], out_dir: Path |
     check_options(fmt, options.loss_on, options.packing, options.chat_template, options.drop_long)
     OutputTransaction(out_dir, options.overwrite, model_dir).check()  # refusals before any work
     check_extra_globs([p for p in sorted(model_dir.iterdir()) if p.is_file()], options.copy_extra, model_dir)
-    request = Request(
-        config, manifest, files, eval_files, fmt, parse_size(options.shard_size), _seq_len(options, config)
-    )
-    # last (safetensors' reader brings torch): a truncated or broken shard named as upscale names it
+    return Request(config, manifest, files, eval_files, fmt, parse_size(options.shard_size), _seq_len(options, config))
+
+
+def check_checkpoint(model_dir: Path) -> None:
+    """A truncated or broken safetensors named as upscale names it, not by transformers. Not in
+    check_request: safetensors' reader brings torch, and usage errors come without it."""
     Checkpoint(model_dir).close()
-    return request
 
 
 def _seq_len(options: TrainOptions, config: dict) -> int:

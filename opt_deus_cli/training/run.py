@@ -30,7 +30,7 @@ from .data import DataFile, bos_of, build_blocks, collate_blocks, load_tokenizer
 from .distributed import engine_that_ran, engine_warning, outcome_of_rank_zero
 from .freeze import freeze_base, is_trainable, layer_pattern, manifest_architecture
 from .options import TrainOptions, training_arguments
-from .request import check_request
+from .request import check_checkpoint, check_request
 from .save import gathered_state_dict, json_safe, write_output
 
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts")  # config keys of a mixture of experts
@@ -127,6 +127,7 @@ def _train(
     phase: Callable[[str], None] = (lambda name: progress(name, 0, None)) if progress else (lambda name: None)
     phase("reading data")
     request = check_request(model_dir, data, out_dir, options)
+    check_checkpoint(model_dir)
     config, manifest, files, eval_files = request.config, request.manifest, request.files, request.eval_files
     shard_bytes, seq_len, fmt = request.shard_bytes, request.seq_len, request.format
     work_dir = _work_dir(out_dir)

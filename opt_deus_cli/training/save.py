@@ -20,10 +20,11 @@ import torch
 
 from .. import __version__
 from ..card import CARD_FILE, trained_card
-from ..checkpoint import INDEX_FILE, Checkpoint, sha256_file, write_json
+from ..checkpoint import INDEX_FILE, Checkpoint, sha256_file
 from ..errors import OptDeusError
 from ..manifest import MANIFEST_FILE, FileEntry, Manifest, OutputInfo
 from ..output import OutputTransaction, copy_side_files, umask_modes
+from ..shards import write_json
 
 TRAINING_FILE = "opt-deus-training.json"  # the record, beside an output whose input had no manifest
 CHUNK = 64 << 20  # bytes compared at a time

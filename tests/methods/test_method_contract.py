@@ -51,9 +51,12 @@ def test_check_decides_without_keeping_state(model_factory):
         assert vars(method) == before
 
 
-def test_the_overlap_decision_travels_in_the_context():
+def test_the_overlap_decision_travels_in_the_context(monkeypatch):
     """One method object builds in order or overlapped as each context says (never as a previous
     check left it), and both give the same layer."""
+    from opt_deus_cli.methods.opt_deus import corrected
+
+    monkeypatch.setattr(corrected, "OVERLAP_MIN_NEURONS", 0)  # this small layer counted as large: it may overlap
     method = OptDeusMethod()
     lower = random_block("llama", seed=1)
     upper = planted_permutation(random_block("llama", seed=2), "llama", seed=3)

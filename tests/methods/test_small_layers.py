@@ -4,6 +4,7 @@ the same bytes."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from conftest import EXACT, SINKHORN, ctx, planted_permutation, random_block
 from conftest import SHIPPED_MODEL as SHIPPED
 from opt_deus_cli import solvers
+from opt_deus_cli.block import Decisions
 from opt_deus_cli.methods.opt_deus import OptDeusMethod, attention, corrected
 from opt_deus_cli.recipe import load_recipe
 from opt_deus_cli.upscale import Options, upscale
@@ -54,9 +56,8 @@ def test_a_small_layer_is_built_on_one_thread_and_the_threads_come_back(monkeypa
         OptDeusMethod(SINKHORN).build(lower, upper, ctx("llama"))  # n x n iterations: every thread
         assert seen == [1, 2]
         monkeypatch.setattr(corrected, "OVERLAP_MIN_NEURONS", 0)  # the same layer counted as large, in order
-        method = OptDeusMethod(EXACT)
-        method.overlap = False
-        large, _ = method.build(lower, upper, ctx("llama"))
+        in_order = dataclasses.replace(ctx("llama"), decisions=Decisions(overlap=False))
+        large, _ = OptDeusMethod(EXACT).build(lower, upper, in_order)
         assert seen == [1, 2, 2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
