@@ -166,6 +166,10 @@ def main(argv=None) -> int:
         "--seeds", default=SEEDS, help=f"comma-separated seeds (default {SEEDS}; a run already saved is skipped)"
     )
     p.add_argument("--task", action="store_true", help="the reduced study plus pydoc_qa on every SAMPLE-th question")
+    p.add_argument(
+        "--arms",
+        help=f"comma-separated arms of {','.join(FULL_ARMS)}, or all (default: {','.join(ARMS)}; --full: all)",
+    )
     args = p.parse_args(argv)
     budgets = (
         tuple(int(b) for b in args.budgets.split(",")) if args.budgets else (FULL_BUDGETS if args.full else BUDGETS)
@@ -183,13 +187,18 @@ def main(argv=None) -> int:
         (args.work / f"trainer-{steps}.yaml").write_text(
             yaml.safe_dump({"warmup_steps": warmup(steps), **TRAINER_ARGS})
         )
+    arms = FULL_ARMS if args.arms == "all" else tuple(args.arms.split(",")) if args.arms else None
+    if arms is not None and not set(arms) <= set(FULL_ARMS):
+        sys.exit(f"--arms {args.arms}: the arms are {','.join(FULL_ARMS)} (or all)")
     code = 0
     if args.full:
         todo = commands(
-            args.work, args.results, FULL_ARMS, budgets, 1, FULL_BATCH_SIZE, FULL_SEQ_LEN, True, args.seeds, 6
+            args.work, args.results, arms or FULL_ARMS, budgets, 1, FULL_BATCH_SIZE, FULL_SEQ_LEN, True, args.seeds, 6
         )
     else:
-        todo = commands(args.work, args.results, ARMS, budgets, SAMPLE, BATCH_SIZE, SEQ_LEN, args.task, args.seeds)
+        todo = commands(
+            args.work, args.results, arms or ARMS, budgets, SAMPLE, BATCH_SIZE, SEQ_LEN, args.task, args.seeds
+        )
     for command in todo:
         print("$ " + shlex.join(command), flush=True)
         if not args.dry_run:
