@@ -10,6 +10,7 @@ Parameters are named as the model in memory names them; a wrapper's prefix
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from ..architectures import SUPPORTED, Architecture
@@ -38,6 +39,13 @@ def is_trainable(name: str, layers: set[int], pattern: re.Pattern) -> bool:
     """A tensor of one of `layers`; everything outside the decoder blocks (embeddings, final
     norm, head) belongs to the base."""
     return layer_of(name, pattern) in layers
+
+
+def frozen_rule(manifest: Manifest) -> Callable[[str], bool]:
+    """is_frozen(tensor name): a tensor outside the manifest's trainable layers (what `--train new`
+    keeps bit-identical)."""
+    layers, pattern = set(manifest.trainable_layers), layer_pattern(manifest_architecture(manifest))
+    return lambda name: not is_trainable(name, layers, pattern)
 
 
 def freeze_base(model, model_dir: Path | str) -> list[str]:

@@ -27,8 +27,8 @@ from transformers import TrainerCallback
 from .. import __version__
 from ..errors import OptDeusError
 from .data import DataFile, bos_of, build_blocks, collate_blocks, load_tokenizer
-from .distributed import engine_that_ran, engine_warning, outcome_of_rank_zero
-from .freeze import freeze_base, is_trainable, layer_pattern, manifest_architecture
+from .distributed import check_launch, engine_that_ran, engine_warning, outcome_of_rank_zero
+from .freeze import freeze_base, frozen_rule
 from .options import TrainOptions, training_arguments
 from .request import check_checkpoint, check_request
 from .save import gathered_state_dict, json_safe, write_output
@@ -138,6 +138,7 @@ def _train(
         from . import sft
 
         args = sft.sft_arguments(options, work_dir, has_experts, seq_len, fmt)
+    check_launch(args)
 
     phase("tokenizing")
     tokenizer = load_tokenizer(model_dir)
@@ -162,7 +163,6 @@ def _train(
             eval_data = examples(eval_files, what="eval data") if eval_files else None
     phase("loading model")
     model = _load_model(model_dir, options.dtype)
-    pattern = layer_pattern(manifest_architecture(manifest)) if manifest else None
     if options.train == "new":
         freeze_base(model, model_dir)
         # reentrant checkpointed blocks need an input that asks for gradients (the embeddings are frozen):
@@ -229,10 +229,7 @@ def _train(
         import trl
 
         record["versions"]["trl"] = trl.__version__
-    is_frozen = None
-    if options.train == "new":
-        layers = set(manifest.trainable_layers)
-        is_frozen = lambda name: not is_trainable(name, layers, pattern)  # noqa: E731
+    is_frozen = frozen_rule(manifest) if options.train == "new" else None
     outcome = {}
     if trainer.is_world_process_zero():
         for problem in [*record["divergence"], engine_warning(record["distributed"])]:  # on screen; also in the record

@@ -124,6 +124,35 @@ def check_saved(model_dir: Path, out: Path, is_frozen: Callable[[str], bool] | N
         after.close()
 
 
+def save_checked(
+    model,
+    state_dict: dict,
+    model_dir: Path,
+    directory: Path,
+    shard_bytes: int,
+    is_frozen: Callable[[str], bool] | None,
+    copy_extra: tuple[str, ...] = (),
+    phase: Callable[[str], None] = lambda name: None,
+) -> dict:
+    """Write the gathered weights into `directory` (the transaction's) in the input's dtypes, with
+    the input's model files, and check them against the input; returns the check's counts."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    input_ckpt = Checkpoint(model_dir)
+    try:
+        weights = cast_like_input(state_dict, input_ckpt, model)
+    finally:
+        input_ckpt.close()
+    phase("saving")
+    model.save_pretrained(directory, state_dict=weights, max_shard_size=shard_bytes)
+    del weights
+    umask_modes(directory)  # safetensors writes 0600: what opt-deus writes follows the umask, as in upscale's output
+    copy_input_files(model_dir, directory, copy_extra)  # copies keep the input's modes, as upscale's side files do
+    phase("checking")
+    return check_saved(model_dir, directory, is_frozen)
+
+
 def write_output(
     model,
     state_dict: dict,
@@ -139,23 +168,10 @@ def write_output(
 ) -> dict:
     """Rank 0: save, check, record; OUT appears only when all of it succeeded. Returns the record
     with the check's counts."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    input_ckpt = Checkpoint(model_dir)
-    try:
-        weights = cast_like_input(state_dict, input_ckpt, model)
-    finally:
-        input_ckpt.close()
     transaction = OutputTransaction(out_dir, overwrite, model_dir)
     with transaction as tmp:
-        phase("saving")
-        model.save_pretrained(tmp, state_dict=weights, max_shard_size=shard_bytes)
-        del weights
-        umask_modes(tmp)  # safetensors writes 0600: what opt-deus writes follows the umask, as in upscale's output
-        copy_input_files(model_dir, tmp, copy_extra)  # copies keep the input's modes, as upscale's side files do
-        phase("checking")
-        record = dict(record, check=check_saved(model_dir, tmp, is_frozen))
+        check = save_checked(model, state_dict, model_dir, tmp, shard_bytes, is_frozen, copy_extra, phase)
+        record = dict(record, check=check)
         trained_card(model_dir=model_dir, out_dir=out_dir, record=record, tool_version=__version__).save(
             tmp / CARD_FILE
         )

@@ -1,6 +1,7 @@
 """The training record says which distributed engine accelerate actually ran (issue 23, item 2),
 and a requested engine that did not engage is a warning on screen: FSDP asked for on CPU under
-torchrun runs as DDP (accelerate switches to FSDP only on GPU backends)."""
+torchrun runs as DDP (accelerate switches to FSDP only on GPU backends). FSDP asked for in one
+process (no launcher) is a usage error before any work. FSDP2 itself: test_fsdp2.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHIPPED_MODEL
+from conftest import SHIPPED_MODEL, cli, leftovers, refused
 from opt_deus_cli.recipe import parse_recipe
 from opt_deus_cli.training import TrainOptions, train
 from opt_deus_cli.training.distributed import engine_warning, requested_engine
@@ -89,3 +90,18 @@ def test_fsdp_asked_for_on_cpu_is_recorded_as_the_ddp_that_ran(deeper, tmp_path)
     assert record["world_size"] == 2
     assert record["distributed"] == {"engine": "DDP", "distributed_type": "MULTI_CPU", "requested": "FSDP"}
     assert "warning: the --args file asks for FSDP, but accelerate ran DDP" in " ".join(result.stderr.split())
+
+
+@pytest.mark.slow
+def test_fsdp_in_one_process_is_a_usage_error_before_any_work(deeper, tmp_path):
+    args = tmp_path / "fsdp.yaml"
+    args.write_text("fsdp: true\nfsdp_config:\n  version: 2\n  transformer_layer_cls_to_wrap: [LlamaDecoderLayer]\n")
+    out = tmp_path / "out"
+    result = cli(
+        "train", deeper, "--data", deeper.parent / "train.txt", "--out", out, "--steps", "1", "--seq-len", "32",
+        "--device", "cpu", "--args", args, "--cache-dir", tmp_path / "cache",
+    )  # fmt: skip
+    line = refused(result, 2, "sets fsdp", "but this is one process", "torchrun --nproc_per_node N", "remove fsdp")
+    assert "Using fsdp only works" not in line  # not transformers' words, after loading everything
+    assert "loading model" not in result.stderr and "tokenizing" not in result.stderr  # refused before the work
+    assert leftovers(out) == [] and not (tmp_path / "cache").exists()
