@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .spec import atomic_path
 from .stats import band, paired_band
 
 
@@ -89,7 +90,6 @@ def figures(report: dict, runs: list[dict], out: Path) -> list[Path]:
     if report["step_time"]:
         drawn.append((out / "step-time.png", lambda path: step_time_figure(report, path)))
     for path, draw in drawn:
-        tmp = path.with_name(f".{path.name}")  # still .png: matplotlib takes the format from the suffix
-        draw(tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            draw(tmp)
     return [path for path, _ in drawn]
