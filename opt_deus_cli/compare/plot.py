@@ -3,7 +3,7 @@ curves.png    training loss and held-out loss against the step (mean over seeds,
               and the held-out loss minus the reference's, seed by seed, where differences of
               thousandths of a nat show beside a loss that falls by whole nats;
 step-time.png seconds per training step per recipe (bar: mean, dots: seeds).
-`draw_band` is the one way a curve over seeds is drawn (benchmarks/quality draws with it too)."""
+`draw_band` is the one way a curve over seeds is drawn."""
 
 from __future__ import annotations
 

@@ -105,6 +105,8 @@ def recommendation(report: dict) -> list[str]:
         lines.append("No recommendation: " + "; ".join(report["problems"]) + ".")
         return lines
     if not report["metrics"]:
+        if report["runs"]:
+            return ["The runs record no metric to compare (step times only): nothing to recommend."]
         return ["No completed runs: nothing to recommend."]
     primary = next(iter(report["metrics"]))
     if primary == "train_loss":
@@ -187,7 +189,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# Comparison of up-scaling recipes",
         "",
-        f"Base config sha256 {s['base']['config_sha256'][:12]}; data {', '.join(d['name'] for d in s['data'])}"
+        f"Base config sha256 {(s['base'].get('config_sha256') or 'not recorded')[:12]}; data {', '.join(d['name'] for d in s['data'])}"
         + (f"; held-out {', '.join(d['name'] for d in s['eval_data'])}" if s["eval_data"] else "; no held-out data")
         + f". {t.get('steps')} steps, training {'only the new layers' if t.get('train') == 'new' else 'all layers'}, "
         f"lr {t.get('lr') or 'default'}, batch {t.get('batch_size') or 'default'}, seq-len {t.get('seq_len') or 'default'}; "

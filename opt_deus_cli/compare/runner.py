@@ -162,7 +162,7 @@ def train_and_measure(
     tasks: tuple[str, ...] = (),
     task_options: dict | None = None,
 ) -> dict:
-    """The one way a run is trained and measured (compare and benchmarks/quality): train
+    """The one way a run is trained and measured: train
     `model_dir` into work/trained (here, or under the launcher with its output in `log`), score
     the tasks on the trained model, remove work/, and return the measures."""
     shutil.rmtree(work, ignore_errors=True)

@@ -98,22 +98,34 @@ def _sha256(path: Path) -> str:
 def settings(spec: CompareSpec) -> dict:
     """What every run of the comparison shares (JSON types only). Seeds and recipes are not in it:
     a re-run may add either; a recipe label already saved must keep its recipe."""
-    config = spec.base / "config.json"
-    weights = {p.name: p.stat().st_size for p in sorted(spec.base.glob("*.safetensors"))}
-    training = {k: v for k, v in dataclasses.asdict(spec.options).items() if k not in NOT_SETTINGS}
-    return json.loads(
-        json.dumps(
-            {
-                "base": {"config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(), "weights": weights},
-                "data": [{"name": p.name, "sha256": _sha256(p)} for p in spec.data],
-                "eval_data": [{"name": p.name, "sha256": _sha256(p)} for p in spec.options.eval_data],
-                "training": training,
-                "tasks": list(spec.tasks),
-                "task_options": spec.task_options,
-            },
-            default=str,
-        )
+    return settings_record(
+        base_record(spec.base),
+        [{"name": p.name, "sha256": _sha256(p)} for p in spec.data],
+        [{"name": p.name, "sha256": _sha256(p)} for p in spec.options.eval_data],
+        spec,
     )
+
+
+def base_record(base: Path) -> dict:
+    """What a comparison keeps of its base: its config's sha256 and its weight files' sizes."""
+    return {
+        "config_sha256": hashlib.sha256((base / "config.json").read_bytes()).hexdigest(),
+        "weights": {p.name: p.stat().st_size for p in sorted(base.glob("*.safetensors"))},
+    }
+
+
+def settings_record(base: dict, data: list[dict], eval_data: list[dict], spec: CompareSpec) -> dict:
+    """The settings of `spec` with its base and data files as given (name and sha256 each)."""
+    training = {k: v for k, v in dataclasses.asdict(spec.options).items() if k not in NOT_SETTINGS}
+    record = {
+        "base": base,
+        "data": data,
+        "eval_data": eval_data,
+        "training": training,
+        "tasks": list(spec.tasks),
+        "task_options": spec.task_options,
+    }
+    return json.loads(json.dumps(record, default=str))
 
 
 def _differences(saved, now, where: str = "") -> list[str]:
