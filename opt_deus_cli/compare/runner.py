@@ -48,7 +48,7 @@ def build_model(base: Path, recipe, out: Path, device: str = "auto") -> dict:
     from ..upscale import upscale
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with locked(out.parent):  # a comparison beside on the same --out builds it once, or waits and reuses it
+    with locked(out.parent):  # another comparison on this --out builds it, or waits here and reuses it
         manifest = read_manifest(out)
         if manifest is None or not built_from(manifest, base, recipe):
             with warnings.catch_warnings():  # reference mode warns by design; the manifest keeps its warnings
