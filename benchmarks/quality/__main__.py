@@ -5,12 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
-from .study import PARTS, REPO, RunSpec
-
-QUICK_ARMS = ("copy", "upper-copy", "opt-deus-exact", "opt-deus-exact-alpha1", "average")
+from .study import PARTS, REPO
 
 
 def parse_args(argv=None):
@@ -18,8 +15,8 @@ def parse_args(argv=None):
     p.add_argument("command", nargs="?", default="list", choices=("list", "run", "report"))
     p.add_argument("parts", nargs="*", help=f"parts to run: {', '.join(PARTS)}")
     p.add_argument("--workers", type=int, help="runs at once (default: the part's own, 2 or 1)")
-    p.add_argument("--results", type=Path, help="per-run JSON, report, figures (default benchmarks/results/quality)")
-    p.add_argument("--work", type=Path, help="data files, deeper checkpoints (default bench-out/quality)")
+    p.add_argument("--results", type=Path, help="the comparisons (default benchmarks/results/quality)")
+    p.add_argument("--work", type=Path, help="data files (default bench-out/quality)")
     p.add_argument("--quick", action="store_true", help="smoke run: small corpus, 4 steps, a few arms, one seed")
     args = p.parse_args(argv)
     unknown = [name for name in args.parts if name not in PARTS]
@@ -31,7 +28,7 @@ def parse_args(argv=None):
 
 
 def places(args):
-    from .runner import Places
+    from .run import Places
 
     if args.quick:
         root = REPO / "bench-out" / "quality-quick"
@@ -45,16 +42,15 @@ def places(args):
     return Places(results=args.results or default.results, work=args.work or default.work)
 
 
-def report(where) -> None:
-    from .plot import figures
-    from .report import markdown
-    from .stats import load_runs, tables
+def report(results: Path) -> None:
+    """compare's report of every comparison under `results`, and the tables across them."""
+    from .run import comparison_dirs, write_reports
+    from .summary import markdown
 
-    found = tables(load_runs(where.results))
-    where.results.mkdir(parents=True, exist_ok=True)
-    (where.results / "report.md").write_text(markdown(found))
-    written = figures(found, where.results)
-    print(f"wrote {where.results / 'report.md'} and {', '.join(str(p) for p in written) or 'no figures'}")
+    for out in comparison_dirs(results):
+        write_reports(out)
+    (results / "summary.md").write_text(markdown(results))
+    print(f"wrote the reports of {len(comparison_dirs(results))} comparison(s) and {results / 'summary.md'}")
 
 
 def main(argv=None) -> int:
@@ -62,27 +58,21 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     where = places(args)
     if args.command == "list":
-        from .runner import saved
+        from .run import saved_runs
 
         for part in PARTS.values():
-            done = sum(saved(s, where) is not None for s in part.runs)
             print(
-                f"{part.name:14} {done:3}/{len(part.runs):<3} runs saved, {part.workers} worker(s): {part.description}"
+                f"{part.name:14} {saved_runs(part, where):3}/{len(part.runs):<3} runs saved, "
+                f"{part.workers} worker(s): {part.description}"
             )
         return 0
     if args.command == "run":
-        from .runner import run_specs
+        from .run import quick_part, run_part
 
-        started = time.perf_counter()
-        if args.quick:
-            specs = [RunSpec("tiny-llama", d, v, 4, 0) for d in ("in-domain", "new-domain") for v in QUICK_ARMS]
-            run_specs(specs, where, args.workers or 1)
-        for name in args.parts:
-            part = PARTS[name]
-            print(f"part {name}: {part.description}", flush=True)
-            run_specs(list(part.runs), where, args.workers or part.workers)
-        print(f"done in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
-    report(where)
+        for part in [quick_part()] if args.quick else [PARTS[name] for name in args.parts]:
+            print(f"part {part.name}: {part.description}", flush=True)
+            run_part(part, where, args.workers or part.workers)
+    report(where.results)
     return 0
 
 

@@ -1,15 +1,18 @@
-"""What the study runs: the base models, the arms (recipes), the training settings of a regime,
+"""What the study runs: the base models, the arms (recipes), the training options of a budget,
 and the parts (sets of runs sized to fit about two hours of a 2-core machine each).
 
-A run is one deeper model (a variant: an arm at a position, possibly with another fusion weight)
-trained with one seed (the data order) for a number of steps in one regime (base model x domain).
-Runs are identified by all of that (RunSpec.key); a part only selects runs, so a run shared by two
-parts (opt-deus-exact at the top, 600 steps) is trained once."""
+A budget (base model x domain x layers trained x steps) is one `opt-deus compare` comparison,
+kept in its own directory (Budget.name); its recipes are variants (an arm at a position, possibly
+with another fusion weight) and its runs the variants x seeds (a seed fixes the data order). A
+part names variants and seeds of some budgets; two parts adding variants to one budget
+(budget-600, positions-600) add recipes to one comparison, and a run both name is trained once."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from opt_deus_cli.training.options import TrainOptions
 
 REPO = Path(__file__).resolve().parents[2]
 ZERO = ["o_proj", "down_proj"]
@@ -91,100 +94,126 @@ class Variant:
 
 
 @dataclass(frozen=True)
-class RunSpec:
+class Budget:
+    """One comparison: a regime (base model x domain) trained for `steps` steps, only the new
+    layers or all of them; `evaluate` False: step-time runs without held-out evaluation."""
+
     model: str
     domain: str
-    variant: str
     steps: int
-    seed: int
     train: str = "new"  # new: only the new layers (the tool's default); all: every parameter
-    evaluate: bool = True  # False: step-time runs, no held-out evaluation
+    evaluate: bool = True
 
     @property
-    def regime(self) -> str:
-        return f"{self.model}/{self.domain}"
-
-    @property
-    def key(self) -> str:
-        """The run's result file, relative to the results directory."""
+    def name(self) -> str:
+        """The comparison's directory, relative to the results directory."""
         kind = f"{self.train}-{self.steps}" + ("" if self.evaluate else "-timing")
-        return f"runs/{self.model}/{self.domain}/{kind}/{self.variant}/seed{self.seed}.json"
+        return f"{self.model}/{self.domain}/{kind}"
 
 
-def training_settings(spec: RunSpec) -> dict:
-    """Everything a run's training depends on besides the variant and the seed. One setting per
-    regime, not tuned per arm: in-domain keeps the previous study's (lr 2e-4, the rate the base's
-    pretraining ended at: a larger one first undoes the annealing); the new domain uses the
-    setting of issue 14's probe (lr 5e-4)."""
-    lr = 2e-4 if spec.domain == "in-domain" else 5e-4
-    eval_every = max(1, spec.steps // 12) if spec.steps >= 120 else max(1, spec.steps // 3)
-    return {
-        "lr": lr,
-        "batch_size": 8,
-        "seq_len": 128,
-        "warmup_steps": max(1, spec.steps // 10),
-        "schedule": "cosine to 10% of the peak",
+def train_options(budget: Budget, eval_file: Path | None) -> TrainOptions:
+    """The training options every run of a budget shares (`opt-deus train`'s, through compare).
+    One setting per regime, not tuned per arm: in-domain keeps the previous study's (lr 2e-4, the
+    rate the base's pretraining ended at: a larger one first undoes the annealing); the new domain
+    uses the setting of issue 14's probe (lr 5e-4). AdamW betas 0.9/0.95, weight decay 0.1, 10%
+    warm-up, cosine to 10% of the peak, gradient clip 1.0, float32 on the CPU."""
+    steps = budget.steps
+    evaluate = budget.evaluate and eval_file is not None
+    trainer_args = {
+        "lr_scheduler_type": "cosine_with_min_lr",
+        "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
+        "warmup_steps": max(1, steps // 10),
         "weight_decay": 0.1,
-        "adam_betas": [0.9, 0.95],
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.95,
         "max_grad_norm": 1.0,
-        "dtype": "float32",
-        "device": "cpu",
-        "eval_every": eval_every if spec.evaluate else None,
+        "per_device_eval_batch_size": 16,
+        "dataloader_num_workers": 0,
     }
+    if evaluate:
+        trainer_args["eval_on_start"] = True  # step 0: the deeper model as built
+    return TrainOptions(
+        train=budget.train,
+        steps=steps,
+        lr=2e-4 if budget.domain == "in-domain" else 5e-4,
+        batch_size=8,
+        seq_len=128,
+        device="cpu",
+        dtype="float32",
+        eval_data=(eval_file,) if evaluate and eval_file else (),
+        eval_every=(max(1, steps // 12) if steps >= 120 else max(1, steps // 3)) if evaluate else None,
+        trainer_args=trainer_args,
+    )
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Variants x seeds of one budget; differences are taken against `reference`."""
+
+    budget: Budget
+    variants: tuple[str, ...]
+    seeds: tuple[int, ...]
+
+    @property
+    def reference(self) -> str:
+        return reference_of(self.variants)
+
+
+def reference_of(variants) -> str:
+    """copy (LLaMA-Pro) where a comparison has it; else its first variant."""
+    return "copy" if "copy" in variants else next(iter(variants))
 
 
 @dataclass(frozen=True)
 class Part:
     name: str
     description: str
-    runs: tuple[RunSpec, ...]
+    comparisons: tuple[Comparison, ...]
     workers: int = 2  # runs at once (one torch thread each); 1 where step times are compared
 
-
-def _runs(model, domain, variants, steps, seeds, **kw) -> tuple[RunSpec, ...]:
-    # seed-major: a slowdown of the shared machine spreads over all variants alike
-    return tuple(RunSpec(model, domain, v, steps, s, **kw) for s in seeds for v in variants)
+    @property
+    def runs(self) -> list[tuple[str, str, int]]:
+        """(budget directory, variant, seed) of every run the part names."""
+        return [(c.budget.name, v, s) for c in self.comparisons for s in c.seeds for v in c.variants]
 
 
 SEEDS = (0, 1, 2)
+TINY_NEW = Budget("tiny-llama", "new-domain", 600)
 PARTS = {
     p.name: p
     for p in (
         Part(
             "methods-60",
             "every arm, both domains, 60 steps (tiny-llama)",
-            _runs("tiny-llama", "in-domain", ALL_ARMS, 60, SEEDS)
-            + _runs("tiny-llama", "new-domain", ALL_ARMS, 60, SEEDS),
+            tuple(Comparison(Budget("tiny-llama", d, 60), ALL_ARMS, SEEDS) for d in ("in-domain", "new-domain")),
         ),
         Part(
             "alpha-150",
             "opt-deus exact at fusion alpha 0 ... 1 next to copy and upper-copy, new domain, 150 steps",
-            _runs(
-                "tiny-llama",
-                "new-domain",
-                [Variant("opt-deus-exact", alpha=a if a != 0.5 else None).name for a in ALPHAS]
-                + ["copy", "upper-copy"],
-                150,
-                SEEDS,
+            (
+                Comparison(
+                    Budget("tiny-llama", "new-domain", 150),
+                    tuple(Variant("opt-deus-exact", alpha=a if a != 0.5 else None).name for a in ALPHAS)
+                    + ("copy", "upper-copy"),
+                    SEEDS,
+                ),
             ),
         ),
-        Part(
-            "budget-600",
-            "the main five arms, new domain, 600 steps",
-            _runs("tiny-llama", "new-domain", MAIN_ARMS, 600, SEEDS),
-        ),
+        Part("budget-600", "the main five arms, new domain, 600 steps", (Comparison(TINY_NEW, MAIN_ARMS, SEEDS),)),
         Part(
             "positions-600",
             "opt-deus exact at the four positions, new domain, 600 steps",
-            _runs("tiny-llama", "new-domain", [Variant("opt-deus-exact", p).name for p in POSITIONS], 600, SEEDS),
+            (Comparison(TINY_NEW, tuple(Variant("opt-deus-exact", p).name for p in POSITIONS), SEEDS),),
         ),
         Part(
             "timing",
             "step time of opt-deus exact per position, new layers vs all layers (one run at a time)",
             tuple(
-                RunSpec("tiny-llama", "new-domain", Variant("opt-deus-exact", p).name, 30, r, train=t, evaluate=False)
-                for r in SEEDS
-                for p in POSITIONS
+                Comparison(
+                    Budget("tiny-llama", "new-domain", 30, train=t, evaluate=False),
+                    tuple(Variant("opt-deus-exact", p).name for p in POSITIONS),
+                    SEEDS,
+                )
                 for t in ("new", "all")
             ),
             workers=1,
@@ -192,7 +221,7 @@ PARTS = {
         Part(
             "smollm2",
             "SmolLM2-135M-Instruct, 4 new layers at the top, the main arms, new domain, 2 seeds",
-            _runs("smollm2-135m", "new-domain", MAIN_ARMS, 90, (0, 1)),
-        ),  # evaluated at 0, 30, 60, 90
+            (Comparison(Budget("smollm2-135m", "new-domain", 90), MAIN_ARMS, (0, 1)),),  # evaluated at 0, 30, 60, 90
+        ),
     )
 }

@@ -5,7 +5,7 @@ spec    CompareSpec (base, recipes, data, training options, seeds, tasks, launch
 runner  up-scale each recipe once, train every run not yet saved (here or under a launcher),
         one JSON per run the moment it ends
 tasks   the adapter to `opt-deus eval` (lm-evaluation-harness) for --tasks
-stats   spreads over seeds, paired differences and sign agreement (benchmarks/quality uses them)
+stats   spreads over seeds, paired differences and sign agreement
 report  report.json and report.md: tables, paired differences, step time, the recommendation
 plot    curves.png and step-time.png (matplotlib, imported on first use)
 

@@ -3,12 +3,13 @@ curves.png    training loss and held-out loss against the step (mean over seeds,
               and the held-out loss minus the reference's, seed by seed, where differences of
               thousandths of a nat show beside a loss that falls by whole nats;
 step-time.png seconds per training step per recipe (bar: mean, dots: seeds).
-`draw_band` is the one way a curve over seeds is drawn (benchmarks/quality draws with it too)."""
+`draw_band` is the one way a curve over seeds is drawn."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from .spec import atomic_path
 from .stats import band, paired_band
 
 
@@ -89,7 +90,6 @@ def figures(report: dict, runs: list[dict], out: Path) -> list[Path]:
     if report["step_time"]:
         drawn.append((out / "step-time.png", lambda path: step_time_figure(report, path)))
     for path, draw in drawn:
-        tmp = path.with_name(f".{path.name}")  # still .png: matplotlib takes the format from the suffix
-        draw(tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            draw(tmp)
     return [path for path, _ in drawn]

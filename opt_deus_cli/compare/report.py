@@ -8,9 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .spec import SETTINGS_FILE, write_json_atomic
+from .spec import SETTINGS_FILE, write_json_atomic, write_text_atomic
 from .stats import paired, spread
-from .tasks import lower_is_better
 
 FIRST_METRICS = ("eval_loss", "train_loss")  # the held-out measure first; task scores after
 
@@ -32,8 +31,13 @@ def analyse(comparison: dict, runs: list[dict], failed: list[dict], reference: s
     """The content of report.json."""
     labels = [label for label in comparison["recipes"] if any(r["recipe"] == label for r in runs)]
     by_recipe = {label: sorted((r for r in runs if r["recipe"] == label), key=lambda r: r["seed"]) for label in labels}
+    # which way each metric is better, as the runs recorded it (task scores: lm-eval's own word);
+    # a value without one (a run saved before directions were recorded) is not a score to rank by
+    higher = {m: h for r in runs for m, h in r.get("higher_is_better", {}).items()} | dict.fromkeys(
+        FIRST_METRICS, False
+    )
     names = {m for r in runs for m in r["metrics"]}
-    metrics = [m for m in FIRST_METRICS if m in names] + sorted(names - set(FIRST_METRICS))
+    metrics = [m for m in FIRST_METRICS if m in names] + sorted(names & set(higher) - set(FIRST_METRICS))
     tables = {}
     for metric in metrics:
         values = {
@@ -43,7 +47,7 @@ def analyse(comparison: dict, runs: list[dict], failed: list[dict], reference: s
         rows = {label: {"per_seed": v, **spread(list(v.values()))} for label, v in values.items() if v}
         ref = values.get(reference, {})
         tables[metric] = {
-            "lower_is_better": lower_is_better(metric),
+            "lower_is_better": not higher[metric],
             "rows": rows,
             "start": {
                 label: rs[0]["start"].get(metric)
@@ -78,6 +82,7 @@ def analyse(comparison: dict, runs: list[dict], failed: list[dict], reference: s
             if not any(r["recipe"] == label and r["seed"] == s for r in runs)
         ],
         "problems": [] if len(hashes) <= 1 else [f"the runs used {len(hashes)} different sets of data files"],
+        "not_scores": sorted(names - set(metrics)),
     }
     report["recommendation"] = recommendation(report)
     return report
@@ -100,6 +105,8 @@ def recommendation(report: dict) -> list[str]:
         lines.append("No recommendation: " + "; ".join(report["problems"]) + ".")
         return lines
     if not report["metrics"]:
+        if report["runs"]:
+            return ["The runs record no metric to compare (step times only): nothing to recommend."]
         return ["No completed runs: nothing to recommend."]
     primary = next(iter(report["metrics"]))
     if primary == "train_loss":
@@ -182,7 +189,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# Comparison of up-scaling recipes",
         "",
-        f"Base config sha256 {s['base']['config_sha256'][:12]}; data {', '.join(d['name'] for d in s['data'])}"
+        f"Base config sha256 {(s['base'].get('config_sha256') or 'not recorded')[:12]}; data {', '.join(d['name'] for d in s['data'])}"
         + (f"; held-out {', '.join(d['name'] for d in s['eval_data'])}" if s["eval_data"] else "; no held-out data")
         + f". {t.get('steps')} steps, training {'only the new layers' if t.get('train') == 'new' else 'all layers'}, "
         f"lr {t.get('lr') or 'default'}, batch {t.get('batch_size') or 'default'}, seq-len {t.get('seq_len') or 'default'}; "
@@ -196,6 +203,13 @@ def markdown(report: dict) -> str:
     ]
     for problem in report["problems"]:
         lines += [f"**Check failed:** {problem}", ""]
+    if report.get("not_scores"):
+        lines += [
+            "Not tabled (the runs record no direction for them, so they rank nothing): "
+            + ", ".join(report["not_scores"])
+            + ".",
+            "",
+        ]
     seeds = report["seeds"]
     for metric, table in report["metrics"].items():
         lines += [
@@ -274,8 +288,5 @@ def write_report(out: Path, reference: str | None = None) -> dict:
     if runs and not drawable:
         report["figures_skipped"] = f"matplotlib is not installed: {PLOT_EXTRA}"
     write_json_atomic(out / "report.json", report)
-    text = markdown(report)
-    tmp = out / ".report.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(out / "report.md")
+    write_text_atomic(out / "report.md", markdown(report))
     return report

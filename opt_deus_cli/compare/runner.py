@@ -10,6 +10,7 @@ the record is then read from the trained model's manifest, as `opt-deus train` w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shlex
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import OptDeusError
-from .spec import CompareSpec, check, load_or_start, write_json_atomic
+from .spec import CompareSpec, check, load_or_start, locked, write_json_atomic
 
 Say = Callable[[str], None]  # one line of news for the user
 Progress = Callable[[int, int, str], None]  # done, total, what runs now
@@ -46,17 +47,13 @@ def build_model(base: Path, recipe, out: Path, device: str = "auto") -> dict:
     from ..manifest import read_manifest
     from ..upscale import upscale
 
-    manifest = read_manifest(out)
-    sizes = {p.name: p.stat().st_size for p in base.glob("*.safetensors")}
-    if (
-        manifest is None
-        or manifest.recipe != recipe.to_dict()
-        or {f.name: f.bytes for f in manifest.base.files} != sizes
-    ):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():  # reference mode warns by design; the manifest keeps its warnings
-            warnings.simplefilter("ignore")
-            manifest = upscale(base, recipe, out, Options(device=device, overwrite=True))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with locked(out.parent):  # another comparison on this --out builds it, or waits here and reuses it
+        manifest = read_manifest(out)
+        if manifest is None or not built_from(manifest, base, recipe):
+            with warnings.catch_warnings():  # reference mode warns by design; the manifest keeps its warnings
+                warnings.simplefilter("ignore")
+                manifest = upscale(base, recipe, out, Options(device=device, overwrite=True))
     return {
         "dir": str(out),
         "recipe": manifest.recipe,
@@ -66,6 +63,25 @@ def build_model(base: Path, recipe, out: Path, device: str = "auto") -> dict:
         "warnings": manifest.warnings[:4],
         "upscale_seconds": manifest.timings.get("total"),
     }
+
+
+def built_from(manifest, base: Path, recipe) -> bool:
+    """Whether `manifest` records an up-scaling of `base` as it is now with `recipe`: the same
+    recipe (as JSON, the form the manifest keeps) and the same base files (every file upscale
+    recorded: name, size, then sha256, computed only when the sizes agree)."""
+    import json
+
+    from ..hashing import hub_blob_sha256, sha256_file
+
+    if manifest.recipe != json.loads(json.dumps(recipe.to_dict())):
+        return False
+    recorded = {f.name: (f.bytes, f.sha256) for f in manifest.base.files}
+    files = [p for p in base.iterdir() if p.is_file()]
+    if recorded.keys() != {p.name for p in files}:
+        return False
+    if any(recorded[p.name][0] != p.stat().st_size for p in files):
+        return False
+    return all(recorded[p.name][1] == (hub_blob_sha256(p) or sha256_file(p)) for p in files)
 
 
 def train_flags(options, args_file: Path | None) -> list[str]:
@@ -146,7 +162,7 @@ def train_and_measure(
     tasks: tuple[str, ...] = (),
     task_options: dict | None = None,
 ) -> dict:
-    """The one way a run is trained and measured (compare and benchmarks/quality): train
+    """The one way a run is trained and measured: train
     `model_dir` into work/trained (here, or under the launcher with its output in `log`), score
     the tasks on the trained model, remove work/, and return the measures."""
     shutil.rmtree(work, ignore_errors=True)
@@ -160,17 +176,18 @@ def train_and_measure(
             from ..training.run import train
 
             record = train(model_dir, list(data), trained, options)
-        scores = {}
+        scores, higher = {}, {}
         if tasks:
             from .tasks import task_scores
 
-            scores = task_scores(trained, tasks, task_options or {})
+            scores, higher = task_scores(trained, tasks, task_options or {})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     history = record["history"]
     metrics = {"train_loss": record.get("final_loss"), "eval_loss": record.get("eval_loss"), **scores}
     return {
         "metrics": {k: v for k, v in metrics.items() if v is not None},
+        "higher_is_better": {"train_loss": False, "eval_loss": False, **higher},  # tasks': lm-eval's word
         "start_eval_loss": next((row["eval_loss"] for row in history if "eval_loss" in row and row["step"] == 0), None),
         "curves": {"train_loss": _curve(history, "loss"), "eval_loss": _curve(history, "eval_loss")},
         "seconds_per_step": record.get("seconds_per_step"),
@@ -236,7 +253,7 @@ def start_scores(spec: CompareSpec, label: str, model: dict, out: Path) -> dict:
             return saved["scores"]
     from .tasks import task_scores
 
-    scores = task_scores(Path(model["dir"]), spec.tasks, spec.task_options)
+    scores, _ = task_scores(Path(model["dir"]), spec.tasks, spec.task_options)
     write_json_atomic(path, {"recipe": model["recipe"], "scores": scores})
     return scores
 
@@ -284,5 +301,6 @@ def run_comparison(spec: CompareSpec, out: Path, say: Say = print, progress: Pro
         done += 1
     if progress:
         progress(done, len(todo) - skipped, "done")
-    shutil.rmtree(out / "work", ignore_errors=True)
+    with contextlib.suppress(OSError):  # each run removes its own work; another process may still be using work/
+        (out / "work").rmdir()
     return {"runs": runs, "failed": failed, "skipped": skipped, "ran": len(todo) - skipped}

@@ -8,8 +8,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shlex
 import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,22 +98,34 @@ def _sha256(path: Path) -> str:
 def settings(spec: CompareSpec) -> dict:
     """What every run of the comparison shares (JSON types only). Seeds and recipes are not in it:
     a re-run may add either; a recipe label already saved must keep its recipe."""
-    config = spec.base / "config.json"
-    weights = {p.name: p.stat().st_size for p in sorted(spec.base.glob("*.safetensors"))}
-    training = {k: v for k, v in dataclasses.asdict(spec.options).items() if k not in NOT_SETTINGS}
-    return json.loads(
-        json.dumps(
-            {
-                "base": {"config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(), "weights": weights},
-                "data": [{"name": p.name, "sha256": _sha256(p)} for p in spec.data],
-                "eval_data": [{"name": p.name, "sha256": _sha256(p)} for p in spec.options.eval_data],
-                "training": training,
-                "tasks": list(spec.tasks),
-                "task_options": spec.task_options,
-            },
-            default=str,
-        )
+    return settings_record(
+        base_record(spec.base),
+        [{"name": p.name, "sha256": _sha256(p)} for p in spec.data],
+        [{"name": p.name, "sha256": _sha256(p)} for p in spec.options.eval_data],
+        spec,
     )
+
+
+def base_record(base: Path) -> dict:
+    """What a comparison keeps of its base: its config's sha256 and its weight files' sizes."""
+    return {
+        "config_sha256": hashlib.sha256((base / "config.json").read_bytes()).hexdigest(),
+        "weights": {p.name: p.stat().st_size for p in sorted(base.glob("*.safetensors"))},
+    }
+
+
+def settings_record(base: dict, data: list[dict], eval_data: list[dict], spec: CompareSpec) -> dict:
+    """The settings of `spec` with its base and data files as given (name and sha256 each)."""
+    training = {k: v for k, v in dataclasses.asdict(spec.options).items() if k not in NOT_SETTINGS}
+    record = {
+        "base": base,
+        "data": data,
+        "eval_data": eval_data,
+        "training": training,
+        "tasks": list(spec.tasks),
+        "task_options": spec.task_options,
+    }
+    return json.loads(json.dumps(record, default=str))
 
 
 def _differences(saved, now, where: str = "") -> list[str]:
@@ -124,52 +139,89 @@ def _differences(saved, now, where: str = "") -> list[str]:
 
 def load_or_start(spec: CompareSpec, out: Path) -> dict:
     """DIR/comparison.json after this call: the saved one extended by today's recipes and seeds,
-    or a refusal naming the first setting that differs."""
+    or a refusal naming the first setting that differs. Read, checked and written under a lock on
+    DIR, so two comparisons started at once on the same --out (`--seeds 0` and `--seeds 1` side by
+    side) add up: the second sees the first's file and agrees with it or is refused."""
     now = {
         "settings": settings(spec),
         "recipes": {k: r.to_dict() for k, r in spec.recipes.items()},
         "seeds": list(spec.seeds),
     }
     path = out / SETTINGS_FILE
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise OptDeusError(f"{path} is not readable JSON ({e}); move it away or use another --out") from e
-        diffs = _differences(saved.get("settings"), now["settings"])
-        diffs += [
-            f"recipe {k} (saved {json.dumps(saved['recipes'][k])}, now {json.dumps(r)})"
-            for k, r in now["recipes"].items()
-            if k in saved.get("recipes", {}) and saved["recipes"][k] != r
-        ]
-        if diffs:
-            more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
-            raise UsageError(
-                f"--out {out} holds another comparison's runs: {diffs[0]} differs{more}; "
-                "use another --out, or the same settings to add recipes or seeds"
-            )
-        now["recipes"] = {**saved["recipes"], **now["recipes"]}
-        now["seeds"] = sorted(set(saved["seeds"]) | set(spec.seeds))
-    elif out.exists() and any(out.iterdir()):
-        raise UsageError(
-            f"--out {out} exists and holds no comparison ({SETTINGS_FILE} missing); choose an empty or new directory"
-        )
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, now)
+    with locked(out):
+        if not path.is_file() and any(out.iterdir()):  # under the lock: a comparison writes this file first
+            raise UsageError(
+                f"--out {out} exists and holds no comparison ({SETTINGS_FILE} missing); choose an empty or new directory"
+            )
+        if path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise OptDeusError(f"{path} is not readable JSON ({e}); move it away or use another --out") from e
+            diffs = _differences(saved.get("settings"), now["settings"])
+            diffs += [
+                f"recipe {k} (saved {json.dumps(saved['recipes'][k])}, now {json.dumps(r)})"
+                for k, r in now["recipes"].items()
+                if k in saved.get("recipes", {}) and saved["recipes"][k] != r
+            ]
+            if diffs:
+                more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+                raise UsageError(
+                    f"--out {out} holds another comparison's runs: {diffs[0]} differs{more}; "
+                    "use another --out, or the same settings to add recipes or seeds"
+                )
+            now["recipes"] = {**saved["recipes"], **now["recipes"]}
+            now["seeds"] = sorted(set(saved["seeds"]) | set(spec.seeds))
+        write_json_atomic(path, now)
     return now
 
 
-def write_json_atomic(path: Path, data) -> None:
-    """A JSON file that is whole or absent (written beside, then renamed)."""
+@contextmanager
+def locked(directory: Path):
+    """An exclusive lock on `directory` itself (flock on its descriptor: no lock file is left
+    behind) while the block runs; another process asking for it waits."""
+    import fcntl
     import os
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """A JSON file that is whole or absent."""
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """A text file that is whole or absent: written to a temporary file of its own beside it (a
+    name no other process picks), flushed to disk, then renamed over `path`."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """A fresh temporary path beside `path` with its suffix (matplotlib reads the format from it)
+    for the block to write; renamed over `path` when the block ends, removed if it fails."""
+    from ..output import current_umask
+
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600; the file is as open() would make it
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def with_evaluation(options: TrainOptions) -> TrainOptions:

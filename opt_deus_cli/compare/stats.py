@@ -1,4 +1,4 @@
-"""The statistics of a comparison, shared by `opt-deus compare` and benchmarks/quality: a value's
+"""The statistics of a comparison (benchmarks/quality's tables across budgets use them too): a value's
 spread over seeds, and differences from a reference recipe taken seed by seed.
 
 A seed fixes the data order (and dropout) for every recipe alike, so a per-seed difference cancels

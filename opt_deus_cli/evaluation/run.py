@@ -47,7 +47,9 @@ def evaluate(
             sha256 (and where they came from), tokenizer, notes, and
             "tasks": {task: {"metric", "value", "metrics": {every metric lm-eval reported}}},
             "texts": [{"file", "tokens", "words", "nll", "token_perplexity", "word_perplexity"}];
-        "tasks": {task: {"metric", "higher_is_better", "version", "num_fewshot", "samples"}};
+        "tasks": {task: {"metric", "higher_is_better", "metrics_higher_is_better" (lm-eval's direction of
+            each score it reports: what is a score, beside counts such as sample_len), "version",
+            "num_fewshot", "samples"}};
         "table": {"columns", "average_of", "rows": [{"model", "scores", "average", "delta"}], "notes"};
         "settings", "suite", "versions" (lm_eval, transformers, torch, python), "notes".
     Raises OptDeusError (a UsageError for bad arguments) before loading any model when an argument
@@ -213,13 +215,16 @@ def _task_scores(output: dict, expanded, task_info: dict) -> dict:
             metrics = _metrics(output["results"].get(column, {}))
             metric = headline_metric(metrics)
             scores[column] = {"metric": metric, "value": metrics.get(metric), "metrics": metrics}
-            higher = output.get("higher_is_better", {}).get(column, {}).get(metric)
+            directions = output.get("higher_is_better", {}).get(column, {})  # lm-eval's: one per metric of the task
+            higher = directions.get(metric)
             samples = output.get("n-samples", {}).get(column) or {}
             task_info.setdefault(
                 column,
                 {
                     "metric": metric,
                     "higher_is_better": bool(higher) if higher is not None else metric not in LOWER_IS_BETTER,
+                    # which of `metrics` are scores, and their direction (None: a group's tasks disagree)
+                    "metrics_higher_is_better": dict(directions),
                     "version": output.get("versions", {}).get(column),
                     "num_fewshot": output.get("n-shot", {}).get(column),
                     "samples": samples.get("effective", samples.get("original")),

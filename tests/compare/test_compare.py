@@ -199,29 +199,31 @@ def test_an_unknown_task_is_refused_before_anything_runs(corpus, tmp_path):
 
 
 def test_task_scores_are_read_from_opt_deus_evals_task_block():
-    """opt-deus eval's per-model tasks: lm-eval's "metric,filter" names, standard errors beside each."""
-    from opt_deus_cli.compare.tasks import flatten_scores, lower_is_better
+    """opt-deus eval's per-model tasks (lm-eval's metric names, "metric,filter" for other filters,
+    standard errors and counts beside) and lm-eval's direction per metric of each task."""
+    from opt_deus_cli.compare.tasks import flatten_scores
 
     tasks = {
         "arc_easy": {
-            "metric": "acc",
-            "value": 0.25,
-            "metrics": {"alias": "arc_easy", "acc,none": 0.25, "acc_stderr,none": 0.04, "acc_norm,none": 0.5},
+            "metrics": {"alias": "arc_easy", "acc": 0.25, "acc_stderr": 0.04, "acc_norm": 0.5, "sample_len": 8}
         },
-        "wikitext": {
-            "metric": "word_perplexity",
-            "value": 40.0,
-            "metrics": {"word_perplexity,none": 40.0, "bits_per_byte,none": 1.1, "alias": "wikitext"},
-        },
+        "gsm8k": {"metrics": {"exact_match,strict-match": 0.1, "exact_match_stderr,strict-match": 0.01}},
+        "wikitext": {"metrics": {"word_perplexity": 40.0, "bits_per_byte": 1.1, "alias": "wikitext"}},
     }
-    scores = flatten_scores(tasks)
+    info = {
+        "arc_easy": {"metrics_higher_is_better": {"acc": True, "acc_norm": True}},
+        "gsm8k": {"metrics_higher_is_better": {"exact_match": True}},
+        "wikitext": {"metrics_higher_is_better": {"word_perplexity": False, "bits_per_byte": False}},
+    }
+    scores, higher = flatten_scores(tasks, info)
     assert scores == {
         "arc_easy/acc": 0.25,
         "arc_easy/acc_norm": 0.5,
+        "gsm8k/exact_match,strict-match": 0.1,
         "wikitext/word_perplexity": 40.0,
         "wikitext/bits_per_byte": 1.1,
     }
-    assert [lower_is_better(m) for m in scores] == [False, False, True, True] and lower_is_better("eval_loss")
+    assert [higher[m] for m in scores] == [True, True, True, False, False]
 
 
 def test_train_flags_are_opt_deus_train_options(tmp_path):

@@ -70,9 +70,12 @@ def test_the_dtype_reaches_opt_deus_eval(monkeypatch, tmp_path):
 
     def fake_evaluate(models, tasks, **options):
         calls.append(options)
-        return {"models": [{"tasks": {"pydoc_qa": {"metrics": {"acc,none": 0.5}}}}]}
+        return {
+            "models": [{"tasks": {"pydoc_qa": {"metrics": {"acc": 0.5}}}}],
+            "tasks": {"pydoc_qa": {"metrics_higher_is_better": {"acc": True}}},
+        }
 
     monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
     options = captured_task_options(monkeypatch, tmp_path, "--dtype", "bfloat16")
-    assert task_scores(TINY, ("pydoc_qa",), options) == {"pydoc_qa/acc": 0.5}
+    assert task_scores(TINY, ("pydoc_qa",), options) == ({"pydoc_qa/acc": 0.5}, {"pydoc_qa/acc": True})
     assert calls[0]["dtype"] == "bfloat16"
