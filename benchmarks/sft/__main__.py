@@ -8,10 +8,10 @@ documentation (benchmarks/sft/data.py), 2 seeds, at each of BUDGETS steps. Measu
 completion loss (eval loss on held-out modules' questions) and the offline lm-eval task pydoc_qa
 (multiple choice over held-out answers), on each model as built and after training.
 
-The defaults are the reduced study that was run on a loaded 2-core machine (BENCHMARKS.md): ARMS
-without stack and average, BUDGETS steps of batch 4 x 128, the held-out loss on every SAMPLE-th
-held-out conversation (spread over all held-out modules) at step 0 and at the end, and no lm-eval
-task (`--task` adds pydoc_qa on every SAMPLE-th question). `--full` is the study as first defined:
+The defaults are the reduced study that was run on a 2-core machine (BENCHMARKS.md): all six
+arms, BUDGETS steps of batch 4 x 128, the held-out loss on every SAMPLE-th held-out conversation
+(spread over all held-out modules) at step 0 and at the end, and pydoc_qa on every SAMPLE-th
+question at the TASK_BUDGETS (`--task` adds it to every budget). `--full` is the study as first defined:
 all six arms, FULL_BUDGETS steps of batch 8 x 256, every held-out conversation, pydoc_qa on all
 291 questions, six evaluations per run.
 
@@ -40,10 +40,11 @@ from benchmarks.quality.study import MODELS, REPO, Variant
 from . import data
 
 FULL_ARMS = ("copy", "upper-copy", "opt-deus-exact", "opt-deus-reference", "average", "stack")
-ARMS = ("copy", "upper-copy", "opt-deus-exact", "opt-deus-reference")  # stack, then average dropped for time
+ARMS = FULL_ARMS
 REFERENCE = "copy"  # LLaMA-Pro, as in the continued pre-training tables
 FULL_BUDGETS = (60, 240)
-BUDGETS = (8, 24)
+BUDGETS = (8, 16)
+TASK_BUDGETS = (16,)  # pydoc_qa costs ~100 s per model on 2 cores: scored at the larger budget only
 SEEDS = "0,1"
 SAMPLE = 12  # every 12th held-out conversation and pydoc_qa question (25 each); 1 = all 291
 BATCH_SIZE, FULL_BATCH_SIZE = 4, 8
@@ -105,7 +106,7 @@ def commands(
     every: int = SAMPLE,
     batch_size: int = BATCH_SIZE,
     seq_len: int = SEQ_LEN,
-    task: bool = False,
+    task_budgets: tuple[int, ...] = TASK_BUDGETS,
     seeds: str = SEEDS,
     evals: int = 1,
 ) -> list[list[str]]:
@@ -126,7 +127,7 @@ def commands(
             str(work / "data" / "train.jsonl"),
             "--eval-data",
             str(heldout),
-            *(["--tasks", "pydoc_qa", "--include-path", str(task_dir)] if task else []),
+            *(["--tasks", "pydoc_qa", "--include-path", str(task_dir)] if steps in task_budgets else []),
             "--steps",
             str(steps),
             "--seeds",
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--seeds", default=SEEDS, help=f"comma-separated seeds (default {SEEDS}; a run already saved is skipped)"
     )
-    p.add_argument("--task", action="store_true", help="the reduced study plus pydoc_qa on every SAMPLE-th question")
+    p.add_argument("--task", action="store_true", help=f"pydoc_qa at every budget (default: at {TASK_BUDGETS} only)")
     p.add_argument(
         "--arms",
         help=f"comma-separated arms of {','.join(FULL_ARMS)}, or all (default: {','.join(ARMS)}; --full: all)",
@@ -193,11 +194,28 @@ def main(argv=None) -> int:
     code = 0
     if args.full:
         todo = commands(
-            args.work, args.results, arms or FULL_ARMS, budgets, 1, FULL_BATCH_SIZE, FULL_SEQ_LEN, True, args.seeds, 6
+            args.work,
+            args.results,
+            arms or FULL_ARMS,
+            budgets,
+            1,
+            FULL_BATCH_SIZE,
+            FULL_SEQ_LEN,
+            budgets,
+            args.seeds,
+            6,
         )
     else:
         todo = commands(
-            args.work, args.results, arms or ARMS, budgets, SAMPLE, BATCH_SIZE, SEQ_LEN, args.task, args.seeds
+            args.work,
+            args.results,
+            arms or ARMS,
+            budgets,
+            SAMPLE,
+            BATCH_SIZE,
+            SEQ_LEN,
+            budgets if args.task else TASK_BUDGETS,
+            args.seeds,
         )
     for command in todo:
         print("$ " + shlex.join(command), flush=True)

@@ -69,16 +69,18 @@ def test_the_study_is_opt_deus_compare_commands(tmp_path, monkeypatch):
     study.recipes(tmp_path / "recipes")
     reduced = study.commands(tmp_path, tmp_path / "results")
     full = study.commands(
-        tmp_path, tmp_path / "results", study.FULL_ARMS, study.FULL_BUDGETS, 1, 8, 256, True, "0,1", 6
+        tmp_path, tmp_path / "results", study.FULL_ARMS, study.FULL_BUDGETS, 1, 8, 256, study.FULL_BUDGETS, "0,1", 6
     )
     assert [c[c.index("--steps") + 1] for c in reduced] == [str(b) for b in study.BUDGETS]
     assert [c[c.index("--steps") + 1] for c in full] == [str(b) for b in study.FULL_BUDGETS]
-    # the reduced study: a stride sample of the held-out file, no task; the full one: all of it and pydoc_qa
+    # the reduced study: a stride sample of the held-out file, pydoc_qa at the larger budget only; the full
+    # one: all of it and pydoc_qa at every budget
     sample = reduced[0][reduced[0].index("--eval-data") + 1]
     held = (tmp_path / "data" / "heldout.jsonl").read_text().splitlines()
     assert open(sample).read().splitlines() == held[:: study.SAMPLE] and "--tasks" not in reduced[0]
+    assert reduced[1][reduced[1].index("--tasks") + 1] == "pydoc_qa" and study.BUDGETS[1] in study.TASK_BUDGETS
     assert full[0][full[0].index("--eval-data") + 1] == str(tmp_path / "data" / "heldout.jsonl")
-    assert full[0][full[0].index("--tasks") + 1] == "pydoc_qa"
+    assert all(c[c.index("--tasks") + 1] == "pydoc_qa" for c in full)
     assert len(full[0][full[0].index("--recipes") + 1].split(",")) == 6
     for command in reduced + full:
         assert command[1] == "compare" and command[command.index("--recipes") + 1].split(",")[0].endswith("copy.yaml")
