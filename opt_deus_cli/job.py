@@ -11,35 +11,17 @@ from typing import TYPE_CHECKING
 from .architectures import PROJECTION_ROLES, RESIDUAL_WRITERS
 from .block import Decisions
 from .checkpoint import TensorMeta
-from .devices import check_device, dtype_name, resolve_device, resolve_dtype
-from .errors import OptDeusError, UsageError
+from .devices import resolve_device, resolve_dtype
+from .errors import UsageError
 from .layers import OutputLayer, recipe_layers
 from .methods.base import Method
 from .methods.registry import method_class
+from .options import Options, memory_budget_bytes
 from .recipe import Recipe
-from .shards import parse_size
 from .source import SourceModel
 
 if TYPE_CHECKING:
     import torch
-
-
-@dataclass(frozen=True)
-class Options:
-    device: str = "auto"
-    dtype: str = "keep"
-    shard_size: str = "5GB"
-    overwrite: bool = False
-    allow_nonfinite: bool = False
-    memory_budget: str | None = None  # "4GB": refuse a job whose layers would need more (None: the free RAM)
-    copy_extra: tuple[str, ...] = ()  # globs of base files to copy beyond the model's own (--copy-extra)
-
-    def check(self) -> None:
-        """The values' spelling, refused before any model is read (and before torch is imported)."""
-        check_device(self.device)
-        dtype_name(self.dtype)
-        parse_size(self.shard_size)
-        _memory_budget(self.memory_budget)
 
 
 @dataclass
@@ -171,16 +153,7 @@ def resolve_job(source: SourceModel, recipe: Recipe, options: Options) -> Job:
         tuple(zero_roles),
         dtype,
         resolve_device(options.device),
-        _memory_budget(options.memory_budget),
+        memory_budget_bytes(options.memory_budget),
     )
     job.decisions = method.check(job)
     return job
-
-
-def _memory_budget(text: str | None) -> int | None:
-    if text is None:
-        return None
-    try:
-        return parse_size(text)
-    except OptDeusError:
-        raise UsageError(f"--memory-budget {text!r} not understood; write e.g. 4GB, 500MB or 16GiB") from None

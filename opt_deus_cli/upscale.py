@@ -19,7 +19,7 @@ from .configs import rewrite_config
 from .errors import UsageError
 from .hashing import Hashing
 from .hub import ResolvedModel, resolve_model
-from .job import Job, Options, resolve_job
+from .job import Job, resolve_job
 from .layers import OutputLayer
 from .manifest import (
     FORMAT_VERSION,
@@ -33,6 +33,7 @@ from .manifest import (
     report_warnings,
 )
 from .methods.base import Block, Progress
+from .options import Options
 from .output import OutputTransaction, check_extra_globs, copy_side_files
 from .recipe import Recipe
 from .shards import ShardWriter, parse_size, write_json

@@ -24,7 +24,7 @@ README = PACKAGE.parent / "README.md"
 LAYERS = (
     ("base", ("__init__", "errors", "devices", "dtypes", "hashing", "figures")),
     ("storage", ("checkpoint", "shards", "architectures", "ot_names", "ot", "solvers")),
-    ("model", ("hub", "block", "configs", "source", "manifest", "card", "output", "settings")),
+    ("model", ("hub", "block", "configs", "source", "manifest", "card", "output", "settings", "options")),
     ("contract", ("methods", "methods.base")),
     ("methods", ("methods.copy", "methods.average", "methods.lesa.*", "methods.opt_deus.*")),
     ("plan", ("methods.registry", "recipe", "layers")),

@@ -66,7 +66,8 @@ def _fits(model: str, names: list[str]) -> dict[str, dict]:
     """name -> {fits, base_layers, output_layers} or {fits: False, why}, from the model's metadata."""
     from ..errors import OptDeusError
     from ..hub import resolve_model
-    from ..job import Options, resolve_job
+    from ..job import resolve_job
+    from ..options import Options
     from ..recipe import load_recipe
     from ..source import SourceModel
 

@@ -49,17 +49,8 @@ def upscale(
 ):
     """Build a deeper checkpoint from MODEL with a recipe, and a manifest of what was done."""
     # the arguments are checked before torch or transformers is imported (by the work, below)
-    from ..hub import resolve_model
-    from ..job import Options
-    from ..recipe import load_recipe
+    from ..options import Options
 
-    parsed = run(load_recipe, recipe)
-    model = model_dir or parsed.model
-    target = out_dir or (Path(parsed.output) if parsed.output else None)
-    if model is None:
-        fail(UsageError("no model: give MODEL (a directory or a Hub repo id) or set `model:` in the recipe"))
-    if target is None and not dry_run:
-        fail(UsageError("no output: give --out OUT_DIR or set `output:` in the recipe"))
     options = Options(
         device=device,
         dtype=dtype,
@@ -69,7 +60,17 @@ def upscale(
         memory_budget=memory_budget,
         copy_extra=tuple(copy_extra or ()),
     )
-    run(options.check)
+    run(options.check)  # the cheapest refusals first: no recipe, job or model module imported yet
+    from ..hub import resolve_model
+    from ..recipe import load_recipe
+
+    parsed = run(load_recipe, recipe)
+    model = model_dir or parsed.model
+    target = out_dir or (Path(parsed.output) if parsed.output else None)
+    if model is None:
+        fail(UsageError("no model: give MODEL (a directory or a Hub repo id) or set `model:` in the recipe"))
+    if target is None and not dry_run:
+        fail(UsageError("no output: give --out OUT_DIR or set `output:` in the recipe"))
     model = run(resolve_model, model, revision)
     from ..upscale import dry_run as run_dry_run
     from ..upscale import upscale as run_upscale

@@ -43,8 +43,8 @@ def saved_run(out: Path, label: str, seed: int) -> dict | None:
 def build_model(base: Path, recipe, out: Path, device: str = "auto") -> dict:
     """Up-scale `base` with `recipe` into `out`, or reuse what is there when its manifest records
     the same recipe and base weights; returns what a run record says of the model."""
-    from ..job import Options
     from ..manifest import read_manifest
+    from ..options import Options
     from ..upscale import upscale
 
     out.parent.mkdir(parents=True, exist_ok=True)

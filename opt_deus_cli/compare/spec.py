@@ -51,7 +51,8 @@ def with_train_fields(options: TrainOptions, values: dict) -> TrainOptions:
 def check(spec: CompareSpec) -> None:
     """Everything that can be refused before any work: options, files, recipes against the base
     (each named when it does not fit), the reference, the launcher's program, the tasks' module."""
-    from ..job import Options, resolve_job
+    from ..job import resolve_job
+    from ..options import Options
     from ..source import SourceModel
     from ..training.data import check_files
 
